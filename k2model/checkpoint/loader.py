@@ -1,0 +1,216 @@
+"""Checkpoint -> K2Model: the one place that knows Hugging Face tensor names (K2_SPEC 3.1).
+
+Checks the whole name set first (missing, unexpected, mis-shaped, fp8 without scales) and raises a
+single CheckpointError naming every problem, then fills the model tensor by tensor from memory-mapped
+shards. Block-fp8 weights are dequantised by multiplication, or kept resident as fp8 and dequantised
+per layer on the fly (`fp8_resident=True`, about half the memory).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from k2model.checkpoint.fp8 import dequantize_block_fp8
+from k2model.checkpoint.shards import CheckpointError, ShardedCheckpoint
+from k2model.config import K2Config
+from k2model.linear import Linear
+from k2model.model import K2Model
+from k2model.moe import MoE
+
+SCALE_SUFFIX = "_scale_inv"
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def expected_shapes(cfg: K2Config) -> dict[str, tuple[int, ...]]:
+    """Every weight a checkpoint of this config must hold, in HF naming, with its shape."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, d),
+        "model.norm.weight": (d,),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (v, d)
+    qk = cfg.num_attention_heads * cfg.qk_head_dim
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        a = p + "self_attn."
+        if cfg.q_lora_rank:
+            out[a + "q_a_proj.weight"] = (cfg.q_lora_rank, d)
+            out[a + "q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+            out[a + "q_b_proj.weight"] = (qk, cfg.q_lora_rank)
+        else:
+            out[a + "q_proj.weight"] = (qk, d)
+        out[a + "kv_a_proj_with_mqa.weight"] = (cfg.kv_cache_dim, d)
+        out[a + "kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
+        heads_kv = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        out[a + "kv_b_proj.weight"] = (heads_kv, cfg.kv_lora_rank)
+        out[a + "o_proj.weight"] = (d, cfg.num_attention_heads * cfg.v_head_dim)
+        m = p + "mlp."
+        if cfg.is_moe_layer(i):
+            out[m + "gate.weight"] = (cfg.n_routed_experts, d)
+            out[m + "gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
+            experts = [f"experts.{e}." for e in range(cfg.n_routed_experts)]
+            if cfg.n_shared_experts:
+                experts.append("shared_experts.")
+            for e in experts:
+                inter = cfg.moe_intermediate_size * (cfg.n_shared_experts if e[0] == "s" else 1)
+                out.update(_mlp_shapes(m + e, d, inter))
+        else:
+            out.update(_mlp_shapes(m, d, cfg.intermediate_size))
+    return out
+
+
+def _mlp_shapes(prefix: str, d: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {
+        prefix + "gate_proj.weight": (inter, d),
+        prefix + "up_proj.weight": (inter, d),
+        prefix + "down_proj.weight": (d, inter),
+    }
+
+
+def _ignored(name: str, cfg: K2Config) -> bool:
+    """Stale rotary buffers and layers past num_hidden_layers (DeepSeek-V3's MTP layer)."""
+    layer = _LAYER.match(name)
+    return bool(_IGNORED.search(name)) or (
+        layer is not None and int(layer[1]) >= cfg.num_hidden_layers
+    )
+
+
+def validate(ckpt: ShardedCheckpoint, cfg: K2Config) -> dict[str, tuple[int, ...]]:
+    """One CheckpointError listing every missing, unexpected, mis-shaped or mis-typed tensor."""
+    want = expected_shapes(cfg)
+    names = {n for n in ckpt.names() if not _ignored(n, cfg)}
+    scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
+    problems = [f"missing tensor {n}" for n in sorted(want.keys() - names)]
+    problems += [f"unexpected tensor {n}" for n in sorted(names - want.keys() - scales)]
+    for name in sorted(want.keys() & names):
+        shape, dtype = tuple(ckpt.shape(name)), ckpt.dtype(name)
+        if shape != want[name]:
+            problems.append(f"{name} has shape {list(shape)}, expected {list(want[name])}")
+        scale = name + SCALE_SUFFIX
+        if dtype == torch.float8_e4m3fn:
+            if scale not in scales:
+                problems.append(f"{name} is fp8 but has no {scale}")
+            else:
+                blocks = tuple(-(-n // 128) for n in want[name])
+                if tuple(ckpt.shape(scale)) != blocks:
+                    problems.append(
+                        f"{scale} has shape {list(ckpt.shape(scale))}, expected {list(blocks)}"
+                    )
+        elif dtype not in _FLOAT_DTYPES:
+            problems.append(f"{name} has unsupported dtype {dtype}")
+    for scale in sorted(scales):
+        base = scale[: -len(SCALE_SUFFIX)]
+        if base not in names or ckpt.dtype(base) != torch.float8_e4m3fn:
+            problems.append(f"unexpected tensor {scale} (no fp8 weight {base})")
+    if problems:
+        raise CheckpointError(_summarise(ckpt, problems))
+    return want
+
+
+def _summarise(ckpt: ShardedCheckpoint, problems: list[str], limit: int = 20) -> str:
+    shown = "\n  ".join(problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"checkpoint {ckpt.path} does not match its config ({len(problems)} problems):\n  {shown}{more}"
+
+
+class _Filler:
+    """Reads tensors by HF name, as dense compute-dtype tensors or as (fp8, scale) parts."""
+
+    def __init__(self, ckpt: ShardedCheckpoint, dtype: torch.dtype, fp8_resident: bool, bar: tqdm):
+        self.ckpt, self.dtype, self.fp8_resident, self.bar = ckpt, dtype, fp8_resident, bar
+
+    def is_fp8(self, name: str) -> bool:
+        return self.ckpt.dtype(name) == torch.float8_e4m3fn
+
+    def dense(self, name: str) -> torch.Tensor:
+        t = self.ckpt.get(name)
+        self.bar.update(1)
+        if t.dtype == torch.float8_e4m3fn:
+            return dequantize_block_fp8(t, self.ckpt.get(name + SCALE_SUFFIX), self.dtype)
+        return t.to(self.dtype)
+
+    def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        self.bar.update(1)
+        return self.ckpt.get(name), self.ckpt.get(name + SCALE_SUFFIX).float()
+
+    def linear(self, layer: Linear, names: list[str]) -> None:
+        if self.fp8_resident and all(self.is_fp8(n) for n in names):
+            layer.set_fp8([self.part(n) for n in names])
+        else:
+            layer.set_dense(torch.cat([self.dense(n) for n in names]))
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    fp8_resident: bool = False,
+    progress: bool | None = None,
+) -> K2Model:
+    """Load a K2 / DeepSeek-V3 checkpoint directory (config.json + safetensors shards)."""
+    cfg = K2Config.from_dir(path)
+    with ShardedCheckpoint.open(Path(path)) as ckpt:
+        want = validate(ckpt, cfg)
+        model = K2Model(cfg, dtype)
+        show = progress if progress is not None else ckpt.total_bytes() > 2**30
+        with tqdm(total=len(want), desc="loading", unit="tensor", disable=not show) as bar:
+            _fill(model, _Filler(ckpt, dtype, fp8_resident, bar))
+    return model.eval()
+
+
+def _fill(model: K2Model, f: _Filler) -> None:
+    cfg = model.cfg
+    model.embed.copy_(f.dense("model.embed_tokens.weight"))
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    model.lm_head.copy_(f.dense(head))
+    model.norm.weight.copy_(f.dense("model.norm.weight"))
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        layer.attn_norm.weight.copy_(f.dense(p + "input_layernorm.weight"))
+        layer.ffn_norm.weight.copy_(f.dense(p + "post_attention_layernorm.weight"))
+        a, attn = p + "self_attn.", layer.attn
+        if cfg.q_lora_rank:
+            f.linear(attn.qkv_a, [a + "q_a_proj.weight", a + "kv_a_proj_with_mqa.weight"])
+            attn.q_norm.weight.copy_(f.dense(a + "q_a_layernorm.weight"))
+            f.linear(attn.q_b, [a + "q_b_proj.weight"])
+        else:
+            f.linear(attn.qkv_a, [a + "q_proj.weight", a + "kv_a_proj_with_mqa.weight"])
+        attn.kv_norm.weight.copy_(f.dense(a + "kv_a_layernorm.weight"))
+        f.linear(attn.kv_b, [a + "kv_b_proj.weight"])
+        f.linear(attn.o, [a + "o_proj.weight"])
+        m = p + "mlp."
+        if isinstance(layer.ffn, MoE):
+            _fill_moe(layer.ffn, m, f)
+        else:
+            f.linear(layer.ffn.gate_up, [m + "gate_proj.weight", m + "up_proj.weight"])
+            f.linear(layer.ffn.down, [m + "down_proj.weight"])
+
+
+def _fill_moe(moe: MoE, m: str, f: _Filler) -> None:
+    moe.router.weight.copy_(f.dense(m + "gate.weight"))
+    moe.router.bias.copy_(f.ckpt.get(m + "gate.e_score_correction_bias").float())
+    f.bar.update(1)
+    ex = moe.experts
+    names = [
+        [f"{m}experts.{e}.{w}_proj.weight" for w in ("gate", "up", "down")]
+        for e in range(ex.n_experts)
+    ]
+    if f.fp8_resident and all(f.is_fp8(n) for n in names[0]):
+        ex.set_fp8([tuple(f.part(n) for n in trio) for trio in names])
+    else:
+        for e, (gate, up, down) in enumerate(names):
+            ex.gate_up[e, : ex.inter] = f.dense(gate)
+            ex.gate_up[e, ex.inter :] = f.dense(up)
+            ex.down[e] = f.dense(down)
+    if moe.shared is not None:
+        s = m + "shared_experts."
+        f.linear(moe.shared.gate_up, [s + "gate_proj.weight", s + "up_proj.weight"])
+        f.linear(moe.shared.down, [s + "down_proj.weight"])

@@ -1,0 +1,44 @@
+"""The paged MLA latent cache: per layer and token, the normalised latent c_kv and the roped k_pe.
+
+Storage is one tensor [layers, num_blocks * block_size, kv_lora_rank + qk_rope_head_dim]; token t of
+a sequence lives at slot block_table[t // block_size] * block_size + t % block_size.
+k_pe is stored in `rope.apply_rope`'s de-interleaved layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_blocks, self.block_size, self.dim = num_blocks, block_size, dim
+        self.data = torch.zeros(
+            num_layers, num_blocks * block_size, dim, dtype=dtype, device=device
+        )
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.data.shape[0] * self.dim * self.data.element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """values [T, dim] go to slots [T]."""
+        self.data[layer].index_copy_(0, slots, values.to(self.data.dtype))
+
+    def gather(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """slots [B, L] -> [B, L, dim]."""
+        return self.data[layer].index_select(0, slots.flatten()).view(*slots.shape, self.dim)
+
+    def read_blocks(self, layer: int, blocks: list[int]) -> torch.Tensor:
+        """The contents of whole blocks, [len(blocks) * block_size, dim] (for KV transfer)."""
+        idx = torch.tensor(blocks, device=self.data.device)
+        view = self.data[layer].view(self.num_blocks, self.block_size, self.dim)
+        return view.index_select(0, idx).flatten(0, 1)

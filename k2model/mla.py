@@ -1,0 +1,110 @@
+"""Multi-head latent attention (K2_SPEC 2.3-2.7) over the paged latent cache.
+
+Notation: H heads, d_n nope dims, d_r rope dims, d_v value dims, r = kv_lora_rank.
+Both forms first write the new tokens' [c_kv | k_pe] (r + d_r values) into the cache, then attend
+over each sequence's whole context read back from it:
+- naive: expand every cached latent to per-head keys and values with kv_b_proj (prefill);
+- absorbed: fold W_UK into the query and W_UV into the output, attend in latent space (decode).
+They are the same function; tests keep them equal.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2model.batch import BatchMeta
+from k2model.config import K2Config
+from k2model.kv_cache import PagedKVCache
+from k2model.layers import RMSNorm
+from k2model.linear import Linear
+from k2model.rope import apply_rope
+
+AttentionForm = Literal["naive", "absorbed"]
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: K2Config, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer = layer
+        self.h, self.d_n, self.d_r = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+        )
+        self.d_v, self.r = cfg.v_head_dim, cfg.kv_lora_rank
+        self.r_q = cfg.q_lora_rank
+        self.scale = cfg.softmax_scale
+        d, qk = cfg.hidden_size, self.h * cfg.qk_head_dim
+        # x -> [c_q | c_kv | k_pe] in one projection (q_a_proj and kv_a_proj_with_mqa fused).
+        self.qkv_a = Linear(d, (self.r_q or qk) + self.r + self.d_r, dtype)
+        # The checkpoint's q_a/kv_a norms have no eps in HF remote code, hence 1e-6 (K2_SPEC 2.1).
+        self.q_norm = RMSNorm(self.r_q, 1e-6, dtype) if self.r_q else None
+        self.q_b = Linear(self.r_q, qk, dtype) if self.r_q else None
+        self.kv_norm = RMSNorm(self.r, 1e-6, dtype)
+        self.kv_b = Linear(self.r, self.h * (self.d_n + self.d_v), dtype)
+        self.o = Linear(self.h * self.d_v, d, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, D]
+        cos: torch.Tensor,  # [T, d_r/2]
+        sin: torch.Tensor,
+        meta: BatchMeta,
+        cache: PagedKVCache,
+        form: AttentionForm,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_a(x)
+        if self.q_b is not None:
+            c_q, c_kv, k_pe = qkv.split([self.r_q, self.r, self.d_r], dim=-1)
+            q = self.q_b(self.q_norm(c_q))
+        else:
+            q, c_kv, k_pe = qkv.split([qkv.shape[-1] - self.r - self.d_r, self.r, self.d_r], -1)
+        q = q.view(t, self.h, self.d_n + self.d_r)  # [T, H, d_n + d_r]
+        q_nope, q_pe = q.split([self.d_n, self.d_r], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
+        k_pe = apply_rope(k_pe, cos, sin)  # [T, d_r], one rope key shared by all heads
+        cache.write(self.layer, meta.write_slots, torch.cat((self.kv_norm(c_kv), k_pe), -1))
+
+        ctx = cache.gather(self.layer, meta.ctx_slots)  # [B, L, r + d_r]
+        q_nope, q_pe = q_nope[meta.q_index], q_pe[meta.q_index]  # [B, Q, H, *]
+        if form == "naive":
+            o = self._naive(q_nope, q_pe, ctx, meta.mask)
+        else:
+            o = self._absorbed(q_nope, q_pe, ctx, meta.mask)
+        o = o[meta.q_valid]  # [T, H, d_v] in row order
+        return self.o(o.reshape(t, self.h * self.d_v))
+
+    def _naive(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        b, l = ctx.shape[:2]
+        c_kv, k_pe = ctx.split([self.r, self.d_r], dim=-1)
+        kv = self.kv_b(c_kv).view(b, l, self.h, self.d_n + self.d_v)
+        k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.h, -1)), -1)  # [B, L, H, d_qk]
+        q = torch.cat((q_nope, q_pe), -1)  # [B, Q, H, d_qk]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
+        )
+        return o.transpose(1, 2)  # [B, Q, H, d_v]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, d_n, r] and W_UV [H, d_v, r] views of kv_b_proj."""
+        w = self.kv_b.dense_weight().view(self.h, self.d_n + self.d_v, self.r)
+        return w[:, : self.d_n], w[:, self.d_n :]
+
+    def _absorbed(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bqhn,hnr->bhqr", q_nope, w_uk)  # [B, H, Q, r]
+        q = torch.cat((q_lat, q_pe.transpose(1, 2)), -1)  # [B, H, Q, r + d_r]
+        k = ctx[:, None]  # [B, 1, L, r + d_r]: one latent key shared by every head
+        v = ctx[:, None, :, : self.r]  # [B, 1, L, r]
+        o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return torch.einsum("bhqr,hvr->bqhv", o_lat, w_uv)  # [B, Q, H, d_v]

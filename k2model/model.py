@@ -1,0 +1,79 @@
+"""The K2 decoder: embeddings, pre-norm blocks (MLA + dense MLP or MoE), final norm, untied lm_head.
+
+`forward` runs one step over a ragged batch (prompts, prompt chunks or single decode tokens) whose
+KV lives in a `PagedKVCache`; batch metadata is an argument, never state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from k2model.batch import BatchMeta
+from k2model.config import K2Config
+from k2model.kv_cache import PagedKVCache
+from k2model.layers import MLP, RMSNorm
+from k2model.mla import MLA, AttentionForm
+from k2model.moe import MoE
+from k2model.rope import RotaryTable
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: K2Config, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = MLA(cfg, layer, dtype)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.ffn: MLP | MoE = (
+            MoE(cfg, dtype)
+            if cfg.is_moe_layer(layer)
+            else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        )
+
+    def forward(self, h, cos, sin, meta: BatchMeta, cache: PagedKVCache, form: AttentionForm):
+        h = h + self.attn(self.attn_norm(h), cos, sin, meta, cache, form)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class K2Model(nn.Module):
+    def __init__(self, cfg: K2Config, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = nn.Buffer(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = nn.Buffer(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
+        self.rope = RotaryTable(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def moe_layers(self) -> dict[int, MoE]:
+        return {i: l.ffn for i, l in enumerate(self.layers) if isinstance(l.ffn, MoE)}
+
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        cfg = self.cfg
+        return PagedKVCache(
+            cfg.num_hidden_layers, num_blocks, block_size, cfg.kv_cache_dim, self.dtype, self.device
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        meta: BatchMeta,
+        cache: PagedKVCache,
+        form: AttentionForm = "absorbed",
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Logits (fp32) for each sequence's last new token [B, V], or for every row [T, V]."""
+        h = self.embed[input_ids]
+        cos, sin = self.rope.lookup(meta.positions)
+        for layer in self.layers:
+            h = layer(h, cos, sin, meta, cache, form)
+        if not all_logits:
+            h = h[meta.last_rows]
+        return (self.norm(h) @ self.lm_head.T).float()

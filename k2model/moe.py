@@ -1,0 +1,150 @@
+"""DeepSeek-style MoE (K2_SPEC 2.8-2.9): sigmoid router with selection bias, routed experts, shared expert.
+
+The routed experts are a pluggable `RoutedExperts` backend: `LocalExperts` here (grouped fast path
+plus its looped slow twin), a remote expert service elsewhere. Either receives the normed hidden
+rows and each row's top-k expert ids and weights, and returns the weighted sum of those experts.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2model.checkpoint.fp8 import dequantize_block_fp8
+from k2model.config import K2Config
+from k2model.layers import MLP
+
+# Above this many gathered weight bytes per call, run one matmul per active expert instead.
+GATHER_BYTES_LIMIT = 64 * 2**20
+
+
+class Router(nn.Module):
+    """fp32 sigmoid scores; the bias only picks experts, the weights come from the unbiased scores."""
+
+    def __init__(self, cfg: K2Config, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = (
+            cfg.num_experts_per_tok,
+            cfg.n_group,
+            cfg.topk_group,
+        )
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Buffer(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype))
+        self.bias = nn.Buffer(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (expert ids [T, k] int64, weights [T, k] fp32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        choice = scores + self.bias
+        if self.n_group > 1:
+            t, e = choice.shape
+            grouped = choice.view(t, self.n_group, e // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = choice.masked_fill(~group_mask.repeat_interleave(e // self.n_group, 1), -1e30)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+class RoutedExperts(Protocol):
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], ids [T, k], weights [T, k] -> sum_k weights * expert_ids(x), [T, D] in x.dtype."""
+        ...
+
+
+class LocalExperts(nn.Module):
+    """The routed experts of one layer, stacked: gate_up [E, 2I, D] and down [E, D, I].
+
+    With fp8 resident, `fp8` holds per-expert (gate, up, down) fp8 weights and scales instead, and
+    only the experts a call selects are dequantised.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.n_experts, self.dim, self.inter, self.dtype = n_experts, dim, inter, dtype
+        self.gate_up = nn.Buffer(torch.empty(n_experts, 2 * inter, dim, dtype=dtype))
+        self.down = nn.Buffer(torch.empty(n_experts, dim, inter, dtype=dtype))
+        self.fp8: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]] | None = None
+
+    def set_fp8(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
+        """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s))."""
+        self.fp8 = experts
+        self.gate_up = nn.Buffer(torch.empty(0, 2 * self.inter, self.dim, dtype=self.dtype))
+        self.down = nn.Buffer(torch.empty(0, self.dim, self.inter, dtype=self.dtype))
+
+    def weights_of(self, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense gate_up [n, 2I, D] and down [n, D, I] for the given expert ids."""
+        if self.fp8 is None:
+            return self.gate_up[experts], self.down[experts]
+        deq = [[dequantize_block_fp8(w, s, self.dtype) for w, s in self.fp8[e]] for e in experts]
+        gate_up = torch.stack([torch.cat((g, u)) for g, u, _ in deq])
+        return gate_up, torch.stack([d for _, _, d in deq])
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        t, k = ids.shape
+        flat = ids.flatten()
+        if self.fp8 is None and t * k * 3 * self.inter * self.dim * x.element_size() <= (
+            GATHER_BYTES_LIMIT
+        ):
+            return self._gathered(x, flat, weights.flatten(), t, k)
+        return self._grouped(x, flat, weights.flatten(), k)
+
+    def _gathered(self, x, flat_ids, flat_w, t: int, k: int) -> torch.Tensor:
+        """Small batches: gather each assignment's weights and run one batched matmul."""
+        gate_up, down = self.gate_up[flat_ids], self.down[flat_ids]  # [T*k, 2I, D], [T*k, D, I]
+        xs = x.repeat_interleave(k, 0)[:, :, None]  # [T*k, D, 1]
+        gate, up = torch.bmm(gate_up, xs).split(self.inter, dim=1)
+        out = torch.bmm(down, F.silu(gate) * up)[..., 0]  # [T*k, D]
+        out = out * flat_w[:, None].to(out.dtype)
+        return out.view(t, k, -1).sum(1)
+
+    def _grouped(self, x, flat_ids, flat_w, k: int) -> torch.Tensor:
+        """Sort assignments by expert; one matmul pair per active expert over its contiguous rows."""
+        order = flat_ids.argsort(stable=True)
+        rows = order // k  # token of each sorted assignment
+        xs = x[rows]
+        active, counts = flat_ids[order].unique_consecutive(return_counts=True)
+        gate_up, down = self.weights_of(active)
+        out = torch.empty_like(xs)
+        start = 0
+        for i, n in enumerate(counts.tolist()):
+            seg = xs[start : start + n]
+            gate, up = (seg @ gate_up[i].T).split(self.inter, dim=-1)
+            out[start : start + n] = (F.silu(gate) * up) @ down[i].T
+            start += n
+        out = out * flat_w[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, rows, out)
+
+    def looped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Slow twin: every (token, expert) pair on its own."""
+        out = torch.zeros_like(x)
+        for i in range(x.shape[0]):
+            for e, w in zip(ids[i].tolist(), weights[i].tolist(), strict=True):
+                gate_up, down = self.weights_of(torch.tensor([e]))
+                gate, up = (gate_up[0] @ x[i]).split(self.inter)
+                out[i] += w * (down[0] @ (F.silu(gate) * up))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: K2Config, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.router = Router(cfg, dtype)
+        self.experts = LocalExperts(
+            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype
+        )
+        shared = cfg.n_shared_experts * cfg.moe_intermediate_size
+        self.shared = MLP(cfg.hidden_size, shared, dtype) if shared else None
+        self.remote: RoutedExperts | None = None  # set when the expert service hosts this layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.router(x)
+        out = (self.remote or self.experts)(x, ids, weights)
+        return out + self.shared(x) if self.shared is not None else out
