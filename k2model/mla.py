@@ -80,9 +80,9 @@ class MLA(nn.Module):
         return self.o(o.reshape(t, self.h * self.d_v))
 
     def _naive(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
-        b, l = ctx.shape[:2]
+        b, n_ctx = ctx.shape[:2]
         c_kv, k_pe = ctx.split([self.r, self.d_r], dim=-1)
-        kv = self.kv_b(c_kv).view(b, l, self.h, self.d_n + self.d_v)
+        kv = self.kv_b(c_kv).view(b, n_ctx, self.h, self.d_n + self.d_v)
         k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.h, -1)), -1)  # [B, L, H, d_qk]
         q = torch.cat((q_nope, q_pe), -1)  # [B, Q, H, d_qk]

@@ -52,7 +52,7 @@ class K2Model(nn.Module):
         return self.embed.device
 
     def moe_layers(self) -> dict[int, MoE]:
-        return {i: l.ffn for i, l in enumerate(self.layers) if isinstance(l.ffn, MoE)}
+        return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
 
     def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         cfg = self.cfg
