@@ -149,13 +149,22 @@ class _Filler:
             layer.set_dense(torch.cat([self.dense(n) for n in names]))
 
 
+def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bf16 on accelerators; fp32 on CPUs, where bf16 matmuls without AVX-512 run ~10x slower."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def load_model(
     path: str | Path,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     fp8_resident: bool = False,
     progress: bool | None = None,
 ) -> K2Model:
-    """Load a K2 / DeepSeek-V3 checkpoint directory (config.json + safetensors shards)."""
+    """Load a K2 / DeepSeek-V3 checkpoint directory (config.json + safetensors shards).
+
+    `dtype` is the compute dtype (default: `default_dtype()`); checkpoint tensors are converted to it.
+    """
+    dtype = dtype or default_dtype()
     cfg = K2Config.from_dir(path)
     with ShardedCheckpoint.open(Path(path)) as ckpt:
         want = validate(ckpt, cfg)

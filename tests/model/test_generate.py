@@ -77,7 +77,7 @@ def test_bad_requests(tiny_fp32: K2Model, req: GenerationRequest, message: str) 
 def test_bf16_model_generates(tiny_ckpt) -> None:
     from k2model.checkpoint.loader import load_model
 
-    model = load_model(tiny_ckpt)
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     out = generate_ids(model, PROMPTS, 4)
     assert all(len(o) == 4 for o in out)
