@@ -1,0 +1,1 @@
+"""Tests of checkpoint files: shards, block-fp8 and the quantiser."""
