@@ -8,7 +8,7 @@ by every layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,7 @@ class BatchMeta:
     ctx_slots: torch.Tensor  # [B, L] cache slots of each sequence's whole context (0 for padding)
     mask: torch.Tensor  # [B, 1, Q, L] bool, True = may attend (causal, in-context)
     last_rows: torch.Tensor  # [B] row in T of each sequence's last new token
+    decode: bool  # one new token per sequence: rows are already the [B, 1] query view
 
 
 def build_batch(
@@ -70,5 +71,7 @@ def build_batch(
         ctx_slots=ctx_slots,
         mask=mask[:, None],
         last_rows=first_row + n_new - 1,
+        decode=q_len == 1,
     )
-    return BatchMeta(**{k: v.to(device) for k, v in meta.__dict__.items()})
+    moved = {k: v.to(device) for k, v in meta.__dict__.items() if isinstance(v, torch.Tensor)}
+    return replace(meta, **moved)

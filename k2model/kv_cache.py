@@ -2,7 +2,7 @@
 
 Storage is one tensor [layers, num_blocks * block_size, kv_lora_rank + qk_rope_head_dim]; token t of
 a sequence lives at slot block_table[t // block_size] * block_size + t % block_size.
-k_pe is stored in `rope.apply_rope`'s de-interleaved layout.
+k_pe keeps the checkpoint's interleaved rope layout (see rope.py).
 """
 
 from __future__ import annotations

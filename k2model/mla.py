@@ -51,8 +51,7 @@ class MLA(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, D]
-        cos: torch.Tensor,  # [T, d_r/2]
-        sin: torch.Tensor,
+        rot: torch.Tensor,  # [T, d_r/2] complex rotations of each token's position
         meta: BatchMeta,
         cache: PagedKVCache,
         form: AttentionForm,
@@ -66,17 +65,18 @@ class MLA(nn.Module):
             q, c_kv, k_pe = qkv.split([qkv.shape[-1] - self.r - self.d_r, self.r, self.d_r], -1)
         q = q.view(t, self.h, self.d_n + self.d_r)  # [T, H, d_n + d_r]
         q_nope, q_pe = q.split([self.d_n, self.d_r], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
-        k_pe = apply_rope(k_pe, cos, sin)  # [T, d_r], one rope key shared by all heads
+        q_pe = apply_rope(q_pe, rot[:, None])
+        k_pe = apply_rope(k_pe, rot)  # [T, d_r], one rope key shared by all heads
         cache.write(self.layer, meta.write_slots, torch.cat((self.kv_norm(c_kv), k_pe), -1))
 
         ctx = cache.gather(self.layer, meta.ctx_slots)  # [B, L, r + d_r]
-        q_nope, q_pe = q_nope[meta.q_index], q_pe[meta.q_index]  # [B, Q, H, *]
-        if form == "naive":
-            o = self._naive(q_nope, q_pe, ctx, meta.mask)
+        if meta.decode:  # [B, 1, H, *] is a view of the rows
+            q_nope, q_pe = q_nope[:, None], q_pe[:, None]
         else:
-            o = self._absorbed(q_nope, q_pe, ctx, meta.mask)
-        o = o[meta.q_valid]  # [T, H, d_v] in row order
+            q_nope, q_pe = q_nope[meta.q_index], q_pe[meta.q_index]  # [B, Q, H, *]
+        attend = self._naive if form == "naive" else self._absorbed
+        o = attend(q_nope, q_pe, ctx, meta.mask)  # [B, Q, H, d_v]
+        o = o.flatten(0, 1) if meta.decode else o[meta.q_valid]  # [T, H, d_v] in row order
         return self.o(o.reshape(t, self.h * self.d_v))
 
     def _naive(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:

@@ -30,8 +30,8 @@ class DecoderLayer(nn.Module):
             else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
         )
 
-    def forward(self, h, cos, sin, meta: BatchMeta, cache: PagedKVCache, form: AttentionForm):
-        h = h + self.attn(self.attn_norm(h), cos, sin, meta, cache, form)
+    def forward(self, h, rot, meta: BatchMeta, cache: PagedKVCache, form: AttentionForm):
+        h = h + self.attn(self.attn_norm(h), rot, meta, cache, form)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -71,9 +71,9 @@ class K2Model(nn.Module):
     ) -> torch.Tensor:
         """Logits (fp32) for each sequence's last new token [B, V], or for every row [T, V]."""
         h = self.embed[input_ids]
-        cos, sin = self.rope.lookup(meta.positions)
+        rot = self.rope.lookup(meta.positions)
         for layer in self.layers:
-            h = layer(h, cos, sin, meta, cache, form)
+            h = layer(h, rot, meta, cache, form)
         if not all_logits:
             h = h[meta.last_rows]
         return (self.norm(h) @ self.lm_head.T).float()

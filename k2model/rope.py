@@ -1,8 +1,9 @@
 """YaRN rotary embedding on interleaved pairs (K2_SPEC 2.4-2.5).
 
-The checkpoint's rope dims rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i].
-`apply_rope` returns the rotated pairs de-interleaved ([evens..., odds...]); q and k (and every
-cached k_pe) use the same layout, so every dot product equals the interleaved one.
+The checkpoint's rope dims rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i]:
+viewing each pair as a complex number, x' = x * e^(i * pos * inv_freq). The output keeps the
+checkpoint's interleaved layout (as DeepSeek-V3's reference and vLLM do), and so does every cached
+k_pe.
 """
 
 from __future__ import annotations
@@ -42,31 +43,28 @@ def yarn_inv_freq(cfg: K2Config) -> tuple[torch.Tensor, float]:
 
 
 class RotaryTable:
-    """cos/sin per position, grown on demand; indexed by absolute token position."""
+    """Complex rotations mscale * e^(i * pos * inv_freq) per position, grown on demand."""
 
     def __init__(self, cfg: K2Config, device: torch.device | str = "cpu") -> None:
-        self.inv_freq, self.mscale = yarn_inv_freq(cfg)
-        self.inv_freq = self.inv_freq.to(device)
-        self.cos = torch.empty(0, cfg.qk_rope_head_dim // 2, device=device)
-        self.sin = torch.empty_like(self.cos)
-        self._grow(cfg.max_position_embeddings if cfg.max_position_embeddings <= 8192 else 8192)
+        inv_freq, self.mscale = yarn_inv_freq(cfg)
+        self.inv_freq = inv_freq.to(device)
+        self.table = torch.empty(0, cfg.qk_rope_head_dim // 2, dtype=torch.complex64, device=device)
+        self._grow(min(cfg.max_position_embeddings, 8192))
 
     def _grow(self, n: int) -> None:
         pos = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
         angles = torch.outer(pos, self.inv_freq)
-        self.cos = angles.cos() * self.mscale
-        self.sin = angles.sin() * self.mscale
+        self.table = torch.polar(torch.full_like(angles, self.mscale), angles)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [*positions.shape, d/2] (fp32)."""
+    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
+        """[*positions.shape, d/2] complex64 rotations."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self.cos.shape[0]:
-            self._grow(max(needed, 2 * self.cos.shape[0]))
-        return self.cos[positions], self.sin[positions]
+        if needed > self.table.shape[0]:
+            self._grow(max(needed, 2 * self.table.shape[0]))
+        return self.table[positions]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [..., d]; cos/sin broadcast to [..., d/2]. Output de-interleaved."""
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [..., d] by rot [..., d/2] (broadcast); same layout out."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)
