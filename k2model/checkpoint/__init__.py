@@ -1,8 +1,9 @@
 """Checkpoint files: sharded safetensors directories, K2 block-fp8 weights and the quantiser.
 
 `shards` reads and writes HF checkpoint directories (index + shards, or one file); `fp8` holds
-the block-fp8 math; `quantize` turns a bf16/fp32 checkpoint into K2's fp8 format. The loader
-(`loader.py`) maps HF names onto the model on top of these.
+the block-fp8 math; `quantize` turns a bf16/fp32 checkpoint into K2's fp8 format (import it from
+`k2model.checkpoint.quantize`: re-exporting it here would make `python -m` import it twice). The
+loader (`loader.py`) maps HF names onto the model on top of these.
 """
 
 from k2model.checkpoint.fp8 import (
@@ -13,7 +14,6 @@ from k2model.checkpoint.fp8 import (
     is_quantized_weight_name,
     quantize_block_fp8,
 )
-from k2model.checkpoint.quantize import QUANTIZATION_CONFIG, quantize_checkpoint
 from k2model.checkpoint.shards import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -27,7 +27,6 @@ from k2model.checkpoint.shards import (
 __all__ = [
     "BLOCK",
     "INDEX_NAME",
-    "QUANTIZATION_CONFIG",
     "SINGLE_NAME",
     "CheckpointError",
     "ShardWriter",
@@ -38,6 +37,5 @@ __all__ = [
     "dequantize_block_fp8",
     "is_quantized_weight_name",
     "quantize_block_fp8",
-    "quantize_checkpoint",
     "write_sharded",
 ]

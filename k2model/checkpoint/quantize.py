@@ -52,8 +52,8 @@ def quantize_checkpoint(
     src: Path, dst: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> None:
     src, dst = Path(src), Path(dst)
-    config = _read_config(src)
     with ShardedCheckpoint.open(src) as ckpt:
+        config = _read_config(src)
         _check_source(ckpt, config)
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise CheckpointError(f"destination {dst} must be a new or empty directory")
