@@ -1,0 +1,1 @@
+"""Text layer: tokenizer, special tokens, incremental detokenizer, stop strings, chat format."""
