@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from k2model.text.chat_format import Flavor, control_tokens, render
 from k2model.text.jinja_template import (
@@ -18,6 +20,7 @@ from k2model.text.jinja_template import (
     split_control,
 )
 from k2model.text.messages import (
+    ChatFormatError,
     ImagePart,
     Message,
     TextPart,
@@ -246,6 +249,54 @@ def test_load_checkpoint_template_sources(tmp_path: Path) -> None:
     assert load_checkpoint_template(tmp_path) == "B"
     (tmp_path / "chat_template.jinja").write_text("C")
     assert load_checkpoint_template(tmp_path) == "C"  # the .jinja file wins
+
+
+texts = st.text(max_size=6)
+contents = texts | st.lists(
+    st.builds(TextPart, texts) | st.builds(ImagePart, st.none() | texts), max_size=3
+).map(tuple)
+any_message = st.one_of(
+    st.builds(Message, st.sampled_from(["system", "user"]), contents, name=st.none() | texts),
+    st.builds(
+        Message,
+        st.just("assistant"),
+        st.none() | contents,
+        name=st.none() | texts,
+        tool_calls=st.lists(
+            st.builds(ToolCall, st.sampled_from(["a", "b"]), st.sampled_from(["f", "g"]), texts),
+            max_size=2,
+        ).map(tuple),
+        reasoning_content=st.none() | texts,
+        partial=st.booleans(),
+    ),
+    st.builds(
+        Message,
+        st.just("tool"),
+        contents,
+        name=st.none() | texts,
+        tool_call_id=st.sampled_from(["a", "b", "c"]),
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(any_message, max_size=6), st.sampled_from([None, (WEATHER,)]), st.booleans())
+def test_any_conversation_renders_alike_or_fails_alike(messages, tools, gen) -> None:
+    """Property: the native renderer and the Jinja templates agree on every conversation the
+    renderer accepts, and reject the same ones with ChatFormatError."""
+    pairs: list[tuple[Flavor, Path]] = [("k2-instruct", OUR_TEMPLATE)]
+    if (REFERENCE / "k2_thinking_hf_latest.jinja").is_file():
+        pairs.append(("k2-thinking", REFERENCE / "k2_thinking_hf_latest.jinja"))
+    for flavor, path in pairs:
+        template = load(path, flavor)
+        try:
+            native = render(messages, tools, flavor=flavor, add_generation_prompt=gen)
+        except ChatFormatError:
+            with pytest.raises(ChatFormatError):
+                template.render_text(messages, tools, add_generation_prompt=gen)
+            continue
+        text = template.render_text(messages, tools, add_generation_prompt=gen)
+        assert text == "".join(t for t, _ in native)
 
 
 # --- equivalence with transformers' own Jinja environment -------------------------------------
