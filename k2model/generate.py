@@ -10,12 +10,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from k2model.batch import SeqSlice, build_batch
 from k2model.block_allocator import BlockAllocator, blocks_needed
+from k2model.mla import AttentionForm
 from k2model.model import K2Model
-from k2model.sampling import sample
+from k2model.runner import ModelRunner, StepInput
 from k2model.sampling_params import SamplingParams, SamplingRow
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -79,22 +77,18 @@ def generate(
         check_request(req, cfg.vocab_size, cfg.max_position_embeddings)
     need = [blocks_needed(len(r.prompt_ids) + r.max_new_tokens, block_size) for r in requests]
     alloc = BlockAllocator(sum(need))
-    cache = model.new_cache(alloc.num_blocks, block_size)
+    runner = ModelRunner(model, alloc.num_blocks, block_size)
     seqs = [
         _Seq(list(r.prompt_ids), r, _seed(r.params), alloc.allocate(n))
         for r, n in zip(requests, need, strict=True)
     ]
     running = list(range(len(seqs)))
-    slices = [SeqSlice(0, len(s.prompt), s.blocks) for s in seqs]
-    ids = [t for s in seqs for t in s.prompt]
-    form = "naive"
+    inputs = [StepInput(s.prompt, 0, s.blocks, s.row()) for s in seqs]
+    form: AttentionForm = "naive"
     while running:
-        meta = build_batch(slices, block_size, model.device)
-        logits = model(torch.tensor(ids, device=model.device), meta, cache, form)
-        result = sample(logits, [seqs[i].row() for i in running]).cpu()
+        sampled = runner.step(inputs, form)
         events, still = [], []
-        for row, i in enumerate(running):
-            token, logprob, top = result.row(row)
+        for i, (token, logprob, top) in zip(running, sampled, strict=True):
             s = seqs[i]
             s.out.append(token)
             reason = _finish_reason(s, token)
@@ -103,8 +97,10 @@ def generate(
                 still.append(i)
         yield events
         running, form = still, "absorbed"
-        slices = [SeqSlice(seqs[i].length - 1, 1, seqs[i].blocks) for i in running]
-        ids = [seqs[i].out[-1] for i in running]
+        inputs = [
+            StepInput([seqs[i].out[-1]], seqs[i].length - 1, seqs[i].blocks, seqs[i].row())
+            for i in running
+        ]
 
 
 def _seed(params: SamplingParams) -> int:

@@ -6,6 +6,8 @@ KV lives in a `PagedKVCache`; batch metadata is an argument, never state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -68,12 +70,19 @@ class K2Model(nn.Module):
         cache: PagedKVCache,
         form: AttentionForm = "absorbed",
         all_logits: bool = False,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Logits (fp32) for each sequence's last new token [B, V], or for every row [T, V]."""
+        """Logits (fp32) for each sequence's last new token [B, V], or for every row [T, V].
+
+        `on_layer(i)` runs as soon as layer i has written this batch's KV to the cache (prefill
+        streams each layer's latents from there while the next layer computes).
+        """
         h = self.embed[input_ids]
         rot = self.rope.lookup(meta.positions)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             h = layer(h, rot, meta, cache, form)
+            if on_layer is not None:
+                on_layer(i)
         if not all_logits:
             h = h[meta.last_rows]
         return (self.norm(h) @ self.lm_head.T).float()
