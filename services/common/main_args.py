@@ -1,0 +1,24 @@
+"""Command-line arguments every service's __main__ shares: the deployment and this instance."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from services.deployment import Deployment, Instance
+
+
+def parse(kind: str, description: str) -> tuple[Deployment, Instance]:
+    ap = argparse.ArgumentParser(prog=f"python -m services.{kind}", description=description)
+    ap.add_argument("--deployment", required=True, help="deployment YAML")
+    ap.add_argument("--name", required=True, help="this instance's name in the deployment")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args()
+    logging.basicConfig(
+        level=args.log_level, format=f"%(asctime)s {args.name} %(levelname)s %(message)s"
+    )
+    dep = Deployment.load(args.deployment)
+    me = dep.instance(args.name)
+    if me.kind != kind:
+        ap.error(f"{args.name} is a {me.kind} instance, not {kind}")
+    return dep, me

@@ -1,0 +1,199 @@
+"""The decode engine: admission, KV handoff from prefill, and the continuous batch.
+
+Runs on the asyncio loop; model steps run on one worker thread. Blocks of a sequence that is in
+the step being computed are freed only when that step ends (the model thread is writing them);
+every other cancellation frees them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import torch
+
+from k2model.model import K2Model
+from k2model.runner import ModelRunner, Sampled, StepInput
+from k2model.sampling_params import SamplingParams
+from services.common.errors import ResourceExhausted, ServiceError, Unavailable
+from services.decode.scheduler import Scheduler, Seq, State
+from services.validation import check_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    num_blocks: int = 1024
+    block_size: int = 16
+    max_running: int = 64
+    max_queue: int = 256
+    watermark_blocks: int = 1
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    tokens: list[Sampled]
+    finish_reason: str | None
+
+
+# Fills a sequence's reserved blocks with its prompt's KV (via `write`) and returns the first
+# token; raises ServiceError when the KV could not be completed.
+Prefiller = Callable[[Seq, Callable[[int, int, torch.Tensor], None]], Awaitable[Sampled]]
+
+
+class DecodeEngine:
+    def __init__(self, model: K2Model, limits: DecodeLimits, prefiller: Prefiller) -> None:
+        self.model, self.limits, self.prefiller = model, limits, prefiller
+        self.sched = Scheduler(
+            limits.num_blocks, limits.block_size, limits.max_running, limits.watermark_blocks
+        )
+        self.runner = ModelRunner(model, limits.num_blocks, limits.block_size)
+        self.served = 0
+        self._queues: dict[Seq, asyncio.Queue[TokenBatch | Exception]] = {}
+        self._transfers: dict[Seq, asyncio.Task] = {}
+        self._in_step: set[Seq] = set()
+        self._aborted: set[Seq] = set()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-model")
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_ids: frozenset[int],
+    ) -> Seq:
+        check_prompt(prompt, self.model.cfg, max_new_tokens)
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Seq(
+            request_id, list(prompt), replace(params, seed=seed), seed, max_new_tokens, stop_ids
+        )
+        if not self.sched.fits_ever(seq):
+            need = self.sched.blocks_for(len(prompt) + max_new_tokens)
+            raise ResourceExhausted(
+                f"prompt + max_new_tokens need {need} KV blocks; this decode instance has "
+                f"{self.sched.alloc.num_blocks}"
+            )
+        if len(self.sched.waiting) >= self.limits.max_queue:
+            raise ResourceExhausted("decode queue is full")
+        self._queues[seq] = asyncio.Queue()
+        self.sched.enqueue(seq)
+        self._wake.set()
+        return seq
+
+    async def events(self, seq: Seq) -> AsyncIterator[TokenBatch]:
+        """The sequence's tokens as they come; aborts it if the consumer goes away."""
+        queue = self._queues[seq]
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.abort(seq)
+
+    def abort(self, seq: Seq) -> None:
+        """Stop the sequence and free its blocks (after the running step, if it is in it)."""
+        self._queues.pop(seq, None)
+        task = self._transfers.pop(seq, None)
+        if task is not None:
+            task.cancel()
+        if seq in self._in_step:
+            self._aborted.add(seq)
+        elif seq.state is not State.DONE:
+            self.sched.finish(seq)
+        self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        return self.sched.counts() | {"requests_served": self.served}
+
+    def _emit(self, seq: Seq, item: TokenBatch | Exception) -> None:
+        queue = self._queues.get(seq)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for seq in self.sched.admit():
+                self._transfers[seq] = asyncio.create_task(self._prefill(seq))
+            plan = self.sched.plan_step()
+            if not plan:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            inputs = [StepInput(*seq.step_tokens(), seq.blocks, seq.row()) for seq in plan]
+            self._in_step = set(plan)
+            try:
+                sampled = await loop.run_in_executor(
+                    self._executor, lambda: self.runner.step(inputs, "absorbed")
+                )
+            except Exception:
+                log.exception("decode step failed")
+                sampled = [None] * len(plan)
+            finally:
+                self._in_step = set()
+            for seq, result in zip(plan, sampled, strict=True):
+                self._after_step(seq, result)
+            self._aborted.clear()
+
+    def _after_step(self, seq: Seq, result: Sampled | None) -> None:
+        if seq in self._aborted or seq.state is State.DONE:
+            self.sched.finish(seq)
+            return
+        if result is None:
+            self.sched.finish(seq)
+            self._emit(seq, RuntimeError("decode step failed"))  # INTERNAL, details not shown
+            return
+        reason = self.sched.stepped(seq, result[0])
+        self.served += reason is not None
+        self._emit(seq, TokenBatch([result], reason))
+
+    async def _prefill(self, seq: Seq) -> None:
+        try:
+            first = await self.prefiller(seq, self._writer(seq))
+        except asyncio.CancelledError:
+            raise
+        except ServiceError as e:
+            self._fail(seq, e)
+            return
+        except Exception:
+            log.exception("prefill handoff failed for %s", seq.request_id)
+            self._fail(seq, Unavailable("prefill failed"))
+            return
+        finally:
+            self._transfers.pop(seq, None)
+        if seq.state is not State.PREFILLING:
+            return
+        self.sched.prefilled(seq, first[0])
+        reason = seq.finish_reason
+        self.served += reason is not None
+        self._emit(seq, TokenBatch([first], reason))
+        self._wake.set()
+
+    def _fail(self, seq: Seq, error: ServiceError) -> None:
+        self.sched.finish(seq)
+        self._emit(seq, error)
+        self._wake.set()
+
+    def _writer(self, seq: Seq) -> Callable[[int, int, torch.Tensor], None]:
+        """Writes latents for tokens [start, start + n) of one layer into the seq's blocks."""
+        bs, cache = self.limits.block_size, self.runner.cache
+
+        def write(layer: int, start: int, latent: torch.Tensor) -> None:
+            pos = torch.arange(start, start + latent.shape[0])
+            blocks = torch.tensor(seq.blocks)[pos // bs]
+            cache.write(layer, blocks * bs + pos % bs, latent)
+
+        return write

@@ -1,0 +1,142 @@
+"""Decode's side of the KV handoff: pick a prefill instance by load, receive and check its stream.
+
+Prefill addresses come from the deployment configuration only. A handoff is complete only when
+every layer holds every prompt token and the first token has arrived; anything short of that is a
+failure, and the request is retried on another instance (its blocks are rewritten from scratch)
+or failed with UNAVAILABLE - never decoded from a partial cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from k2model.config import K2Config
+from k2model.runner import Sampled
+from services.common.channel import open_channel
+from services.common.errors import InvalidArgument, OutOfRange, ServiceError, Unavailable
+from services.common.sampling_codec import sampled_token_from_proto, sampling_to_proto
+from services.common.tensor_codec import tensor_from_proto
+from services.decode.scheduler import Seq
+from services.pb.k2.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_NOT_RETRIED = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+}
+
+
+@dataclass(eq=False)
+class PrefillPeer:
+    address: str
+    stub: prefill_pb2_grpc.PrefillStub
+    channel: grpc.aio.Channel
+    load: int = 0
+    healthy: bool = True
+
+
+class PrefillPool:
+    """Prefill instances from configuration, ordered by their last reported load."""
+
+    def __init__(
+        self,
+        addresses: list[str],
+        cfg: K2Config,
+        kv_dtype: torch.dtype,
+        poll_interval_s: float = 0.25,
+        transfer_timeout_s: float = 120.0,
+    ) -> None:
+        if not addresses:
+            raise ValueError("decode needs at least one prefill address")
+        self.cfg, self.kv_dtype = cfg, kv_dtype
+        self.poll_interval_s, self.transfer_timeout_s = poll_interval_s, transfer_timeout_s
+        self.peers = []
+        for address in addresses:
+            channel = open_channel(address)
+            self.peers.append(PrefillPeer(address, prefill_pb2_grpc.PrefillStub(channel), channel))
+        self._poller: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._poller = asyncio.create_task(self._poll())
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for peer in self.peers:
+            await peer.channel.close()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll_one(p) for p in self.peers))
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _poll_one(self, peer: PrefillPeer) -> None:
+        try:
+            stats = await peer.stub.Stats(common_pb2.StatsRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError:
+            peer.healthy = False
+            return
+        peer.healthy, peer.load = True, stats.queued + stats.running
+
+    def ranked(self) -> list[PrefillPeer]:
+        return sorted(self.peers, key=lambda p: (not p.healthy, p.load))
+
+    async def prefill(self, seq: Seq, write: Callable[[int, int, torch.Tensor], None]) -> Sampled:
+        """Fill seq's blocks through `write(layer, token_start, latent)`; return the first token."""
+        errors = []
+        for peer in self.ranked():
+            try:
+                return await self._receive(peer, seq, write)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _NOT_RETRIED:
+                    raise _NOT_RETRIED[e.code()](e.details() or "prefill refused the prompt") from e
+                peer.healthy = e.code() != grpc.StatusCode.UNAVAILABLE and peer.healthy
+                errors.append(f"{peer.address}: {e.code().name}")
+            except ServiceError as e:
+                errors.append(f"{peer.address}: {e}")
+            log.warning(
+                "prefill of %s failed on %s; %d peers left",
+                seq.request_id,
+                peer.address,
+                len(self.peers) - len(errors),
+            )
+        log.error("prefill of %s failed everywhere: %s", seq.request_id, "; ".join(errors))
+        raise Unavailable(f"prefill failed on all {len(errors)} instance(s); try again")
+
+    async def _receive(
+        self, peer: PrefillPeer, seq: Seq, write: Callable[[int, int, torch.Tensor], None]
+    ) -> Sampled:
+        n_layers, n_tokens = self.cfg.num_hidden_layers, len(seq.prompt)
+        request = prefill_pb2.PrefillRequest(
+            request_id=seq.request_id, prompt_ids=seq.prompt, sampling=sampling_to_proto(seq.params)
+        )
+        covered = [0] * n_layers
+        call = peer.stub.Prefill(request, timeout=self.transfer_timeout_s)
+        try:
+            async for chunk in call:
+                if chunk.HasField("first_token"):
+                    if any(c != n_tokens for c in covered):
+                        raise Unavailable("prefill sent the first token before the whole KV")
+                    return sampled_token_from_proto(chunk.first_token)
+                kv = chunk.kv
+                if not 0 <= kv.layer < n_layers or kv.token_start != covered[kv.layer]:
+                    raise Unavailable(
+                        f"prefill sent KV out of order (layer {kv.layer}, start {kv.token_start})"
+                    )
+                latent = tensor_from_proto(
+                    kv.latent, dtype=self.kv_dtype, shape=(None, self.cfg.kv_cache_dim)
+                )
+                if kv.token_start + latent.shape[0] > n_tokens:
+                    raise Unavailable("prefill sent KV past the end of the prompt")
+                write(kv.layer, kv.token_start, latent)
+                covered[kv.layer] += latent.shape[0]
+        finally:
+            call.cancel()
+        raise Unavailable("prefill stream ended before the KV was complete")

@@ -1,0 +1,144 @@
+"""The deployment description: which services run where, how many, on which checkpoint.
+
+One YAML file drives the local launcher (`k2serve up`), every service's own settings and peer
+list, and the docker compose files. Peers always come from here, never from a request.
+
+    checkpoint: embedded            # or a checkpoint directory
+    hosts: {local: 127.0.0.1}       # host name -> address services bind to and dial
+    model: {dtype: auto, fp8_resident: false}
+    tokenizer: [{name: tokenizer-0, host: local, port: 50051}]
+    prefill:   [{name: prefill-0, host: local, port: 50061, kv_blocks: 1024}]
+    decode:    [{name: decode-0, host: local, port: 50071, kv_blocks: 1024, max_running: 64}]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from k2model import EMBEDDED_CHECKPOINT
+
+KINDS = ("tokenizer", "prefill", "decode")
+
+
+class DeploymentError(ValueError):
+    """A deployment description that is malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    kind: str
+    name: str
+    host: str
+    address: str  # the host's address
+    port: int
+    kv_blocks: int = 1024
+    block_size: int = 16
+    max_running: int = 64
+    max_queue: int = 256
+    chunk_tokens: int = 512
+    max_batch_tokens: int = 2048
+
+    @property
+    def target(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    checkpoint: Path
+    dtype: str
+    fp8_resident: bool
+    instances: tuple[Instance, ...]
+
+    def torch_dtype(self) -> torch.dtype | None:
+        """None = the model's default for the device."""
+        return None if self.dtype == "auto" else getattr(torch, self.dtype)
+
+    def of_kind(self, kind: str) -> list[Instance]:
+        return [i for i in self.instances if i.kind == kind]
+
+    def instance(self, name: str) -> Instance:
+        for i in self.instances:
+            if i.name == name:
+                return i
+        raise DeploymentError(
+            f"no instance named {name!r} (have {[i.name for i in self.instances]})"
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Deployment:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise DeploymentError(f"{path}: {e}") from e
+        return cls.from_dict(raw, base=Path(path).parent)
+
+    @classmethod
+    def from_dict(cls, raw: Any, base: Path = Path(".")) -> Deployment:
+        if not isinstance(raw, dict):
+            raise DeploymentError("a deployment must be a mapping")
+        unknown = set(raw) - {"checkpoint", "hosts", "model", *KINDS}
+        if unknown:
+            raise DeploymentError(f"unknown deployment keys: {sorted(unknown)}")
+        hosts = raw.get("hosts") or {"local": "127.0.0.1"}
+        model = raw.get("model") or {}
+        ckpt = raw.get("checkpoint", "embedded")
+        checkpoint = EMBEDDED_CHECKPOINT if ckpt == "embedded" else (base / str(ckpt)).resolve()
+        instances = tuple(
+            _instance(kind, i, entry, hosts)
+            for kind in KINDS
+            for i, entry in enumerate(raw.get(kind) or [])
+        )
+        dep = cls(
+            checkpoint,
+            str(model.get("dtype", "auto")),
+            bool(model.get("fp8_resident", False)),
+            instances,
+        )
+        _check(dep)
+        return dep
+
+
+_INSTANCE_FIELDS = {f.name for f in fields(Instance)} - {"kind", "address"}
+
+
+def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str]) -> Instance:
+    where = f"{kind}[{index}]"
+    if not isinstance(entry, dict):
+        raise DeploymentError(f"{where} must be a mapping")
+    unknown = set(entry) - _INSTANCE_FIELDS
+    if unknown:
+        raise DeploymentError(f"{where}: unknown keys {sorted(unknown)}")
+    host = entry.get("host", "local")
+    if host not in hosts:
+        raise DeploymentError(f"{where}: host {host!r} is not in hosts {sorted(hosts)}")
+    if "port" not in entry:
+        raise DeploymentError(f"{where}: port is required")
+    values = {k: int(v) for k, v in entry.items() if k not in ("name", "host")}
+    return Instance(
+        kind, str(entry.get("name", f"{kind}-{index}")), host, str(hosts[host]), **values
+    )
+
+
+def _check(dep: Deployment) -> None:
+    names = [i.name for i in dep.instances]
+    if len(set(names)) != len(names):
+        raise DeploymentError(f"instance names must be unique: {names}")
+    targets = [i.target for i in dep.instances]
+    if len(set(targets)) != len(targets):
+        raise DeploymentError(f"two instances share an address and port: {targets}")
+    for kind in KINDS:
+        if not dep.of_kind(kind):
+            raise DeploymentError(f"a deployment needs at least one {kind} instance")
+    if dep.dtype not in ("auto", "float32", "bfloat16"):
+        raise DeploymentError(f"model.dtype must be auto, float32 or bfloat16, not {dep.dtype!r}")
+    for i in dep.instances:
+        if not 0 < i.port < 65536 or i.kv_blocks < 1 or i.block_size < 1 or i.max_running < 1:
+            raise DeploymentError(
+                f"{i.name}: port, kv_blocks, block_size and max_running must be positive"
+            )

@@ -1,0 +1,136 @@
+"""Start every instance of a deployment as local processes, wait until all are healthy, stop cleanly.
+
+`Suite` is what `k2serve up` runs and what end-to-end tests use: it starts only the processes it
+owns, and `stop()` sends SIGTERM (each service drains its in-flight streams), then SIGKILL to any
+that outlive the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.deployment import KINDS, Deployment, Instance
+
+
+class LaunchError(RuntimeError):
+    """An instance exited or did not become healthy in time."""
+
+
+@dataclass
+class Suite:
+    deployment_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.deployment = Deployment.load(self.deployment_path)
+
+    def start(self, timeout_s: float = 180.0, names: list[str] | None = None) -> None:
+        wanted = [i for kind in KINDS for i in self.deployment.of_kind(kind)]
+        for inst in wanted:
+            if names is None or inst.name in names:
+                self.start_instance(inst)
+        try:
+            asyncio.run(self._wait_healthy([i for i in wanted if i.name in self.procs], timeout_s))
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_instance(self, inst: Instance) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            f"services.{inst.kind}",
+            "--deployment",
+            str(self.deployment_path),
+            "--name",
+            inst.name,
+        ]
+        proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, start_new_session=True)
+        self.procs[inst.name] = proc
+        return proc
+
+    async def _wait_healthy(self, instances: list[Instance], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        await asyncio.gather(*(self._wait_one(i, deadline) for i in instances))
+
+    async def _wait_one(self, inst: Instance, deadline: float) -> None:
+        async with grpc.aio.insecure_channel(inst.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                code = self.procs[inst.name].poll()
+                if code is not None:
+                    raise LaunchError(
+                        f"{inst.name} exited with code {code} before becoming healthy"
+                    )
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"{inst.name} was not healthy at {inst.target} in time")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.2)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.procs[name].send_signal(sig)
+
+    def stop(self, grace_s: float = 15.0) -> dict[str, int]:
+        """SIGTERM everything, wait up to grace_s, SIGKILL the rest; returns exit codes."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        codes = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        self.procs.clear()
+        return codes
+
+
+def up(deployment_path: Path) -> None:
+    """`k2serve up`: start the suite, print where it listens, stop cleanly on Ctrl-C or SIGTERM."""
+    suite = Suite(deployment_path)
+    print(
+        f"starting {len(suite.deployment.instances)} services from {deployment_path} ...",
+        flush=True,
+    )
+    suite.start()
+    for inst in suite.deployment.instances:
+        print(f"  {inst.kind:<10} {inst.name:<14} {inst.target}", flush=True)
+    print("all services healthy; Ctrl-C stops the suite", flush=True)
+    stop = {"signal": None}
+
+    def on_signal(sig: int, _frame: object) -> None:
+        stop["signal"] = sig
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while stop["signal"] is None:
+            for name, proc in suite.procs.items():
+                if proc.poll() is not None:
+                    print(
+                        f"{name} exited with code {proc.returncode}; stopping the suite",
+                        file=sys.stderr,
+                    )
+                    stop["signal"] = signal.SIGTERM
+            time.sleep(0.5)
+    finally:
+        codes = suite.stop()
+        print(f"stopped: {codes}", flush=True)

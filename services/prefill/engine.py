@@ -1,0 +1,178 @@
+"""The prefill engine: batches waiting prompts, chunks long ones, streams each layer's latent KV.
+
+Plain asyncio + one worker thread for the model. Each job gets, in order: every layer's latents
+for each chunk of its prompt (as soon as that layer is computed), then its first sampled token.
+A cancelled job stops taking part in new steps and its blocks are freed once no step uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from k2model.block_allocator import BlockAllocator, blocks_needed
+from k2model.model import K2Model
+from k2model.runner import ModelRunner, Sampled, StepInput
+from k2model.sampling_params import SamplingParams, SamplingRow
+from services.common.errors import ResourceExhausted
+from services.validation import check_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KvPart:
+    layer: int
+    token_start: int
+    latent: torch.Tensor  # [n, kv_dim]
+
+
+@dataclass(frozen=True)
+class PrefillLimits:
+    num_blocks: int = 1024
+    block_size: int = 16
+    chunk_tokens: int = 512  # longest slice of one prompt per step
+    max_batch_tokens: int = 2048  # tokens per step over all prompts
+    max_queue: int = 256
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    request_id: str
+    prompt: list[int]
+    row: SamplingRow
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # KvPart | Sampled | Exception
+    blocks: list[int] = field(default_factory=list)
+    done: int = 0  # prompt tokens already prefilled
+    cancelled: bool = False
+
+
+class PrefillEngine:
+    def __init__(self, model: K2Model, limits: PrefillLimits) -> None:
+        self.model, self.limits = model, limits
+        self.alloc = BlockAllocator(limits.num_blocks)
+        self.runner = ModelRunner(model, limits.num_blocks, limits.block_size)
+        self.waiting: deque[PrefillJob] = deque()
+        self.running: list[PrefillJob] = []
+        self.served = 0
+        self.kv_bytes_sent = 0
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="prefill-model")
+
+    def submit(
+        self, request_id: str, prompt: list[int], params: SamplingParams, seed: int
+    ) -> PrefillJob:
+        check_prompt(prompt, self.model.cfg)
+        need = blocks_needed(len(prompt), self.limits.block_size)
+        if need > self.alloc.num_blocks:
+            raise ResourceExhausted(
+                f"prompt needs {need} KV blocks; this prefill has {self.alloc.num_blocks}"
+            )
+        if len(self.waiting) >= self.limits.max_queue:
+            raise ResourceExhausted("prefill queue is full")
+        job = PrefillJob(request_id, list(prompt), SamplingRow(params, seed, 0, prompt, ()))
+        self.waiting.append(job)
+        self._wake.set()
+        return job
+
+    def cancel(self, job: PrefillJob) -> None:
+        job.cancelled = True
+        if job in self.waiting:
+            self.waiting.remove(job)
+        self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queued": len(self.waiting),
+            "running": len(self.running),
+            "kv_blocks_total": self.alloc.num_blocks,
+            "kv_blocks_free": self.alloc.num_free,
+            "prompts_served": self.served,
+            "kv_bytes_sent": self.kv_bytes_sent,
+        }
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._reap()
+            self._admit()
+            plan = self._plan()
+            if not plan:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            inputs = [
+                StepInput(
+                    j.prompt[j.done : j.done + n],
+                    j.done,
+                    j.blocks,
+                    j.row if j.done + n == len(j.prompt) else None,
+                )
+                for j, n in plan
+            ]
+            on_layer = self._layer_sender(loop, plan)
+            try:
+                sampled = await loop.run_in_executor(
+                    self._executor, lambda: self.runner.step(inputs, "naive", on_layer)
+                )
+            except Exception as e:  # a model failure fails this step's jobs, not the engine
+                log.exception("prefill step failed")
+                for job, _ in plan:
+                    self._finish(job, e)
+                continue
+            for (job, n), result in zip(plan, sampled, strict=True):
+                job.done += n
+                if result is not None:
+                    self._finish(job, result)
+
+    def _layer_sender(self, loop: asyncio.AbstractEventLoop, plan: list[tuple[PrefillJob, int]]):
+        offsets = list(itertools.accumulate((n for _, n in plan), initial=0))
+
+        def send(layer: int, latents: torch.Tensor) -> None:  # runs on the model thread
+            for (job, n), start in zip(plan, offsets, strict=False):
+                if not job.cancelled:
+                    part = KvPart(layer, job.done, latents[start : start + n])
+                    loop.call_soon_threadsafe(job.out.put_nowait, part)
+
+        return send
+
+    def _finish(self, job: PrefillJob, result: Sampled | Exception) -> None:
+        self.running.remove(job)
+        self.alloc.free(job.blocks)
+        job.blocks = []
+        if not job.cancelled:
+            self.served += isinstance(result, tuple)
+            job.out.put_nowait(result)
+
+    def _reap(self) -> None:
+        """Free cancelled jobs (no step is running now)."""
+        for job in [j for j in self.running if j.cancelled]:
+            self.running.remove(job)
+            self.alloc.free(job.blocks)
+            job.blocks = []
+
+    def _admit(self) -> None:
+        while self.waiting:
+            job = self.waiting[0]
+            need = blocks_needed(len(job.prompt), self.limits.block_size)
+            if not self.alloc.can_allocate(need):
+                return
+            self.waiting.popleft()
+            job.blocks = self.alloc.allocate(need)
+            self.running.append(job)
+
+    def _plan(self) -> list[tuple[PrefillJob, int]]:
+        budget, plan = self.limits.max_batch_tokens, []
+        for job in self.running:
+            n = min(self.limits.chunk_tokens, len(job.prompt) - job.done, budget)
+            if n <= 0:
+                break
+            plan.append((job, n))
+            budget -= n
+        return plan
