@@ -8,6 +8,7 @@ every other cancellation frees them at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -137,7 +138,7 @@ class DecodeEngine:
             self._in_step = set(plan)
             try:
                 sampled = await loop.run_in_executor(
-                    self._executor, lambda: self.runner.step(inputs, "absorbed")
+                    self._executor, functools.partial(self.runner.step, inputs, "absorbed")
                 )
             except Exception:
                 log.exception("decode step failed")

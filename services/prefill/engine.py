@@ -8,6 +8,7 @@ A cancelled job stops taking part in new steps and its blocks are freed once no 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections import deque
@@ -119,7 +120,7 @@ class PrefillEngine:
             on_layer = self._layer_sender(loop, plan)
             try:
                 sampled = await loop.run_in_executor(
-                    self._executor, lambda: self.runner.step(inputs, "naive", on_layer)
+                    self._executor, functools.partial(self.runner.step, inputs, "naive", on_layer)
                 )
             except Exception as e:  # a model failure fails this step's jobs, not the engine
                 log.exception("prefill step failed")
