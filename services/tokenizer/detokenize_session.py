@@ -119,10 +119,6 @@ class DetokenizeSession:
         self._parser = _make_parser(options)
         self._stopped = False
 
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
-
     def push(self, ids: Sequence[int]) -> Output:
         if self._stopped:
             return Output(stopped=True)
