@@ -1,0 +1,63 @@
+"""Client side of the shared plumbing: channels with the same limits and keepalive as our servers,
+readiness and grpc.health.v1 checks.
+
+Keepalive pings on an otherwise silent connection turn a network partition into a failed call
+within keepalive_time + keepalive_timeout instead of a hang until the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.errors import Unavailable
+
+MiB = 1024 * 1024
+
+
+def open_channel(
+    target: str,
+    *,
+    max_message_bytes: int = 64 * MiB,
+    keepalive_time_ms: int = 10_000,
+    keepalive_timeout_ms: int = 5_000,
+) -> grpc.aio.Channel:
+    """An insecure grpc.aio channel to a peer from configuration (never from a request)."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+
+
+async def wait_ready(channel: grpc.aio.Channel, timeout_s: float) -> None:
+    """Wait until the channel is connected; Unavailable if that takes longer than timeout_s.
+    Connected is not ready to serve: check `health_status` for that."""
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout_s)
+    except TimeoutError as exc:
+        raise Unavailable(f"peer not reachable within {timeout_s:g} s") from exc
+
+
+async def health_status(
+    channel: grpc.aio.Channel, service: str = "", timeout_s: float = 5.0
+) -> str:
+    """The peer's grpc.health.v1 status name for `service` ("" = the whole server): "SERVING",
+    "NOT_SERVING", or "SERVICE_UNKNOWN" when the peer does not know the service. Transport
+    failures raise grpc.aio.AioRpcError as usual."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return "SERVICE_UNKNOWN"
+        raise
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
