@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -33,6 +34,7 @@ from services.common.server import (
 )
 from services.pb.k2.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = "k2.v1.Tokenizer"
 RPC_TIMEOUT_S = 10.0  # a guard so a broken server fails the test instead of hanging it
@@ -167,6 +169,12 @@ def detok_ids(*ids: int) -> tokenizer_pb2.DetokenizeInput:
 
 async def _items(*items: object) -> AsyncIterator[object]:
     for item in items:
+        yield item
+
+
+async def until_none(inputs: asyncio.Queue[T | None]) -> AsyncIterator[T]:
+    """A request stream the test drives: what it puts on `inputs`, until it puts None."""
+    while (item := await inputs.get()) is not None:
         yield item
 
 
@@ -337,13 +345,8 @@ def test_drain_finishes_in_flight_streams_and_refuses_new_calls() -> None:
             )
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             inputs: asyncio.Queue[tokenizer_pb2.DetokenizeInput | None] = asyncio.Queue()
-
-            async def feed() -> AsyncIterator[tokenizer_pb2.DetokenizeInput]:
-                while (item := await inputs.get()) is not None:
-                    yield item
-
             stream = tokenizer_pb2_grpc.TokenizerStub(channel).Detokenize(
-                feed(), timeout=RPC_TIMEOUT_S
+                until_none(inputs), timeout=RPC_TIMEOUT_S
             )
             for item in (detok_start(), detok_ids(1)):
                 inputs.put_nowait(item)
@@ -476,12 +479,9 @@ async def _stream_across_sigterm(proc: subprocess.Popen[str], address: str) -> l
     begun), then keep using the stream to its end."""
     channel = open_channel(address)
     inputs: asyncio.Queue[tokenizer_pb2.DetokenizeInput | None] = asyncio.Queue()
-
-    async def feed() -> AsyncIterator[tokenizer_pb2.DetokenizeInput]:
-        while (item := await inputs.get()) is not None:
-            yield item
-
-    stream = tokenizer_pb2_grpc.TokenizerStub(channel).Detokenize(feed(), timeout=GRACE_S)
+    stream = tokenizer_pb2_grpc.TokenizerStub(channel).Detokenize(
+        until_none(inputs), timeout=GRACE_S
+    )
     watch = health_pb2_grpc.HealthStub(channel).Watch(
         health_pb2.HealthCheckRequest(), timeout=GRACE_S
     )
