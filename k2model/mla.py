@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from k2model.batch import BatchMeta
@@ -84,16 +83,11 @@ class MLA(nn.Module):
         c_kv, k_pe = ctx.split([self.r, self.d_r], dim=-1)
         kv = self.kv_b(c_kv).view(b, n_ctx, self.h, self.d_n + self.d_v)
         k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
-        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.h, -1)), -1)  # [B, L, H, d_qk]
-        q = torch.cat((q_nope, q_pe), -1)  # [B, Q, H, d_qk]
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            scale=self.scale,
-        )
-        return o.transpose(1, 2)  # [B, Q, H, d_v]
+        # q.k = q_nope.k_nope + q_pe.k_pe, with the one rope key shared by every head
+        scores = torch.einsum("bqhn,blhn->bhql", q_nope, k_nope)
+        scores = scores + torch.einsum("bqhe,ble->bhql", q_pe, k_pe)
+        p = self._softmax(scores, mask)  # [B, H, Q, L]
+        return torch.einsum("bhql,blhv->bqhv", p, v)  # [B, Q, H, d_v]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, d_n, r] and W_UV [H, d_v, r] views of kv_b_proj."""
@@ -101,10 +95,17 @@ class MLA(nn.Module):
         return w[:, : self.d_n], w[:, self.d_n :]
 
     def _absorbed(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        b, q_len = q_nope.shape[:2]
         w_uk, w_uv = self.absorbed_weights()
-        q_lat = torch.einsum("bqhn,hnr->bhqr", q_nope, w_uk)  # [B, H, Q, r]
-        q = torch.cat((q_lat, q_pe.transpose(1, 2)), -1)  # [B, H, Q, r + d_r]
-        k = ctx[:, None]  # [B, 1, L, r + d_r]: one latent key shared by every head
-        v = ctx[:, None, :, : self.r]  # [B, 1, L, r]
-        o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return torch.einsum("bhqr,hvr->bqhv", o_lat, w_uv)  # [B, Q, H, d_v]
+        q_lat = torch.einsum("bqhn,hnr->bqhr", q_nope, w_uk)  # [B, Q, H, r]
+        q = torch.cat((q_lat, q_pe), -1).view(b, q_len * self.h, -1)  # [B, Q*H, r + d_r]
+        # One latent key [c_kv | k_pe] per token, shared by every head and query.
+        scores = torch.bmm(q, ctx.transpose(1, 2)).view(b, q_len, self.h, -1).transpose(1, 2)
+        p = self._softmax(scores, mask)  # [B, H, Q, L]
+        o_lat = torch.bmm(p.transpose(1, 2).reshape(b, q_len * self.h, -1), ctx[..., : self.r])
+        return torch.einsum("bqhr,hvr->bqhv", o_lat.view(b, q_len, self.h, self.r), w_uv)
+
+    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scaled, masked softmax in fp32 over the last (context) axis. mask [B, 1, Q, L]."""
+        scores = (scores.float() * self.scale).masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1).to(self.o.dtype)

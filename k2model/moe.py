@@ -17,9 +17,6 @@ from k2model.checkpoint.fp8 import dequantize_block_fp8
 from k2model.config import K2Config
 from k2model.layers import MLP
 
-# Above this many gathered weight bytes per call, run one matmul per active expert instead.
-GATHER_BYTES_LIMIT = 64 * 2**20
-
 
 class Router(nn.Module):
     """fp32 sigmoid scores; the bias only picks experts, the weights come from the unbiased scores."""
@@ -79,47 +76,32 @@ class LocalExperts(nn.Module):
         self.gate_up = nn.Buffer(torch.empty(0, 2 * self.inter, self.dim, dtype=self.dtype))
         self.down = nn.Buffer(torch.empty(0, self.dim, self.inter, dtype=self.dtype))
 
-    def weights_of(self, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense gate_up [n, 2I, D] and down [n, D, I] for the given expert ids."""
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's gate_up [2I, D] and down [D, I]: views, or dequantised now when fp8."""
         if self.fp8 is None:
-            return self.gate_up[experts], self.down[experts]
-        deq = [[dequantize_block_fp8(w, s, self.dtype) for w, s in self.fp8[e]] for e in experts]
-        gate_up = torch.stack([torch.cat((g, u)) for g, u, _ in deq])
-        return gate_up, torch.stack([d for _, _, d in deq])
+            return self.gate_up[e], self.down[e]
+        (gw, gs), (uw, us), (dw, ds) = self.fp8[e]
+        gate_up = torch.cat(
+            (dequantize_block_fp8(gw, gs, self.dtype), dequantize_block_fp8(uw, us, self.dtype))
+        )
+        return gate_up, dequantize_block_fp8(dw, ds, self.dtype)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        t, k = ids.shape
-        flat = ids.flatten()
-        if self.fp8 is None and t * k * 3 * self.inter * self.dim * x.element_size() <= (
-            GATHER_BYTES_LIMIT
-        ):
-            return self._gathered(x, flat, weights.flatten(), t, k)
-        return self._grouped(x, flat, weights.flatten(), k)
-
-    def _gathered(self, x, flat_ids, flat_w, t: int, k: int) -> torch.Tensor:
-        """Small batches: gather each assignment's weights and run one batched matmul."""
-        gate_up, down = self.gate_up[flat_ids], self.down[flat_ids]  # [T*k, 2I, D], [T*k, D, I]
-        xs = x.repeat_interleave(k, 0)[:, :, None]  # [T*k, D, 1]
-        gate, up = torch.bmm(gate_up, xs).split(self.inter, dim=1)
-        out = torch.bmm(down, F.silu(gate) * up)[..., 0]  # [T*k, D]
-        out = out * flat_w[:, None].to(out.dtype)
-        return out.view(t, k, -1).sum(1)
-
-    def _grouped(self, x, flat_ids, flat_w, k: int) -> torch.Tensor:
         """Sort assignments by expert; one matmul pair per active expert over its contiguous rows."""
-        order = flat_ids.argsort(stable=True)
+        k = ids.shape[1]
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
         rows = order // k  # token of each sorted assignment
         xs = x[rows]
-        active, counts = flat_ids[order].unique_consecutive(return_counts=True)
-        gate_up, down = self.weights_of(active)
+        active, counts = flat[order].unique_consecutive(return_counts=True)
         out = torch.empty_like(xs)
         start = 0
-        for i, n in enumerate(counts.tolist()):
-            seg = xs[start : start + n]
-            gate, up = (seg @ gate_up[i].T).split(self.inter, dim=-1)
-            out[start : start + n] = (F.silu(gate) * up) @ down[i].T
+        for e, n in zip(active.tolist(), counts.tolist(), strict=True):
+            gate_up, down = self.expert(e)
+            gate, up = (xs[start : start + n] @ gate_up.T).split(self.inter, dim=-1)
+            out[start : start + n] = (F.silu(gate) * up) @ down.T
             start += n
-        out = out * flat_w[order, None].to(out.dtype)
+        out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, rows, out)
 
     def looped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -127,9 +109,9 @@ class LocalExperts(nn.Module):
         out = torch.zeros_like(x)
         for i in range(x.shape[0]):
             for e, w in zip(ids[i].tolist(), weights[i].tolist(), strict=True):
-                gate_up, down = self.weights_of(torch.tensor([e]))
-                gate, up = (gate_up[0] @ x[i]).split(self.inter)
-                out[i] += w * (down[0] @ (F.silu(gate) * up))
+                gate_up, down = self.expert(e)
+                gate, up = (gate_up @ x[i]).split(self.inter)
+                out[i] += w * (down @ (F.silu(gate) * up))
         return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from k2model import moe as moe_mod
 from k2model.checkpoint.random_init import tiny_config
 from k2model.config import K2Config
 from k2model.moe import LocalExperts, Router
@@ -20,9 +19,7 @@ def experts(seed: int) -> LocalExperts:
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-@pytest.mark.parametrize("limit", [0, 2**40])  # 0 forces the grouped path, huge the gathered one
-def test_fast_paths_equal_loop(tokens: int, limit: int, monkeypatch) -> None:
-    monkeypatch.setattr(moe_mod, "GATHER_BYTES_LIMIT", limit)
+def test_grouped_equals_loop(tokens: int) -> None:
     ex = experts(tokens)
     x = torch.randn(tokens, 32)
     ids = torch.stack([torch.randperm(6)[:3] for _ in range(tokens)])
