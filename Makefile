@@ -8,7 +8,7 @@ $(STAMP): pyproject.toml
 
 .PHONY: up test lint
 up: $(STAMP)
-	$(PY) -m k2model.cli demo
+	$(PY) -m services.cli up
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -373,18 +373,19 @@ def test_detokenize_bad_stream_is_invalid_argument(messages: list[pb.DetokenizeI
 # --- python -m services.tokenizer -----------------------------------------------------------
 
 
-def test_main_serves_until_sigterm() -> None:
+def test_main_serves_until_sigterm(tmp_path: Path) -> None:
+    from tests.e2e.suite_fixtures import write_deployment
+
+    deployment = write_deployment(tmp_path / "d.yaml")
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "services.tokenizer",
-            "--checkpoint",
-            str(EMBEDDED_CHECKPOINT),
-            "--bind",
-            "127.0.0.1:0",
-            "--grace-s",
-            "1",
+            "--deployment",
+            str(deployment),
+            "--name",
+            "tokenizer-0",
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -394,8 +395,8 @@ def test_main_serves_until_sigterm() -> None:
     try:
         assert process.stdout is not None
         line = process.stdout.readline().strip()
-        assert line.startswith("tokenizer listening on 127.0.0.1:")
-        address = line.removeprefix("tokenizer listening on ")
+        assert line.startswith("tokenizer-0 listening on 127.0.0.1:")
+        address = line.removeprefix("tokenizer-0 listening on ")
 
         async def check() -> tuple[int, list[int]]:
             async with grpc.aio.insecure_channel(address) as channel:
