@@ -5,7 +5,7 @@ list, and the docker compose files. Peers always come from here, never from a re
 
     checkpoint: embedded            # or a checkpoint directory
     hosts: {local: 127.0.0.1}       # host name -> address services bind to and dial
-    model: {dtype: auto, fp8_resident: false, chat_format: auto}
+    model: {dtype: auto, fp8_resident: false, chat_format: auto, threads: auto}
     tokenizer: [{name: tokenizer-0, host: local, port: 50051}]
     prefill:   [{name: prefill-0, host: local, port: 50061, kv_blocks: 1024}]
     decode:    [{name: decode-0, host: local, port: 50071, kv_blocks: 1024, max_running: 64}]
@@ -55,6 +55,7 @@ class Deployment:
     fp8_resident: bool
     instances: tuple[Instance, ...]
     chat_format: str | None = None  # None: the checkpoint's own template, else its native flavor
+    threads: int = 0  # CPU threads per model process; 0: cores split among this host's instances
 
     def torch_dtype(self) -> torch.dtype | None:
         """None = the model's default for the device."""

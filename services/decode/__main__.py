@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from k2model import load_model
 from services.common.main_args import parse
+from services.common.model_host import load_for
 from services.common.server import ServerOptions, run, run_until_signal, start_server
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.prefill_client import PrefillPool
@@ -17,7 +17,7 @@ SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 
 async def main() -> None:
     dep, me = parse("decode", __doc__)
-    model = await asyncio.to_thread(load_model, dep.checkpoint, dep.torch_dtype(), dep.fp8_resident)
+    model = await load_for(dep, me)
     pool = PrefillPool([p.target for p in dep.of_kind("prefill")], model.cfg, model.dtype)
     limits = DecodeLimits(me.kv_blocks, me.block_size, me.max_running, me.max_queue)
     engine = DecodeEngine(model, limits, pool.prefill)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from k2model import load_model
 from services.common.main_args import parse
+from services.common.model_host import load_for
 from services.common.server import ServerOptions, run, run_until_signal, start_server
 from services.pb.k2.v1 import prefill_pb2, prefill_pb2_grpc
 from services.prefill.engine import PrefillEngine, PrefillLimits
@@ -16,7 +16,7 @@ SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 
 async def main() -> None:
     dep, me = parse("prefill", __doc__)
-    model = await asyncio.to_thread(load_model, dep.checkpoint, dep.torch_dtype(), dep.fp8_resident)
+    model = await load_for(dep, me)
     limits = PrefillLimits(
         me.kv_blocks, me.block_size, me.chunk_tokens, me.max_batch_tokens, me.max_queue
     )

@@ -1,0 +1,34 @@
+"""Loading the model in a service process: compute threads shared fairly, then the checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import torch
+
+from k2model import K2Model, load_model
+from services.deployment import Deployment, Instance
+
+log = logging.getLogger(__name__)
+
+
+def cpu_threads(dep: Deployment, me: Instance) -> int:
+    """Cores split evenly among the model-running instances on this host (at least one each).
+
+    Several processes each spinning up every core's worth of OpenMP threads on a small CPU slow
+    every one of them down many times over.
+    """
+    if dep.threads:
+        return dep.threads
+    peers = [i for i in dep.instances if i.kind in ("prefill", "decode") and i.host == me.host]
+    return max(1, (os.cpu_count() or 1) // max(1, len(peers)))
+
+
+async def load_for(dep: Deployment, me: Instance) -> K2Model:
+    threads = cpu_threads(dep, me)
+    torch.set_num_threads(threads)
+    model = await asyncio.to_thread(load_model, dep.checkpoint, dep.torch_dtype(), dep.fp8_resident)
+    log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.dtype, threads)
+    return model
