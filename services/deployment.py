@@ -96,11 +96,17 @@ class Deployment:
             for kind in KINDS
             for i, entry in enumerate(raw.get(kind) or [])
         )
+        unknown = set(model) - {"dtype", "fp8_resident", "chat_format", "threads"}
+        if unknown:
+            raise DeploymentError(f"unknown model keys: {sorted(unknown)}")
+        chat, threads = model.get("chat_format", "auto"), model.get("threads", "auto")
         dep = cls(
             checkpoint,
             str(model.get("dtype", "auto")),
             bool(model.get("fp8_resident", False)),
             instances,
+            chat_format=None if chat == "auto" else str(chat),
+            threads=0 if threads == "auto" else int(threads),
         )
         _check(dep)
         return dep
@@ -137,6 +143,8 @@ def _check(dep: Deployment) -> None:
     for kind in KINDS:
         if not dep.of_kind(kind):
             raise DeploymentError(f"a deployment needs at least one {kind} instance")
+    if dep.threads < 0:
+        raise DeploymentError("model.threads must be auto or a positive integer")
     if dep.dtype not in ("auto", "float32", "bfloat16"):
         raise DeploymentError(f"model.dtype must be auto, float32 or bfloat16, not {dep.dtype!r}")
     for i in dep.instances:
