@@ -120,14 +120,16 @@ class Scheduler:
         for seq in list(self.running):
             if seq.state is not State.RUNNING:
                 continue  # preempted below while planning an earlier one
-            if self._grow(seq):
+            if self._grow(seq, planned):
                 planned.append(seq)
         return planned + [s for s in self.running if s.state is State.PREEMPTED and s.blocks]
 
-    def _grow(self, seq: Seq) -> bool:
+    def _grow(self, seq: Seq, planned: list[Seq]) -> bool:
+        """Reserve seq's blocks for its next step, preempting unplanned sequences if needed: a
+        planned one must keep its blocks. False (seq sits this step out) if that is not enough."""
         extra = self.blocks_for(seq.cached_after_step) - len(seq.blocks)
         while extra > self.alloc.num_free:
-            victim = self._youngest_running(other_than=seq)
+            victim = self._youngest_running(other_than=[seq, *planned])
             if victim is None:
                 return False
             self._preempt(victim)
@@ -135,9 +137,9 @@ class Scheduler:
             seq.blocks += self.alloc.allocate(extra)
         return True
 
-    def _youngest_running(self, other_than: Seq) -> Seq | None:
+    def _youngest_running(self, other_than: list[Seq]) -> Seq | None:
         for s in reversed(self.running):
-            if s is not other_than and s.state is State.RUNNING:
+            if s.state is State.RUNNING and s not in other_than:
                 return s
         return None
 
