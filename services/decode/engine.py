@@ -22,7 +22,7 @@ from k2model.runner import ModelRunner, Sampled, StepInput
 from k2model.sampling_params import SamplingParams
 from services.common.errors import ResourceExhausted, ServiceError, Unavailable
 from services.decode.scheduler import Scheduler, Seq, State
-from services.validation import check_prompt
+from services.validation import check_prompt, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class DecodeEngine:
         stop_ids: frozenset[int],
     ) -> Seq:
         check_prompt(prompt, self.model.cfg, max_new_tokens)
+        check_sampling(params, self.model.cfg)
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         seed = params.seed if params.seed is not None else random.getrandbits(63)

@@ -22,7 +22,7 @@ from k2model.model import K2Model
 from k2model.runner import ModelRunner, Sampled, StepInput
 from k2model.sampling_params import SamplingParams, SamplingRow
 from services.common.errors import ResourceExhausted
-from services.validation import check_prompt
+from services.validation import check_prompt, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class PrefillEngine:
         self, request_id: str, prompt: list[int], params: SamplingParams, seed: int
     ) -> PrefillJob:
         check_prompt(prompt, self.model.cfg)
+        check_sampling(params, self.model.cfg)
         need = blocks_needed(len(prompt), self.limits.block_size)
         if need > self.alloc.num_blocks:
             raise ResourceExhausted(
@@ -122,10 +123,10 @@ class PrefillEngine:
                 sampled = await loop.run_in_executor(
                     self._executor, functools.partial(self.runner.step, inputs, "naive", on_layer)
                 )
-            except Exception as e:  # a model failure fails this step's jobs, not the engine
+            except Exception:  # a model failure fails this step's jobs, not the engine
                 log.exception("prefill step failed")
-                for job, _ in plan:
-                    self._finish(job, e)
+                for job, _ in plan:  # INTERNAL for the caller, details only in the log
+                    self._finish(job, RuntimeError("prefill step failed"))
                 continue
             for (job, n), result in zip(plan, sampled, strict=True):
                 job.done += n
