@@ -166,9 +166,10 @@ def waiting_window_s(traces: list[Trace]) -> float:
 class InProcess:
     """generate() on one worker thread, as the services' engines run their model steps.
 
-    Not the main thread: there torch's 2 OpenMP threads made bmm/index/softmax 10-50x slower
-    whenever other processes shared the 2 cores (measured while writing this bench), which the
-    services' executor threads did not suffer; this bench compares serving paths, not that.
+    Not the main thread: there torch's OpenMP threads (2 on 2 cores) slowed bmm/index/softmax
+    10-50x whenever other processes shared the cores. Measured while writing this bench, 32
+    prompts x 32 tokens: 4.3 s on the main thread, 1.0 s on a worker thread, 0.9 s on the main
+    thread with torch.set_num_threads(1); the worker thread used about one core.
     """
 
     def __init__(self, model: K2Model) -> None:
@@ -332,6 +333,7 @@ def bench(checkpoint: str, quick: bool) -> dict[str, Any]:
             "checkpoint": str(dep.checkpoint),
             "dtype": str(model.dtype),
             "torch_threads": torch.get_num_threads(),
+            "in_process_engine": "generate() on one worker thread of this process",
             "new_tokens": NEW_TOKENS,
             "prompt_len": list(PROMPT_LEN),
             "requests_per_level": {c: len(p) for c, p in levels.items()},
