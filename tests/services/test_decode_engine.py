@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import torch
@@ -59,7 +59,7 @@ class LocalPrefill:
         return first
 
 
-async def run_engine(engine: DecodeEngine, body) -> None:
+async def run_engine(engine: DecodeEngine, body: Callable[[DecodeEngine], Awaitable[None]]) -> None:
     task = asyncio.create_task(engine.run())
     try:
         await asyncio.wait_for(body(engine), WAIT_S)
@@ -84,12 +84,17 @@ async def until_idle(engine: DecodeEngine) -> dict[str, int]:
         await asyncio.sleep(0.01)
 
 
-def submit(engine: DecodeEngine, ids: list[int], max_new: int, **kw) -> Seq:
-    params = kw.pop("params", GREEDY)
-    return engine.submit("r", ids, params, max_new, frozenset(kw.pop("stop", ())))
+def submit(
+    engine: DecodeEngine,
+    ids: list[int],
+    max_new: int,
+    params: SamplingParams = GREEDY,
+    stop: frozenset[int] = frozenset(),
+) -> Seq:
+    return engine.submit("r", ids, params, max_new, stop)
 
 
-def test_tokens_equal_generate_under_preemption(model) -> None:
+def test_tokens_equal_generate_under_preemption(model: K2Model) -> None:
     """Regression: the scheduler could preempt a sequence it had already planned, and the step
     then failed ("block table too short") for every sequence in the batch."""
     prompts = [prompt(i, n) for i, n in enumerate([20, 3, 17, 9, 14, 1])]
@@ -115,7 +120,7 @@ def test_tokens_equal_generate_under_preemption(model) -> None:
     ],
 )
 def test_a_failed_handoff_fails_the_request_and_frees_its_blocks(
-    model, raised: Exception, status_text: str
+    model: K2Model, raised: Exception, status_text: str
 ) -> None:
     written: list[int] = []
 
@@ -141,7 +146,7 @@ def test_a_failed_handoff_fails_the_request_and_frees_its_blocks(
     assert written == [0] and steps == []
 
 
-def test_the_engine_serves_on_after_a_failed_handoff(model) -> None:
+def test_the_engine_serves_on_after_a_failed_handoff(model: K2Model) -> None:
     local = LocalPrefill(model)
     failures = [Unavailable("prefill failed on all 1 instance(s); try again")]
 
@@ -164,7 +169,7 @@ def test_the_engine_serves_on_after_a_failed_handoff(model) -> None:
     asyncio.run(run_engine(engine, body))
 
 
-def test_aborting_during_the_handoff_cancels_it_and_frees_blocks_at_once(model) -> None:
+def test_aborting_during_the_handoff_cancels_it_and_frees_blocks_at_once(model: K2Model) -> None:
     entered, cancelled = asyncio.Event(), []
 
     async def never_ends(seq: Seq, write: Write) -> Sampled:
@@ -196,7 +201,7 @@ def test_aborting_during_the_handoff_cancels_it_and_frees_blocks_at_once(model) 
     asyncio.run(run_engine(engine, body))
 
 
-def test_aborting_mid_decode_frees_blocks_and_stops_stepping(model) -> None:
+def test_aborting_mid_decode_frees_blocks_and_stops_stepping(model: K2Model) -> None:
     engine = DecodeEngine(model, DecodeLimits(num_blocks=64, block_size=8), LocalPrefill(model))
     ids = prompt(4, 10)
 
@@ -216,20 +221,20 @@ def test_aborting_mid_decode_frees_blocks_and_stops_stepping(model) -> None:
     asyncio.run(run_engine(engine, body))
 
 
-def test_a_first_token_that_is_a_stop_id_ends_the_request(model) -> None:
+def test_a_first_token_that_is_a_stop_id_ends_the_request(model: K2Model) -> None:
     ids = prompt(5, 8)
     first = generate_ids(model, [ids], 1)[0][0]
     engine = DecodeEngine(model, DecodeLimits(num_blocks=16, block_size=8), LocalPrefill(model))
 
     async def body(engine: DecodeEngine) -> None:
-        seq = submit(engine, ids, 50, stop={first})
+        seq = submit(engine, ids, 50, stop=frozenset({first}))
         assert await tokens_of(engine, seq) == ([first], "stop")
         assert (await until_idle(engine))["requests_served"] == 1
 
     asyncio.run(run_engine(engine, body))
 
 
-def test_submit_refuses_bad_requests_without_reserving_anything(model) -> None:
+def test_submit_refuses_bad_requests_without_reserving_anything(model: K2Model) -> None:
     cfg = model.cfg
     unused: Prefiller = LocalPrefill(model)
     engine = DecodeEngine(model, DecodeLimits(num_blocks=8, block_size=16, max_queue=1), unused)
@@ -254,7 +259,7 @@ def test_submit_refuses_bad_requests_without_reserving_anything(model) -> None:
     assert stats["queued"] == 1 and stats["kv_blocks_free"] == 8
 
 
-def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model) -> None:
+def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model: K2Model) -> None:
     """Regression: a logit_bias id >= vocab_size was accepted and made the sampler raise inside
     the batched step, so one bad request failed every sequence decoding beside it."""
     engine = DecodeEngine(model, DecodeLimits(num_blocks=8, block_size=16), LocalPrefill(model))

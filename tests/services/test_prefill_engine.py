@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def one_shot_latents(model: K2Model, ids: list[int]) -> list[torch.Tensor]:
     return [got[i] for i in range(model.cfg.num_hidden_layers)]
 
 
-def test_chunked_kv_equals_one_shot_prefill_and_first_token_equals_generate(model) -> None:
+def test_chunked_kv_equals_one_shot_prefill_and_first_token_equals_generate(model: K2Model) -> None:
     prompts = [prompt(1, 21), prompt(2, 5), prompt(3, 13)]
     limits = PrefillLimits(num_blocks=16, block_size=4, chunk_tokens=8, max_batch_tokens=12)
     results = []
@@ -94,14 +95,14 @@ def test_chunked_kv_equals_one_shot_prefill_and_first_token_equals_generate(mode
             torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_cancelling_a_running_job_stops_its_work_and_frees_its_blocks(model) -> None:
+def test_cancelling_a_running_job_stops_its_work_and_frees_its_blocks(model: K2Model) -> None:
     long, short = prompt(4, 240), prompt(5, 7)
     limits = PrefillLimits(num_blocks=32, block_size=16, chunk_tokens=8, max_batch_tokens=16)
     engine = PrefillEngine(model, limits)
     computed: list[int] = []  # token_start of every chunk of `long` a model step ran
     real_step = engine.runner.step
 
-    def recording_step(inputs: list[StepInput], *args, **kwargs):
+    def recording_step(inputs: list[StepInput], *args: Any, **kwargs: Any) -> list[Any]:
         for i in inputs:
             if list(i.tokens) == long[i.start : i.start + len(i.tokens)]:
                 computed.append(i.start)
@@ -126,7 +127,7 @@ def test_cancelling_a_running_job_stops_its_work_and_frees_its_blocks(model) -> 
     assert 1 <= len(computed) <= 3
 
 
-def test_jobs_wait_for_blocks_and_a_cancelled_waiting_job_never_runs(model) -> None:
+def test_jobs_wait_for_blocks_and_a_cancelled_waiting_job_never_runs(model: K2Model) -> None:
     prompts = [prompt(10 + i, 12) for i in range(3)]
     limits = PrefillLimits(num_blocks=4, block_size=4, chunk_tokens=16, max_batch_tokens=64)
 
@@ -143,7 +144,7 @@ def test_jobs_wait_for_blocks_and_a_cancelled_waiting_job_never_runs(model) -> N
     asyncio.run(with_engine(PrefillEngine(model, limits), body))
 
 
-def test_submit_refuses_bad_prompts_without_taking_blocks(model) -> None:
+def test_submit_refuses_bad_prompts_without_taking_blocks(model: K2Model) -> None:
     cfg = model.cfg
     engine = PrefillEngine(model, PrefillLimits(num_blocks=8, block_size=16, max_queue=1))
     cases: list[tuple[list[int], type[ServiceError]]] = [
@@ -162,7 +163,7 @@ def test_submit_refuses_bad_prompts_without_taking_blocks(model) -> None:
     assert engine.stats()["queued"] == 1 and engine.alloc.num_free == 8
 
 
-def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model) -> None:
+def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model: K2Model) -> None:
     """Regression: a logit_bias id >= vocab_size passed validation and made the sampler raise
     inside the batched step, failing every prompt prefilled in that step (with the bad request's
     INVALID_ARGUMENT); it must be refused at submit and leave other prompts untouched."""
@@ -181,7 +182,9 @@ def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model) -> None:
     asyncio.run(with_engine(engine, body))
 
 
-def test_a_failing_model_step_fails_its_jobs_as_internal_and_the_engine_goes_on(model) -> None:
+def test_a_failing_model_step_fails_its_jobs_as_internal_and_the_engine_goes_on(
+    model: K2Model,
+) -> None:
     """Regression: the model's own exception (a ValueError, with internal details) was handed to
     the caller, so the interceptor sent INVALID_ARGUMENT and decode blamed the request instead of
     retrying another prefill. A failing step must reach callers as an opaque INTERNAL error."""
@@ -189,7 +192,7 @@ def test_a_failing_model_step_fails_its_jobs_as_internal_and_the_engine_goes_on(
     real_step = engine.runner.step
     calls = []
 
-    def flaky_step(*args, **kwargs):
+    def flaky_step(*args: Any, **kwargs: Any) -> list[Any]:
         calls.append(1)
         if len(calls) == 1:
             raise ValueError("block table too short at /srv/secret")

@@ -6,6 +6,8 @@ stepped / finish in the order the engine does, and checks the block invariants a
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +17,9 @@ from services.decode.scheduler import Scheduler, Seq, State
 TOKEN = 7  # a generated token that is never a stop id unless a test says so
 
 
-def make_seq(name: str, prompt_len: int, max_new: int = 100, stop: frozenset[int] = frozenset()):
+def make_seq(
+    name: str, prompt_len: int, max_new: int = 100, stop: frozenset[int] = frozenset()
+) -> Seq:
     return Seq(name, list(range(1, prompt_len + 1)), SamplingParams(), 0, max_new, stop)
 
 
@@ -154,7 +158,7 @@ def test_random_workloads_keep_invariants_and_all_finish(
     watermark: int,
     shapes: list[tuple[int, int]],
     abort_at: list[int],
-    rng,
+    rng: random.Random,
 ) -> None:
     sched = Scheduler(num_blocks, block_size, max_running=4, watermark_blocks=watermark)
     seqs = [make_seq(f"s{i}", p, m) for i, (p, m) in enumerate(shapes)]
