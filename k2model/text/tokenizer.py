@@ -44,7 +44,6 @@ CONFIG_FILE = "tokenizer_config.json"
 # so long inputs tokenize identically to it.
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
-_RUN = re.compile(r"\s+|\S+")  # Python's \s is str.isspace(), what the original tests
 
 
 def load_ranks(path: Path) -> dict[bytes, int]:
@@ -144,11 +143,18 @@ def long_text_pieces(
     for start in range(0, len(text), max_chars):
         chunk = text[start : start + max_chars]
         piece_start = 0
-        for run in _RUN.finditer(chunk):
+        for run in _long_runs(chunk, max_run):
             for cut in range(run.start() + max_run, run.end(), max_run):
                 yield chunk[piece_start:cut]
                 piece_start = cut
         yield chunk[piece_start:]
+
+
+def _long_runs(chunk: str, max_run: int) -> Iterator[re.Match[str]]:
+    r"""Maximal whitespace / non-whitespace runs longer than max_run (Python's \s is
+    str.isspace(), what the original tests). Shorter runs need no cut, so they are never matched
+    and the scan stays inside the regex engine."""
+    return re.finditer(rf"\s{{{max_run + 1},}}|\S{{{max_run + 1},}}", chunk)
 
 
 class Tokenizer:
