@@ -10,10 +10,11 @@ lands mid-transfer; progress is read from the prefill's Stats, never guessed fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,7 +25,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2model import EMBEDDED_CHECKPOINT, generate_ids, load_model
 from k2model.model import K2Model
-from services.deployment import Deployment
 from services.launcher import Suite
 from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from tests.e2e.client import decode_stats, generate
@@ -37,11 +37,11 @@ SETTLE_S = 15.0  # how long freeing may take; far less than the work a leaked re
 START_S = 120.0  # loading the model in a restarted instance
 
 
-def write_suite(path: Path, prefills: list[dict], decodes: list[dict]) -> Path:
-    """A deployment with per-instance settings (names prefill-<i>, decode-<i>)."""
+def start_services(path: Path, prefills: list[dict], decodes: list[dict]) -> Suite:
+    """Prefill and decode processes with per-instance settings (prefill-<i>, decode-<i>)."""
     spec = {
         "checkpoint": "embedded",
-        "tokenizer": [{"name": "tokenizer-0", "port": free_port()}],
+        "tokenizer": [{"name": "tokenizer-0", "port": free_port()}],  # listed, never started
         "prefill": [
             {"name": f"prefill-{i}", "port": free_port(), **p} for i, p in enumerate(prefills)
         ],
@@ -50,13 +50,10 @@ def write_suite(path: Path, prefills: list[dict], decodes: list[dict]) -> Path:
         ],
     }
     path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def services(path: Path) -> Suite:
-    """Prefill and decode processes (these tests need no tokenizer)."""
-    dep = Deployment.load(path)
-    return start_suite(path, names=[i.name for i in dep.of_kind("prefill") + dep.of_kind("decode")])
+    names = [f"prefill-{i}" for i in range(len(prefills))] + [
+        f"decode-{i}" for i in range(len(decodes))
+    ]
+    return start_suite(path, names=names)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +65,11 @@ def model() -> K2Model:
 def one(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     """prefill-0 (slow chunks); decode-0 (room for 8k tokens); decode-1 (a 64-token pool, a
     queue of 8). A test that kills an instance leaves it to `need` to start it again."""
-    path = write_suite(
+    s = start_services(
         tmp_path_factory.mktemp("one") / "d.yaml",
         [{"kv_blocks": 512, **SLOW_PREFILL}],
         [{"kv_blocks": 512}, {"kv_blocks": 8, "block_size": 8, "max_queue": 8}],
     )
-    s = services(path)
     yield s
     s.stop()
 
@@ -93,10 +89,7 @@ async def serving(addr: str) -> None:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    path = write_suite(
-        tmp_path_factory.mktemp("two") / "d.yaml", [SLOW_PREFILL, SLOW_PREFILL], [{}]
-    )
-    s = services(path)
+    s = start_services(tmp_path_factory.mktemp("two") / "d.yaml", [SLOW_PREFILL] * 2, [{}])
     yield s
     s.stop()
 
@@ -127,6 +120,16 @@ async def poll(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {limit_s} s; last: {value}")
         await asyncio.sleep(0.02)
+
+
+async def health(channel: grpc.aio.Channel) -> str:
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+    except grpc.aio.AioRpcError as e:
+        return e.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def idle(stats: Stats) -> bool:
@@ -165,12 +168,26 @@ def request(prompt: list[int], max_new: int) -> decode_pb2.GenerateRequest:
     return decode_pb2.GenerateRequest(prompt_ids=prompt, max_new_tokens=max_new, sampling=greedy)
 
 
-async def outcome(call: grpc.aio.UnaryStreamCall) -> tuple[int, grpc.StatusCode]:
-    """How many tokens the call streamed, and how it ended."""
-    tokens = 0
+@contextlib.asynccontextmanager
+async def mid_prefill(
+    decode: str, prefills: list[str], prompt: list[int], max_new: int, timeout_s: float = 120
+) -> AsyncIterator[tuple[grpc.aio.UnaryStreamCall, str]]:
+    """A Generate call, yielded once one of `prefills` is part-way through sending its KV (with
+    that instance's address)."""
+    before = await kv_sent(prefills)
+    async with grpc.aio.insecure_channel(decode) as channel:
+        call = decode_pb2_grpc.DecodeStub(channel).Generate(
+            request(prompt, max_new), timeout=timeout_s
+        )
+        yield call, await transferring(before)
+
+
+async def outcome(call: grpc.aio.UnaryStreamCall) -> tuple[list[int], grpc.StatusCode]:
+    """The tokens the call streamed, and how it ended."""
+    tokens = []
     try:
         async for event in call:
-            tokens += len(event.tokens)
+            tokens += [t.token_id for t in event.tokens]
     except grpc.aio.AioRpcError as e:
         return tokens, e.code()
     return tokens, grpc.StatusCode.OK
@@ -190,11 +207,10 @@ def test_prefill_killed_mid_transfer_is_retried_on_the_other_instance(
     decode = target(two, "decode-0")
 
     async def run() -> list[int]:
-        before = await kv_sent(list(names))
-        served = asyncio.create_task(generate(decode, prompt, 8, timeout=120))
-        victim = await transferring(before)
-        kill(two, names[victim])
-        tokens, _ = await served
+        async with mid_prefill(decode, list(names), prompt, 8) as (call, victim):
+            kill(two, names[victim])
+            tokens, code = await outcome(call)
+        assert code == grpc.StatusCode.OK
         (survivor,) = set(names) - {victim}
         assert (await prefill_stats(survivor)).prompts_served == 1
         await decode_idle(decode)
@@ -213,12 +229,7 @@ def test_prefill_killed_with_no_other_instance_fails_fast_then_recovers(
     decode, prefill = target(one, "decode-0"), target(one, "prefill-0")
 
     async def run() -> tuple[grpc.StatusCode, float]:
-        before = await kv_sent([prefill])
-        async with grpc.aio.insecure_channel(decode) as channel:
-            call = decode_pb2_grpc.DecodeStub(channel).Generate(
-                request(long_prompt(3, 3000), 4), timeout=120
-            )
-            await transferring(before)
+        async with mid_prefill(decode, [prefill], long_prompt(3, 3000), 4) as (call, _):
             kill(one, "prefill-0")
             killed = time.monotonic()
             _, code = await outcome(call)
@@ -275,12 +286,7 @@ def test_cancel_during_prefill_stops_prefill_and_frees_both_sides(one: Suite) ->
 
     async def run() -> None:
         served_before = (await prefill_stats(prefill)).prompts_served
-        before = await kv_sent([prefill])
-        async with grpc.aio.insecure_channel(decode) as channel:
-            call = decode_pb2_grpc.DecodeStub(channel).Generate(
-                request(long_prompt(5, 6000), 4), timeout=120
-            )
-            await transferring(before)
+        async with mid_prefill(decode, [prefill], long_prompt(5, 6000), 4) as (call, _):
             call.cancel()
         await decode_idle(decode)
         stats = await prefill_idle(prefill)  # the 6000-token prompt would take far longer
@@ -298,7 +304,7 @@ def test_a_deadline_ends_the_call_and_frees_its_blocks(
     need(one, "prefill-0", "decode-0")
     decode, prefill = target(one, "decode-0"), target(one, "prefill-0")
 
-    async def run() -> tuple[int, grpc.StatusCode, float, int, int]:
+    async def run() -> tuple[list[int], grpc.StatusCode, float, int, int]:
         served = (await prefill_stats(prefill)).prompts_served
         before = await kv_sent([prefill])
         async with grpc.aio.insecure_channel(decode) as channel:
@@ -318,9 +324,9 @@ def test_a_deadline_ends_the_call_and_frees_its_blocks(
     assert elapsed < SETTLE_S  # about its deadline, not at the end of 8000 tokens
     assert sent > 0  # the deadline hit a request that was under way ...
     if prompt_len > 20:
-        assert tokens == 0 and served == 0  # ... in prefill, which stopped short of the end
+        assert tokens == [] and served == 0  # ... in prefill, which stopped short of the end
     else:
-        assert tokens > 0 and served == 1  # ... decoding
+        assert tokens and served == 1  # ... decoding
 
 
 def test_more_requests_than_the_kv_pool_holds_all_complete(one: Suite, model: K2Model) -> None:
@@ -401,12 +407,7 @@ def test_killed_decode_makes_prefill_stop_and_free_its_blocks(one: Suite) -> Non
 
     async def run() -> grpc.StatusCode:
         served_before = (await prefill_stats(prefill)).prompts_served
-        before = await kv_sent([prefill])
-        async with grpc.aio.insecure_channel(decode) as channel:
-            call = decode_pb2_grpc.DecodeStub(channel).Generate(
-                request(long_prompt(7, 6000), 4), timeout=120
-            )
-            await transferring(before)
+        async with mid_prefill(decode, [prefill], long_prompt(7, 6000), 4) as (call, _):
             kill(one, "decode-0")
             _, code = await outcome(call)
         stats = await prefill_idle(prefill)
@@ -414,13 +415,3 @@ def test_killed_decode_makes_prefill_stop_and_free_its_blocks(one: Suite) -> Non
         return code
 
     assert asyncio.run(run()) == grpc.StatusCode.UNAVAILABLE
-
-
-async def health(channel: grpc.aio.Channel) -> str:
-    try:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=5
-        )
-    except grpc.aio.AioRpcError as e:
-        return e.code().name
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
