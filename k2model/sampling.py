@@ -1,7 +1,9 @@
 """Batched sampling: a pure function from logits [B, V] and per-row parameters to tokens.
 
-Pipeline per row (all in fp32): logit_bias -> repetition penalty -> presence/frequency penalties
--> (greedy rows: argmax here) -> temperature -> top-k -> top-p -> min-p -> random draw.
+Pipeline per row (all in fp32): constraint mask (disallowed ids to -inf, before anything else)
+-> logit_bias -> repetition penalty -> presence/frequency penalties -> (greedy rows: argmax here)
+-> temperature -> top-k -> top-p -> min-p -> random draw. Every later stage keeps -inf at -inf,
+so the mask is hard for greedy and sampled rows alike.
 
 Randomness is per request, not per batch: a sampled row's draw is the exponential race
 argmax(p / E) with E ~ Exp(1)^V from a generator seeded with `noise_seed(seed, step)`, so the
@@ -84,17 +86,34 @@ def sample(logits: Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
     params = [r.params for r in rows]
+    allowed = _apply_masks(logits, rows)
     if all(p.is_greedy and not p.adjusts_logits for p in params):
         # Fast path: no [B, V] penalty/count tensors; argmax is exact on bf16 as well.
-        token_ids = logits.argmax(dim=-1)
+        token_ids = allowed.argmax(dim=-1)
     else:
-        x = adjust_logits(logits, rows)
+        x = adjust_logits(allowed, rows)
         token_ids = x.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         if sampled:
             index = torch.tensor(sampled, device=logits.device)
             token_ids[index] = _draw(x[index], [rows[i] for i in sampled])
     return _with_logprobs(logits, token_ids, params)
+
+
+def _apply_masks(logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
+    """`logits` with each masked row's disallowed ids at -inf (a copy; `logits` itself when no row
+    has a mask). Logprobs are still reported from the raw logits."""
+    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not masked:
+        return logits
+    x = logits.clone()
+    for i in masked:
+        mask = rows[i].allowed
+        assert mask is not None
+        if mask.shape != (logits.shape[-1],):
+            raise ValueError(f"row {i}: mask shape {tuple(mask.shape)} != ({logits.shape[-1]},)")
+        x[i].masked_fill_(~mask.to(x.device), float("-inf"))
+    return x
 
 
 def adjust_logits(logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:

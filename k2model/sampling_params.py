@@ -1,7 +1,8 @@
 """Per-request sampling parameters (validated, frozen) and the per-row view the sampler consumes.
 
 `SamplingParams` is what a request asks for; `SamplingRow` is one row of a batch at one decode
-step: the params plus the resolved seed, the step counter and the token history the penalties read.
+step: the params plus the resolved seed, the step counter, the token history the penalties read
+and, for constrained generation (k2model/constraints.py), the mask of ids it may produce.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 MAX_TOP_LOGPROBS = 20
 MAX_ABS_PENALTY = 2.0
@@ -119,10 +124,13 @@ class SamplingParams:
 @dataclass
 class SamplingRow:
     """One batch row at one step. `step` = tokens generated so far for this request, so prefill
-    samples step 0; the random draw depends only on (seed, step), never on the batch around it."""
+    samples step 0; the random draw depends only on (seed, step), never on the batch around it.
+    `allowed` (bool [V], None = every id) is a hard mask: disallowed ids are never drawn,
+    whatever the other parameters say; it must allow at least one id."""
 
     params: SamplingParams
     seed: int
     step: int
     prompt_ids: Sequence[int] = field(default_factory=tuple)
     output_ids: Sequence[int] = field(default_factory=tuple)
+    allowed: Tensor | None = None

@@ -1,4 +1,5 @@
-"""Loading the model in a service process: compute threads shared fairly, then the checkpoint."""
+"""Loading the model in a service process: compute threads shared fairly, then the checkpoint
+(and its vocabulary, for constrained generation)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import torch
 
 from k2model import K2Model, load_model
+from k2model.constraints import ConstraintCompiler, Vocabulary
 from services.deployment import Deployment, Instance
 
 log = logging.getLogger(__name__)
@@ -32,3 +34,8 @@ async def load_for(dep: Deployment, me: Instance) -> K2Model:
     model = await asyncio.to_thread(load_model, dep.checkpoint, dep.torch_dtype(), dep.fp8_resident)
     log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.dtype, threads)
     return model
+
+
+def constraint_compiler(dep: Deployment, model: K2Model) -> ConstraintCompiler:
+    """Compiles request constraints against the checkpoint's own tokenizer pieces."""
+    return ConstraintCompiler(Vocabulary.from_dir(dep.checkpoint, model.cfg.vocab_size))

@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from k2model.constraints import ConstraintCompiler, ConstraintSpec, ConstraintState
 from k2model.model import K2Model
 from k2model.runner import ModelRunner, Sampled, StepInput
 from k2model.sampling_params import SamplingParams
-from services.common.errors import ResourceExhausted, ServiceError, Unavailable
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from services.decode.scheduler import Scheduler, Seq, State
 from services.validation import check_prompt, check_sampling
 
@@ -48,8 +49,15 @@ Prefiller = Callable[[Seq, Callable[[int, int, torch.Tensor], None]], Awaitable[
 
 
 class DecodeEngine:
-    def __init__(self, model: K2Model, limits: DecodeLimits, prefiller: Prefiller) -> None:
+    def __init__(
+        self,
+        model: K2Model,
+        limits: DecodeLimits,
+        prefiller: Prefiller,
+        constraints: ConstraintCompiler | None = None,
+    ) -> None:
         self.model, self.limits, self.prefiller = model, limits, prefiller
+        self.constraints = constraints  # None: requests with a constraint are refused
         self.sched = Scheduler(
             limits.num_blocks, limits.block_size, limits.max_running, limits.watermark_blocks
         )
@@ -69,14 +77,23 @@ class DecodeEngine:
         params: SamplingParams,
         max_new_tokens: int,
         stop_ids: frozenset[int],
+        constraint: ConstraintSpec | None = None,
     ) -> Seq:
         check_prompt(prompt, self.model.cfg, max_new_tokens)
         check_sampling(params, self.model.cfg)
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        guide = self._guide(constraint, stop_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Seq(
-            request_id, list(prompt), replace(params, seed=seed), seed, max_new_tokens, stop_ids
+            request_id,
+            list(prompt),
+            replace(params, seed=seed),
+            seed,
+            max_new_tokens,
+            stop_ids,
+            constraint=constraint,
+            guide=guide,
         )
         if not self.sched.fits_ever(seq):
             need = self.sched.blocks_for(len(prompt) + max_new_tokens)
@@ -90,6 +107,21 @@ class DecodeEngine:
         self.sched.enqueue(seq)
         self._wake.set()
         return seq
+
+    def _guide(
+        self, constraint: ConstraintSpec | None, stop_ids: frozenset[int]
+    ) -> ConstraintState | None:
+        if constraint is None:
+            return None
+        if self.constraints is None:
+            raise InvalidArgument("constraint: this decode instance has no vocabulary for it")
+        try:
+            guide = self.constraints.start(constraint)
+        except ValueError as e:
+            raise InvalidArgument(f"constraint: {e}") from None
+        if guide.end_id is not None and guide.end_id not in stop_ids:
+            raise InvalidArgument("constraint: a forced tool call's end id must be a stop id")
+        return guide
 
     async def events(self, seq: Seq) -> AsyncIterator[TokenBatch]:
         """The sequence's tokens as they come; aborts it if the consumer goes away."""
@@ -177,6 +209,9 @@ class DecodeEngine:
         finally:
             self._transfers.pop(seq, None)
         if seq.state is not State.PREFILLING:
+            return
+        if seq.guide is not None and not seq.guide.accepts(first[0]):
+            self._fail(seq, Unavailable("prefill ignored the request's constraint"))
             return
         self.sched.prefilled(seq, first[0])
         reason = seq.finish_reason

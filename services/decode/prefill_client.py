@@ -19,6 +19,7 @@ import torch
 from k2model.config import K2Config
 from k2model.runner import Sampled
 from services.common.channel import open_channel
+from services.common.constraint_codec import constraint_to_proto
 from services.common.errors import InvalidArgument, OutOfRange, ServiceError, Unavailable
 from services.common.sampling_codec import sampled_token_from_proto, sampling_to_proto
 from services.common.tensor_codec import tensor_from_proto
@@ -115,7 +116,10 @@ class PrefillPool:
     ) -> Sampled:
         n_layers, n_tokens = self.cfg.num_hidden_layers, len(seq.prompt)
         request = prefill_pb2.PrefillRequest(
-            request_id=seq.request_id, prompt_ids=seq.prompt, sampling=sampling_to_proto(seq.params)
+            request_id=seq.request_id,
+            prompt_ids=seq.prompt,
+            sampling=sampling_to_proto(seq.params),
+            constraint=constraint_to_proto(seq.constraint),
         )
         covered = [0] * n_layers
         call = peer.stub.Prefill(request, timeout=self.transfer_timeout_s)

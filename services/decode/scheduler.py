@@ -11,9 +11,13 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from k2model.block_allocator import BlockAllocator, blocks_needed
 from k2model.sampling_params import SamplingParams, SamplingRow
+
+if TYPE_CHECKING:
+    from k2model.constraints import ConstraintSpec, ConstraintState
 
 
 class State(enum.Enum):
@@ -36,6 +40,8 @@ class Seq:
     blocks: list[int] = field(default_factory=list)
     state: State = State.WAITING
     finish_reason: str | None = None
+    constraint: ConstraintSpec | None = None  # forwarded to prefill for the first token
+    guide: ConstraintState | None = None  # follows `out`; masks the next token
 
     @property
     def cached_after_step(self) -> int:
@@ -43,7 +49,8 @@ class Seq:
         return len(self.prompt) + len(self.out)
 
     def row(self) -> SamplingRow:
-        return SamplingRow(self.params, self.seed, len(self.out), self.prompt, self.out)
+        allowed = self.guide.allowed() if self.guide is not None else None
+        return SamplingRow(self.params, self.seed, len(self.out), self.prompt, self.out, allowed)
 
     def step_tokens(self) -> tuple[list[int], int]:
         """(new tokens, start position) for the next step; a resumed sequence recomputes all."""
@@ -52,6 +59,8 @@ class Seq:
         return [self.out[-1]], len(self.prompt) + len(self.out) - 1
 
     def add_token(self, token: int) -> str | None:
+        if self.guide is not None:
+            self.guide.advance(token)
         self.out.append(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"

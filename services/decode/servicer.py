@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.common.constraint_codec import constraint_from_proto
 from services.common.sampling_codec import sampled_token_to_proto, sampling_from_proto
 from services.decode.engine import DecodeEngine
 from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -25,6 +26,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             sampling_from_proto(request.sampling),
             request.max_new_tokens,
             frozenset(request.stop_ids),
+            constraint_from_proto(request.constraint),
         )
         first = True
         async for batch in self.engine.events(seq):

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from k2model.block_allocator import BlockAllocator, blocks_needed
+from k2model.constraints import ConstraintCompiler, ConstraintSpec
 from k2model.model import K2Model
 from k2model.runner import ModelRunner, Sampled, StepInput
 from k2model.sampling_params import SamplingParams, SamplingRow
-from services.common.errors import ResourceExhausted
+from services.common.errors import InvalidArgument, ResourceExhausted
 from services.validation import check_prompt, check_sampling
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,11 @@ class PrefillJob:
 
 
 class PrefillEngine:
-    def __init__(self, model: K2Model, limits: PrefillLimits) -> None:
+    def __init__(
+        self, model: K2Model, limits: PrefillLimits, constraints: ConstraintCompiler | None = None
+    ) -> None:
         self.model, self.limits = model, limits
+        self.constraints = constraints  # None: requests with a constraint are refused
         self.alloc = BlockAllocator(limits.num_blocks)
         self.runner = ModelRunner(model, limits.num_blocks, limits.block_size)
         self.waiting: deque[PrefillJob] = deque()
@@ -67,10 +71,16 @@ class PrefillEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="prefill-model")
 
     def submit(
-        self, request_id: str, prompt: list[int], params: SamplingParams, seed: int
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        seed: int,
+        constraint: ConstraintSpec | None = None,
     ) -> PrefillJob:
         check_prompt(prompt, self.model.cfg)
         check_sampling(params, self.model.cfg)
+        allowed = self._first_token_mask(constraint)
         need = blocks_needed(len(prompt), self.limits.block_size)
         if need > self.alloc.num_blocks:
             raise ResourceExhausted(
@@ -78,10 +88,21 @@ class PrefillEngine:
             )
         if len(self.waiting) >= self.limits.max_queue:
             raise ResourceExhausted("prefill queue is full")
-        job = PrefillJob(request_id, list(prompt), SamplingRow(params, seed, 0, prompt, ()))
+        row = SamplingRow(params, seed, 0, prompt, (), allowed)
+        job = PrefillJob(request_id, list(prompt), row)
         self.waiting.append(job)
         self._wake.set()
         return job
+
+    def _first_token_mask(self, constraint: ConstraintSpec | None) -> torch.Tensor | None:
+        if constraint is None:
+            return None
+        if self.constraints is None:
+            raise InvalidArgument("constraint: this prefill instance has no vocabulary for it")
+        try:
+            return self.constraints.start(constraint).allowed()
+        except ValueError as e:
+            raise InvalidArgument(f"constraint: {e}") from None
 
     def cancel(self, job: PrefillJob) -> None:
         job.cancelled = True

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.common.constraint_codec import constraint_from_proto
 from services.common.sampling_codec import sampled_token_to_proto, sampling_from_proto
 from services.common.tensor_codec import tensor_to_proto
 from services.pb.k2.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -22,7 +23,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> AsyncIterator[prefill_pb2.PrefillChunk]:
         params = sampling_from_proto(request.sampling)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        job = self.engine.submit(request.request_id, list(request.prompt_ids), params, seed)
+        constraint = constraint_from_proto(request.constraint)
+        job = self.engine.submit(
+            request.request_id, list(request.prompt_ids), params, seed, constraint
+        )
         try:
             while True:
                 item = await job.out.get()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12k2/v1/common.proto\x12\x05k2.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x93\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x38\n\nlogit_bias\x18\x08 \x03(\x0b\x32$.k2.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"m\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12)\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x13.k2.v1.TokenLogprobB\n\n\x08_logprob\"\x0e\n\x0cStatsRequestb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12k2/v1/common.proto\x12\x05k2.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x93\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x38\n\nlogit_bias\x18\x08 \x03(\x0b\x32$.k2.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\\\n\nConstraint\x12\x12\n\nbanned_ids\x18\x01 \x03(\x05\x12 \n\x05tools\x18\x02 \x03(\x0b\x32\x11.k2.v1.ToolSchema\x12\x18\n\x10\x66irst_call_index\x18\x03 \x01(\x05\"3\n\nToolSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fparameters_json\x18\x02 \x01(\t\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"m\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12)\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x13.k2.v1.TokenLogprobB\n\n\x08_logprob\"\x0e\n\x0cStatsRequestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=487
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=381
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=429
-  _globals['_TOKENLOGPROB']._serialized_start=489
-  _globals['_TOKENLOGPROB']._serialized_end=538
-  _globals['_SAMPLEDTOKEN']._serialized_start=540
-  _globals['_SAMPLEDTOKEN']._serialized_end=649
-  _globals['_STATSREQUEST']._serialized_start=651
-  _globals['_STATSREQUEST']._serialized_end=665
+  _globals['_CONSTRAINT']._serialized_start=489
+  _globals['_CONSTRAINT']._serialized_end=581
+  _globals['_TOOLSCHEMA']._serialized_start=583
+  _globals['_TOOLSCHEMA']._serialized_end=634
+  _globals['_TOKENLOGPROB']._serialized_start=636
+  _globals['_TOKENLOGPROB']._serialized_end=685
+  _globals['_SAMPLEDTOKEN']._serialized_start=687
+  _globals['_SAMPLEDTOKEN']._serialized_end=796
+  _globals['_STATSREQUEST']._serialized_start=798
+  _globals['_STATSREQUEST']._serialized_end=812
 # @@protoc_insertion_point(module_scope)

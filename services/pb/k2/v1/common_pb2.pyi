@@ -49,6 +49,24 @@ class SamplingParams(_message.Message):
     top_logprobs: int
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
+class Constraint(_message.Message):
+    __slots__ = ("banned_ids", "tools", "first_call_index")
+    BANNED_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CALL_INDEX_FIELD_NUMBER: _ClassVar[int]
+    banned_ids: _containers.RepeatedScalarFieldContainer[int]
+    tools: _containers.RepeatedCompositeFieldContainer[ToolSchema]
+    first_call_index: int
+    def __init__(self, banned_ids: _Optional[_Iterable[int]] = ..., tools: _Optional[_Iterable[_Union[ToolSchema, _Mapping]]] = ..., first_call_index: _Optional[int] = ...) -> None: ...
+
+class ToolSchema(_message.Message):
+    __slots__ = ("name", "parameters_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    parameters_json: str
+    def __init__(self, name: _Optional[str] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
