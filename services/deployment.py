@@ -9,6 +9,11 @@ list, and the docker compose files. Peers always come from here, never from a re
     tokenizer: [{name: tokenizer-0, host: local, port: 50051}]
     prefill:   [{name: prefill-0, host: local, port: 50061, kv_blocks: 1024}]
     decode:    [{name: decode-0, host: local, port: 50071, kv_blocks: 1024, max_running: 64}]
+    experts: remote                 # or local (default): where prefill/decode run routed experts
+    expert_pool: [{name: experts-0, host: local, port: 50081, ranks: 2, master_port: 29500}]
+
+With `experts: remote` exactly one instance of kind `experts` (under the key `expert_pool`) is
+required: one DeepSpeed job of `ranks` processes on its host, rendezvous at master_port.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import yaml
 
 from k2model import EMBEDDED_CHECKPOINT
 
-KINDS = ("tokenizer", "prefill", "decode")
+KINDS = ("experts", "tokenizer", "prefill", "decode")  # start order: experts first
+REQUIRED = ("tokenizer", "prefill", "decode")
+_SECTION = {"experts": "expert_pool"}  # the YAML key of a kind, where it is not the kind itself
+EXPERTS_MODES = ("local", "remote")
 
 
 class DeploymentError(ValueError):
@@ -42,6 +50,8 @@ class Instance:
     max_queue: int = 256
     chunk_tokens: int = 512
     max_batch_tokens: int = 2048
+    ranks: int = 1  # experts: processes in the DeepSpeed job
+    master_port: int = 0  # experts: the job's rendezvous port on its host
 
     @property
     def target(self) -> str:
@@ -56,6 +66,12 @@ class Deployment:
     instances: tuple[Instance, ...]
     chat_format: str | None = None  # None: the checkpoint's own template, else its native flavor
     threads: int = 0  # CPU threads per model process; 0: cores split among this host's instances
+    experts: str = "local"  # "remote": routed experts run on the experts instance
+
+    @property
+    def remote_experts(self) -> Instance | None:
+        """The expert pool prefill and decode call, when `experts: remote`."""
+        return self.of_kind("experts")[0] if self.experts == "remote" else None
 
     def torch_dtype(self) -> torch.dtype | None:
         """None = the model's default for the device."""
@@ -84,7 +100,7 @@ class Deployment:
     def from_dict(cls, raw: Any, base: Path = Path(".")) -> Deployment:
         if not isinstance(raw, dict):
             raise DeploymentError("a deployment must be a mapping")
-        unknown = set(raw) - {"checkpoint", "hosts", "model", *KINDS}
+        unknown = set(raw) - {"checkpoint", "hosts", "model", "experts", *map(_section, KINDS)}
         if unknown:
             raise DeploymentError(f"unknown deployment keys: {sorted(unknown)}")
         hosts = raw.get("hosts") or {"local": "127.0.0.1"}
@@ -94,7 +110,7 @@ class Deployment:
         instances = tuple(
             _instance(kind, i, entry, hosts)
             for kind in KINDS
-            for i, entry in enumerate(raw.get(kind) or [])
+            for i, entry in enumerate(raw.get(_section(kind)) or [])
         )
         unknown = set(model) - {"dtype", "fp8_resident", "chat_format", "threads"}
         if unknown:
@@ -107,6 +123,7 @@ class Deployment:
             instances,
             chat_format=None if chat == "auto" else str(chat),
             threads=0 if threads == "auto" else int(threads),
+            experts=str(raw.get("experts", "local")),
         )
         _check(dep)
         return dep
@@ -115,8 +132,12 @@ class Deployment:
 _INSTANCE_FIELDS = {f.name for f in fields(Instance)} - {"kind", "address"}
 
 
+def _section(kind: str) -> str:
+    return _SECTION.get(kind, kind)
+
+
 def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str]) -> Instance:
-    where = f"{kind}[{index}]"
+    where = f"{_section(kind)}[{index}]"
     if not isinstance(entry, dict):
         raise DeploymentError(f"{where} must be a mapping")
     unknown = set(entry) - _INSTANCE_FIELDS
@@ -140,9 +161,10 @@ def _check(dep: Deployment) -> None:
     targets = [i.target for i in dep.instances]
     if len(set(targets)) != len(targets):
         raise DeploymentError(f"two instances share an address and port: {targets}")
-    for kind in KINDS:
+    for kind in REQUIRED:
         if not dep.of_kind(kind):
             raise DeploymentError(f"a deployment needs at least one {kind} instance")
+    _check_experts(dep)
     if dep.threads < 0:
         raise DeploymentError("model.threads must be auto or a positive integer")
     if dep.dtype not in ("auto", "float32", "bfloat16"):
@@ -152,3 +174,21 @@ def _check(dep: Deployment) -> None:
             raise DeploymentError(
                 f"{i.name}: port, kv_blocks, block_size and max_running must be positive"
             )
+
+
+def _check_experts(dep: Deployment) -> None:
+    if dep.experts not in EXPERTS_MODES:
+        raise DeploymentError(f"experts must be local or remote, not {dep.experts!r}")
+    pools = dep.of_kind("experts")
+    if dep.experts == "remote" and len(pools) != 1:
+        raise DeploymentError(
+            f"experts: remote needs exactly one expert_pool instance, got {len(pools)}"
+        )
+    if dep.experts == "local" and pools:
+        raise DeploymentError("expert_pool instances are listed but experts is local")
+    ports = [i.target for i in dep.instances] + [f"{i.address}:{i.master_port}" for i in pools]
+    if len(set(ports)) != len(ports):
+        raise DeploymentError(f"an experts master_port collides with another port: {ports}")
+    for i in pools:
+        if i.ranks < 1 or not 0 < i.master_port < 65536:
+            raise DeploymentError(f"{i.name}: ranks and master_port must be positive")

@@ -19,7 +19,7 @@ from k2model.checkpoint.shards import CheckpointError, ShardedCheckpoint
 from k2model.config import K2Config
 from k2model.linear import Linear
 from k2model.model import K2Model
-from k2model.moe import MoE
+from k2model.moe import LocalExperts, MoE
 
 SCALE_SUFFIX = "_scale_inv"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -207,10 +207,18 @@ def _fill_moe(moe: MoE, m: str, f: _Filler) -> None:
     moe.router.weight.copy_(f.dense(m + "gate.weight"))
     moe.router.bias.copy_(f.ckpt.get(m + "gate.e_score_correction_bias").float())
     f.bar.update(1)
-    ex = moe.experts
+    _fill_experts(moe.experts, m, f, first=0)
+    if moe.shared is not None:
+        s = m + "shared_experts."
+        f.linear(moe.shared.gate_up, [s + "gate_proj.weight", s + "up_proj.weight"])
+        f.linear(moe.shared.down, [s + "down_proj.weight"])
+
+
+def _fill_experts(ex: LocalExperts, m: str, f: _Filler, first: int) -> None:
+    """Checkpoint experts first .. first + ex.n_experts - 1 of one layer into ex (local index 0..)."""
     names = [
         [f"{m}experts.{e}.{w}_proj.weight" for w in ("gate", "up", "down")]
-        for e in range(ex.n_experts)
+        for e in range(first, first + ex.n_experts)
     ]
     if f.fp8_resident and all(f.is_fp8(n) for n in names[0]):
         ex.set_fp8([tuple(f.part(n) for n in trio) for trio in names])
@@ -219,7 +227,37 @@ def _fill_moe(moe: MoE, m: str, f: _Filler) -> None:
             ex.gate_up[e, : ex.inter] = f.dense(gate)
             ex.gate_up[e, ex.inter :] = f.dense(up)
             ex.down[e] = f.dense(down)
-    if moe.shared is not None:
-        s = m + "shared_experts."
-        f.linear(moe.shared.gate_up, [s + "gate_proj.weight", s + "up_proj.weight"])
-        f.linear(moe.shared.down, [s + "down_proj.weight"])
+
+
+def load_expert_slice(
+    path: str | Path,
+    first: int,
+    count: int,
+    dtype: torch.dtype | None = None,
+    fp8_resident: bool = False,
+) -> tuple[K2Config, dict[int, LocalExperts]]:
+    """Routed experts first .. first + count - 1 of every MoE layer, and nothing else.
+
+    What one rank of an expert-parallel pool holds: {layer: LocalExperts(count)}, expert e of the
+    checkpoint at local index e - first. The whole name set is still validated (headers only), but
+    only this slice's tensors are read.
+    """
+    dtype = dtype or default_dtype()
+    cfg = K2Config.from_dir(path)
+    if count < 1 or first < 0 or first + count > cfg.n_routed_experts:
+        raise ValueError(
+            f"expert slice [{first}, {first + count}) is outside [0, {cfg.n_routed_experts})"
+        )
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    out: dict[int, LocalExperts] = {}
+    with ShardedCheckpoint.open(Path(path)) as ckpt:
+        validate(ckpt, cfg)
+        show = ckpt.total_bytes() > 2**30
+        total = 3 * count * len(layers)
+        with tqdm(total=total, desc="loading experts", unit="tensor", disable=not show) as bar:
+            f = _Filler(ckpt, dtype, fp8_resident, bar)
+            for i in layers:
+                ex = LocalExperts(count, cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+                _fill_experts(ex, f"model.layers.{i}.mlp.", f, first)
+                out[i] = ex.eval()
+    return cfg, out

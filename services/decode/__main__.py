@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from services.common.main_args import parse
-from services.common.model_host import load_for
+from services.common.model_host import constraint_compiler, load_for
 from services.common.server import ServerOptions, run, run_until_signal, start_server
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.prefill_client import PrefillPool
 from services.decode.servicer import DecodeServicer
+from services.experts.client import attach_remote_experts
 from services.pb.k2.v1 import decode_pb2, decode_pb2_grpc
 
 SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
@@ -18,9 +19,11 @@ SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 async def main() -> None:
     dep, me = parse("decode", __doc__)
     model = await load_for(dep, me)
+    remote = dep.remote_experts
+    experts = attach_remote_experts(model, remote.target) if remote else None
     pool = PrefillPool([p.target for p in dep.of_kind("prefill")], model.cfg, model.dtype)
     limits = DecodeLimits(me.kv_blocks, me.block_size, me.max_running, me.max_queue)
-    engine = DecodeEngine(model, limits, pool.prefill)
+    engine = DecodeEngine(model, limits, pool.prefill, constraint_compiler(dep, model))
     servicer = DecodeServicer(engine)
     running = await start_server(
         me.name,
@@ -34,6 +37,8 @@ async def main() -> None:
     print(f"{me.name} listening on {running.address}", flush=True)
     await run_until_signal(running, grace_s=10.0)
     engine_task.cancel()
+    if experts is not None:
+        experts.close()
     await pool.close()
 
 

@@ -1,0 +1,295 @@
+"""The expert service (a DeepSpeed job behind gRPC) against the in-process MoE, on CPU.
+
+    python3 bench/experts.py [--quick] [--checkpoint DIR] [--out bench/results/experts.json]
+
+One run starts two expert pools from temporary deployments, of 1 and 2 ranks (gloo), and loads
+the same checkpoint in this process. `model.threads: 1`, and this process also runs torch on one
+thread: every rank and the in-process reference then compute on one core each, and the 2 ranks
+together fill a 2-core machine. Rows are random hidden rows routed by each layer's own router;
+the MoE layers take turns. Every path sees the same rows, and the paths take turns within each
+repeat (3 repeats, 1 with --quick) so that load from other processes hits all of them.
+
+1. Per-layer call, batch B in 1, 32, 256: the in-process routed experts (`LocalExperts`) against
+   one `ExpertsClient.compute` call per batch to each pool. Latency = median over the calls;
+   rows/s = B / latency; hop = remote - in-process latency at the same batch: what one MoE layer
+   pays for the gRPC round trip, the dispatch/combine collectives and the (de)serialisation.
+2. Batching across callers: C threads (one shared channel) each send batch-1 calls; rows/s over
+   all of them, mean call latency and calls per collective round (Experts.Stats). C = 1 is the
+   unbatched baseline: this is what the pool's per-round batching recovers.
+3. Decode step: generate() over B sequences (64-token prompts, 16 new tokens) with the model's
+   routed experts in-process or remote; median step time over the decode steps (the prefill step
+   is left out); per-layer overhead = (remote - local) / MoE layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from bench.common import format_table, write_json  # noqa: E402
+from k2model import K2Model, generate, load_model  # noqa: E402
+from k2model.generate import GenerationRequest  # noqa: E402
+from services.deployment import Deployment  # noqa: E402
+from services.experts.client import ExpertsClient, RemoteExperts  # noqa: E402
+from services.launcher import Suite  # noqa: E402
+from tests.e2e.suite_fixtures import free_port  # noqa: E402
+
+BATCHES = (1, 32, 256)
+CALLS = {1: 60, 32: 30, 256: 10}  # per path, batch and repeat (a third with --quick)
+CALLERS = (1, 8, 32)
+CALLS_PER_CALLER = 20
+DECODE_BATCHES = (1, 32)
+PROMPT_LEN, NEW_TOKENS = 64, 16
+RANKS = (1, 2)
+REPEATS = 3
+SEED = 0
+
+
+def write_deployment(path: Path, checkpoint: str, ranks: int) -> Path:
+    """Only experts-0 is started; the format requires the other kinds to be listed."""
+    spec = {
+        "checkpoint": checkpoint,
+        "model": {"threads": 1},
+        "tokenizer": [{"port": free_port()}],
+        "prefill": [{"port": free_port()}],
+        "decode": [{"port": free_port()}],
+        "experts": "remote",
+        "expert_pool": [
+            {"name": "experts-0", "port": free_port(), "ranks": ranks, "master_port": free_port()}
+        ],
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def routed_batches(model: K2Model, batch: int, count: int, seed: int) -> list[tuple]:
+    """`count` calls of `batch` rows: (layer, x, ids, weights), layers in turn."""
+    gen = torch.Generator().manual_seed(seed)
+    moes = model.moe_layers()
+    layers = list(moes)
+    out = []
+    for k in range(count):
+        layer = layers[k % len(layers)]
+        x = torch.randn(batch, model.cfg.hidden_size, generator=gen, dtype=model.dtype)
+        out.append((layer, x, *moes[layer].router(x)))
+    return out
+
+
+def time_calls(fn, calls: list[tuple]) -> list[float]:
+    times = []
+    for call in calls:
+        start = time.perf_counter()
+        fn(*call)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def per_layer(model: K2Model, clients: dict[str, ExpertsClient], quick: bool, repeats: int):
+    moes = model.moe_layers()
+    paths = {"in-process": lambda layer, x, ids, w: moes[layer].experts(x, ids, w)}
+    paths |= {name: client.compute for name, client in clients.items()}
+    rows = []
+    for batch in BATCHES:
+        count = max(3, CALLS[batch] // (3 if quick else 1))
+        samples: dict[str, list[float]] = {p: [] for p in paths}
+        for r in range(repeats):
+            calls = routed_batches(model, batch, count, SEED + r)
+            for name, fn in paths.items():
+                fn(*calls[0])  # warm-up
+                samples[name] += time_calls(fn, calls)
+        local = statistics.median(samples["in-process"])
+        for name, times in samples.items():
+            lat = statistics.median(times)
+            rows.append(
+                {
+                    "path": name,
+                    "batch": batch,
+                    "latency_ms": 1e3 * lat,
+                    "rows_per_s": batch / lat,
+                    "hop_ms": 1e3 * (lat - local) if name != "in-process" else None,
+                }
+            )
+        print(f"  per-layer batch {batch} done", flush=True)
+    return rows
+
+
+def callers(model: K2Model, name: str, client: ExpertsClient, repeats: int) -> list[dict]:
+    rows = []
+    for c in CALLERS:
+        walls, lats, calls, rounds = [], [], 0, 0
+        for r in range(repeats):
+            work = [
+                routed_batches(model, 1, CALLS_PER_CALLER, SEED + 100 * r + k) for k in range(c)
+            ]
+            before = client.stats()
+            with ThreadPoolExecutor(c) as pool:
+                start = time.perf_counter()
+                per_thread = list(pool.map(lambda w: time_calls(client.compute, w), work))
+                walls.append(time.perf_counter() - start)
+            after = client.stats()
+            lats += [t for ts in per_thread for t in ts]
+            calls += after.calls - before.calls
+            rounds += after.rounds - before.rounds
+        wall = statistics.median(walls)
+        rows.append(
+            {
+                "pool": name,
+                "callers": c,
+                "rows_per_s": c * CALLS_PER_CALLER / wall,
+                "mean_latency_ms": 1e3 * statistics.fmean(lats),
+                "calls_per_round": calls / rounds,
+            }
+        )
+    print(f"  callers on {name} done", flush=True)
+    return rows
+
+
+def use(model: K2Model, client: ExpertsClient | None) -> None:
+    """Route every MoE layer to the pool behind `client`, or back in-process for None."""
+    for layer, moe in model.moe_layers().items():
+        moe.remote = RemoteExperts(client, layer) if client is not None else None
+
+
+def step_times(model: K2Model, batch: int, seed: int) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(model.cfg.vocab_size, (batch, PROMPT_LEN), generator=gen).tolist()
+    times, last = [], time.perf_counter()
+    for _ in generate(model, [GenerationRequest(p, NEW_TOKENS) for p in prompts]):
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    return times[1:]  # the first step is the prompts' prefill
+
+
+def decode_steps(model: K2Model, clients: dict[str, ExpertsClient], repeats: int) -> list[dict]:
+    paths: dict[str, ExpertsClient | None] = {"in-process": None, **clients}
+    n_moe = len(model.moe_layers())
+    rows = []
+    for batch in DECODE_BATCHES:
+        samples: dict[str, list[float]] = {p: [] for p in paths}
+        for r in range(repeats):
+            for name, client in paths.items():
+                use(model, client)
+                samples[name] += step_times(model, batch, SEED + r)
+        use(model, None)
+        local = statistics.median(samples["in-process"])
+        for name, times in samples.items():
+            step = statistics.median(times)
+            extra = (step - local) / n_moe if name != "in-process" else None
+            rows.append(
+                {
+                    "path": name,
+                    "batch": batch,
+                    "step_ms": 1e3 * step,
+                    "overhead_per_moe_layer_ms": None if extra is None else 1e3 * extra,
+                }
+            )
+        print(f"  decode batch {batch} done", flush=True)
+    return rows
+
+
+def bench(checkpoint: str, quick: bool) -> dict[str, Any]:
+    repeats = 1 if quick else REPEATS
+    torch.set_num_threads(1)
+    suites: list[Suite] = []
+    clients: dict[str, ExpertsClient] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for ranks in RANKS:
+                path = write_deployment(Path(tmp) / f"d{ranks}.yaml", checkpoint, ranks)
+                print(f"starting an expert pool of {ranks} rank(s) ...", flush=True)
+                suite = Suite(path)
+                suites.append(suite)
+                suite.start(names=["experts-0"])
+                target = suite.deployment.instance("experts-0").target
+                clients[f"remote {ranks} rank{'s' * (ranks > 1)}"] = ExpertsClient(target)
+            dep = Deployment.load(path)
+            model = load_model(dep.checkpoint, dep.torch_dtype(), dep.fp8_resident)
+            result = {
+                "per_layer": per_layer(model, clients, quick, repeats),
+                "callers": [
+                    row
+                    for name, client in clients.items()
+                    for row in callers(model, name, client, repeats)
+                ],
+                "decode": decode_steps(model, clients, repeats),
+            }
+        finally:
+            for client in clients.values():
+                client.close()
+            for suite in suites:
+                suite.stop()
+    result["meta"] = {
+        "checkpoint": str(dep.checkpoint),
+        "dtype": str(model.dtype),
+        "moe_layers": len(model.moe_layers()),
+        "experts": model.cfg.n_routed_experts,
+        "top_k": model.cfg.num_experts_per_tok,
+        "hidden_size": model.cfg.hidden_size,
+        "torch_threads_here_and_per_rank": 1,
+        "repeats": repeats,
+    }
+    return result
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    lat = {(r["path"], r["batch"]): r["latency_ms"] for r in result["per_layer"]}
+    lines = []
+    for name in [p for p in dict.fromkeys(r["path"] for r in result["per_layer"])][1:]:
+        hop1 = lat[name, 1] - lat["in-process", 1]
+        one_by_one = 32 * lat[name, 1]
+        lines.append(
+            f"{name}: the hop costs {hop1:.2f} ms per MoE layer at batch 1; one batch-32 call "
+            f"takes {lat[name, 32]:.2f} ms against {one_by_one:.1f} ms for 32 batch-1 calls "
+            f"({one_by_one / lat[name, 32]:.0f}x)"
+        )
+    by = {(r["pool"], r["callers"]): r for r in result["callers"]}
+    for pool in dict.fromkeys(r["pool"] for r in result["callers"]):
+        one, many = by[pool, CALLERS[0]], by[pool, CALLERS[-1]]
+        lines.append(
+            f"{pool}: {many['callers']} concurrent batch-1 callers get "
+            f"{many['rows_per_s'] / one['rows_per_s']:.1f}x the rows/s of one caller "
+            f"({many['calls_per_round']:.1f} calls per round)"
+        )
+    return lines
+
+
+def print_report(result: dict[str, Any]) -> None:
+    for key in ("per_layer", "callers", "decode"):
+        table = result[key]
+        cells = [["-" if v is None else v for v in r.values()] for r in table]
+        print(f"\n{key}\n{format_table(list(table[0]), cells)}")
+    print("\n" + "\n".join(summary(result)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a third of the calls, one repeat")
+    p.add_argument("--checkpoint", default="embedded", help="checkpoint directory")
+    p.add_argument("--out", type=Path, default=Path("bench/results/experts.json"))
+    args = p.parse_args()
+    checkpoint = (
+        "embedded" if args.checkpoint == "embedded" else str(Path(args.checkpoint).resolve())
+    )
+    start = time.perf_counter()
+    result = bench(checkpoint, args.quick)
+    result["meta"]["bench_wall_s"] = time.perf_counter() - start
+    print_report(result)
+    write_json(args.out, result)
+    print(f"\nwrote {args.out} ({result['meta']['bench_wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

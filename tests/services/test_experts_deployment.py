@@ -1,0 +1,77 @@
+"""The deployment's `experts: local | remote` setting and its expert_pool instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.deployment import Deployment, DeploymentError
+from services.experts.rank import threads_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def minimal(**extra) -> dict:
+    return {
+        "tokenizer": [{"port": 1}],
+        "prefill": [{"port": 2}],
+        "decode": [{"port": 3}],
+        **extra,
+    }
+
+
+def pool(**extra) -> dict:
+    return {"expert_pool": [{"port": 4, "ranks": 2, "master_port": 5, **extra}]}
+
+
+def test_local_is_the_default_and_has_no_pool() -> None:
+    dep = Deployment.from_dict(minimal())
+    assert dep.experts == "local" and dep.remote_experts is None and not dep.of_kind("experts")
+
+
+def test_remote_pool_instance() -> None:
+    dep = Deployment.from_dict(minimal(experts="remote", **pool()))
+    inst = dep.remote_experts
+    assert inst is not None and inst is dep.instance("experts-0")
+    assert (inst.kind, inst.target, inst.ranks, inst.master_port) == (
+        "experts",
+        "127.0.0.1:4",
+        2,
+        5,
+    )
+    assert dep.instances[0] is inst  # started first by the launcher
+
+
+def test_shipped_local_deployment_runs_two_remote_ranks() -> None:
+    dep = Deployment.load(ROOT / "deploy" / "local.yaml")
+    inst = dep.remote_experts
+    assert inst is not None and inst.ranks == 2 and inst.master_port > 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (minimal(experts="remote"), "exactly one expert_pool"),
+        (minimal(experts="sometimes", **pool()), "local or remote"),
+        (minimal(**pool()), "experts is local"),
+        (minimal(experts="remote", **pool(master_port=3)), "collides"),
+        (minimal(experts="remote", **pool(ranks=0)), "ranks and master_port"),
+        (minimal(experts="remote", **pool(master_port=0)), "ranks and master_port"),
+        (minimal(experts="remote", **pool(colour=1)), r"expert_pool\[0\]: unknown keys"),
+        (
+            minimal(experts="remote", expert_pool=[pool()["expert_pool"][0], {"port": 6}]),
+            "exactly one expert_pool",
+        ),
+    ],
+)
+def test_bad_expert_settings(raw: dict, message: str) -> None:
+    with pytest.raises(DeploymentError, match=message):
+        Deployment.from_dict(raw)
+
+
+def test_rank_threads_share_the_cores_with_model_processes() -> None:
+    dep = Deployment.from_dict(minimal(experts="remote", **pool()))
+    assert threads_for(dep, dep.instance("experts-0")) >= 1
+    pinned = Deployment.from_dict(minimal(experts="remote", model={"threads": 3}, **pool()))
+    assert threads_for(pinned, pinned.instance("experts-0")) == 3

@@ -1,0 +1,117 @@
+"""The job supervisor: rank environment, restart of the whole job, bounded retries, graceful stop.
+
+The ranks here are tiny stand-in Python processes (no torch), so each job starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from services.experts.supervisor import JobSpec, RestartPolicy, Supervisor
+
+FAST = RestartPolicy(max_restarts=3, backoff_s=0.01, max_backoff_s=0.02, healthy_after_s=60)
+
+
+def rank_script(tmp_path: Path, body: str) -> list[str]:
+    """A rank that records its environment (one JSON line per start), then runs `body`."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import json, os, sys, time, signal\n"
+        f"log = {str(tmp_path / 'starts.jsonl')!r}\n"
+        "keys = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_SIZE']\n"
+        "with open(log, 'a') as f:\n"
+        "    f.write(json.dumps({k: os.environ.get(k) for k in keys} | {'pid': os.getpid()}) + '\\n')\n"
+        + body
+    )
+    return [sys.executable, str(script)]
+
+
+def starts(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "starts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_ranks_get_the_rendezvous_environment_and_a_crash_loop_gives_up(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("LOCAL_SIZE", "3")  # must not reach the ranks (DeepSpeed's shm path)
+    body = (
+        "while sum(1 for _ in open(log)) % 3:\n"  # every rank of this job has started
+        "    time.sleep(0.01)\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    sys.exit(3)\n"
+        "time.sleep(30)\n"
+    )
+    command = rank_script(tmp_path, body)
+    sup = Supervisor(JobSpec(command, 3, "127.0.0.9", 29555), FAST, grace_s=2)
+    assert sup.run() == 1  # rank 1 dies at every start: 1 start + 3 restarts, then give up
+    assert sup.starts == 4
+    seen = starts(tmp_path)
+    assert len(seen) == 12
+    assert sorted(s["RANK"] for s in seen[:3]) == ["0", "1", "2"]
+    for s in seen:
+        assert s["RANK"] == s["LOCAL_RANK"] and s["WORLD_SIZE"] == "3"
+        assert (s["MASTER_ADDR"], s["MASTER_PORT"], s["LOCAL_SIZE"]) == ("127.0.0.9", "29555", None)
+    assert all(p.poll() is not None for p in sup.procs)  # the survivors were ended each time
+
+
+def test_a_dead_rank_restarts_the_whole_job(tmp_path: Path) -> None:
+    """Rank 1 dies once; the supervisor ends rank 0 and starts both again, then stops on request."""
+    body = (
+        "while sum(1 for _ in open(log)) % 2:\n"  # both ranks of this job have started
+        "    time.sleep(0.01)\n"
+        "if os.environ['RANK'] == '1' and sum(1 for _ in open(log)) == 2:\n"
+        "    sys.exit(9)\n"
+        "time.sleep(30)\n"
+    )
+    sup = Supervisor(JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", 29556), FAST, grace_s=2)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(sup.run()))
+    thread.start()
+    try:
+        for _ in range(200):
+            if len(starts(tmp_path)) >= 4:
+                break
+            time.sleep(0.05)
+        first_job = starts(tmp_path)[:2]
+        assert len(starts(tmp_path)) == 4 and sup.starts == 2
+    finally:
+        sup.request_stop()
+        thread.join(10)
+    assert result == [0]
+    assert all(p.poll() is not None for p in sup.procs)
+    assert {s["pid"] for s in first_job}.isdisjoint(p.pid for p in sup.procs)
+
+
+def test_stop_is_graceful_for_rank_0(tmp_path: Path) -> None:
+    """SIGTERM goes to rank 0 only; rank 0 then ends the followers (here: by file) and exits 0."""
+    done = tmp_path / "stopped"
+    body = (
+        "if os.environ['RANK'] == '0':\n"
+        "    signal.signal(signal.SIGTERM, lambda *_: (open("
+        + repr(str(done))
+        + ", 'w').close(), sys.exit(0)))\n"
+        "    time.sleep(30)\n"
+        "while not os.path.exists(" + repr(str(done)) + "):\n"
+        "    time.sleep(0.01)\n"
+    )
+    sup = Supervisor(JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", 29557), FAST, grace_s=5)
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    for _ in range(200):
+        if len(starts(tmp_path)) == 2:
+            break
+        time.sleep(0.05)
+    sup.request_stop()
+    thread.join(10)
+    assert [p.returncode for p in sup.procs] == [0, 0]  # nobody was killed
+    assert sup.starts == 1
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    policy = RestartPolicy(backoff_s=0.5, max_backoff_s=3.0)
+    assert [policy.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
