@@ -1,0 +1,67 @@
+"""`python -m gateway --config deploy/gateway.yaml --deployment deploy/local.yaml`: the REST
+gateway on uvicorn (uvloop, httptools) in front of the deployment's chat pipeline.
+
+The local models' context length and vocabulary come from the deployment's checkpoint config;
+the pipeline and its gRPC channels are created inside the server's event loop. SIGTERM or
+Ctrl-C: uvicorn stops accepting, finishes in-flight responses for up to 10 s, then the pipeline
+closes its channels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from gateway.metrics import grpc_decode_stats
+from gateway.pipeline import ChatPipeline
+from gateway.registry import ModelShape
+from k2model.config import K2Config
+from services.common.server import run
+from services.deployment import Deployment
+
+log = logging.getLogger("gateway")
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    ap.add_argument(
+        "--config", required=True, help="gateway YAML (keys, profiles, registry, limits)"
+    )
+    ap.add_argument("--deployment", required=True, help="deployment YAML of the backend services")
+    ap.add_argument("--host", help="override listen.host")
+    ap.add_argument("--port", type=int, help="override listen.port")
+    return ap.parse_args()
+
+
+async def main() -> None:
+    args = _args()
+    deployment = Deployment.load(args.deployment)
+    model = K2Config.from_dir(deployment.checkpoint)
+    config = GatewayConfig.load(
+        args.config, ModelShape(model.max_position_embeddings, model.vocab_size)
+    )
+    pipeline = ChatPipeline(deployment)
+    decodes = [(i.name, i.target) for i in deployment.of_kind("decode")]
+    app = create_app(config, pipeline, decode_stats=grpc_decode_stats(decodes))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host or config.host,
+            port=args.port or config.port,
+            http="httptools",
+            timeout_graceful_shutdown=10,
+            log_level="info",
+        )
+    )
+    try:
+        await server.serve()
+    finally:
+        await pipeline.close()
+
+
+if __name__ == "__main__":
+    run(main)

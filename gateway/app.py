@@ -1,0 +1,187 @@
+"""The gateway's FastAPI app: `create_app(config, chat_service)`.
+
+Layers, outermost first: RequestCounter (metrics by route and status) -> SizeGuard (header and
+body limits, before any parsing) -> routing. Every error leaves through `ApiError.response` in
+the OpenAI or Anthropic shape, whichever the path belongs to: validation errors are 400s
+naming the field path, unknown routes 404, domain errors per errors.py, anything else a 500
+that leaks nothing. /health, /metrics and the OpenAPI document need no key; every /v1 route
+(and its /anthropic twin) checks the key itself (auth.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import anthropic, errors, openai_routes
+from gateway.chat_types import ChatService
+from gateway.config import GatewayConfig, Limits
+from gateway.metrics import GatewayMetrics, RequestCounter, StatsSource
+from gateway.registry import UpstreamModel
+from gateway.serving import Gateway
+from gateway.sse import ClientDisconnected
+from gateway.upstream import UpstreamChatService
+from services.common.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_TIMEOUT = httpx.Timeout(10.0, read=300.0)
+_IDENTIFIER = re.compile(r"^\w+$")
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+class SizeGuard:
+    """413 for a body over max_body_bytes (declared or actually sent, chunked included), 431 for
+    headers over max_header_bytes. The body is read here, bounded, and replayed to the app."""
+
+    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.max_body_bytes
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.limits.max_header_bytes:
+            await errors.headers_too_large(self.limits.max_header_bytes).response(scope["path"])(
+                scope, receive, send
+            )
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        body = b""
+        more = not declared.isdigit() or int(declared) <= limit
+        too_large = not more
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            too_large = len(body) > limit
+            more = more and not too_large
+        if too_large:
+            await errors.request_too_large(limit).response(scope["path"])(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later receives: the disconnect, for cancellation
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """A pydantic error location as a JSON path: ('body', 'messages', 0, 'content') ->
+    messages[0].content. Union-member tags pydantic inserts ('str', 'list[...]') are dropped."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _IDENTIFIER.match(part) and part not in _TYPE_TAGS and not part[0].isupper():
+            path += f".{part}" if path else part
+    return path or None
+
+
+def _most_specific(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of the errors a union produces (one per member), the one that got furthest: the
+    longest location, preferring a failed constraint over a wrong-type mismatch."""
+    return max(
+        found, key=lambda e: (len(e.get("loc", ())), not e.get("type", "").endswith("_type"))
+    )
+
+
+def _validation_error(exc: RequestValidationError) -> errors.ApiError:
+    first = _most_specific(list(exc.errors()))
+    param = _param(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        return errors.invalid_request("The request body is not valid JSON")
+    if param is None:
+        return errors.invalid_value(f"The request body must be a JSON object: {message}")
+    return errors.invalid_value(f"{param}: {message}", param)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def respond(request: Request, err: errors.ApiError) -> Response:
+        return err.response(request.url.path)
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        return respond(request, errors.from_exception(exc))
+
+    async def validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return respond(request, _validation_error(exc))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code in (404, 405):
+            return respond(
+                request, errors.route_not_found(request.method, request.url.path, exc.status_code)
+            )
+        return respond(request, errors.invalid_request(str(exc.detail), exc.status_code))
+
+    async def disconnected(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it; metrics count the abandonment
+
+    app.add_exception_handler(errors.ApiError, api_error)
+    app.add_exception_handler(ServiceError, api_error)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientDisconnected, disconnected)
+    app.add_exception_handler(Exception, api_error)
+
+
+def create_app(
+    config: GatewayConfig, chat_service: ChatService, *, decode_stats: StatsSource | None = None
+) -> FastAPI:
+    """The gateway serving every local registry model with `chat_service` (the pipeline) and
+    every upstream one through its provider."""
+    client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT)
+    services: dict[str, ChatService] = {
+        m.id: UpstreamChatService(m, client) if isinstance(m, UpstreamModel) else chat_service
+        for m in config.registry.models
+    }
+    metrics = GatewayMetrics(decode_stats) if decode_stats else GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    # strict_content_type=False: a JSON body is JSON whatever Content-Type curl sent.
+    app = FastAPI(
+        title="k2serve gateway", version="1", lifespan=lifespan, strict_content_type=False
+    )
+    app.state.gateway = Gateway(config, config.keyring(), services, metrics)
+    app.state.keyring = app.state.gateway.keyring
+    _install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(anthropic.router)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(SizeGuard, limits=config.limits)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    return app

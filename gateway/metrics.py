@@ -1,0 +1,166 @@
+"""Prometheus metrics of the gateway, served at /metrics.
+
+Names follow the serving anchors (vLLM / SGLang / Dynamo): request counts by route and status,
+time to first token, inter-token latency, requests in flight, and per decode instance the queue
+depth, running sequences and KV usage, read from each decode's `Stats` RPC at scrape time.
+Each app owns its own CollectorRegistry, so two apps in one process never share counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.chat_types import ChatEvent
+from services.common.channel import open_channel
+from services.pb.k2.v1 import common_pb2, decode_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    instance: str
+    queued: int
+    running: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+
+    @property
+    def kv_usage(self) -> float:
+        used = self.kv_blocks_total - self.kv_blocks_free
+        return used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+StatsSource = Callable[[], Awaitable[Sequence[DecodeLoad]]]
+
+
+async def _no_stats() -> Sequence[DecodeLoad]:
+    return ()
+
+
+class GatewayMetrics:
+    def __init__(self, stats_source: StatsSource = _no_stats) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "k2_gateway_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.in_flight = Gauge("k2_gateway_requests_in_flight", "Generations in flight", registry=r)
+        self.ttft = Histogram(
+            "k2_gateway_time_to_first_token_seconds",
+            "From request arrival to the first generated delta",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "k2_gateway_inter_token_latency_seconds",
+            "Between consecutive generated deltas of a request",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queued = Gauge(
+            "k2_decode_queued_requests", "Decode queue depth", ["instance"], registry=r
+        )
+        self.running = Gauge(
+            "k2_decode_running_requests", "In the decode batch", ["instance"], registry=r
+        )
+        self.kv_usage = Gauge(
+            "k2_decode_kv_usage_ratio", "Used / total KV blocks", ["instance"], registry=r
+        )
+        self._stats_source = stats_source
+
+    async def render(self) -> bytes:
+        try:
+            loads = await self._stats_source()
+        except Exception as e:  # a scrape must not fail because one decode is down
+            log.warning("decode stats unavailable: %s", e)
+            loads = ()
+        for load in loads:
+            self.queued.labels(load.instance).set(load.queued)
+            self.running.labels(load.instance).set(load.running)
+            self.kv_usage.labels(load.instance).set(load.kv_usage)
+        return generate_latest(self.registry)
+
+    async def timed(
+        self, events: AsyncIterator[ChatEvent], model: str, start: float
+    ) -> AsyncIterator[ChatEvent]:
+        """Pass events through, recording TTFT at the first delta with output and ITL after."""
+        last: float | None = None
+        async for event in events:
+            if event.content or event.reasoning or event.tool_calls:
+                now = time.perf_counter()
+                if last is None:
+                    self.ttft.labels(model).observe(now - start)
+                else:
+                    self.itl.labels(model).observe(now - last)
+                last = now
+            yield event
+
+
+class RequestCounter:
+    """ASGI middleware: counts every response by its route template and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # No response started: 500 if the app raised (the outer error middleware answers),
+        # else 499, nginx's "client closed request".
+        status = {"code": 499}
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            status["code"] = 500 if status["code"] == 499 else status["code"]
+            raise
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+
+
+def grpc_decode_stats(instances: Sequence[tuple[str, str]], timeout_s: float = 1.0) -> StatsSource:
+    """A StatsSource asking each (name, target) decode instance for its Stats. Channels are
+    opened on the first scrape, inside the server's event loop (grpc.aio binds them to it)."""
+    channels: dict[str, grpc.aio.Channel] = {}
+
+    async def one(name: str, channel: grpc.aio.Channel) -> DecodeLoad | None:
+        try:
+            s = await decode_pb2_grpc.DecodeStub(channel).Stats(
+                common_pb2.StatsRequest(), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning("decode %s stats: %s", name, e.code().name)
+            return None
+        return DecodeLoad(name, s.queued, s.running, s.kv_blocks_total, s.kv_blocks_free)
+
+    async def source() -> Sequence[DecodeLoad]:
+        if not channels:
+            channels.update((name, open_channel(target)) for name, target in instances)
+        loads = await asyncio.gather(*(one(n, c) for n, c in channels.items()))
+        return [load for load in loads if load is not None]
+
+    return source

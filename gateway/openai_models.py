@@ -1,0 +1,277 @@
+"""Request bodies of the OpenAI-compatible routes, mirroring OpenAI's chat/completions and
+completions schemas, each converting itself to the internal `ChatRequest`.
+
+Validation is strict (no "1" for 1, no NaN) and closed (an unknown field is a 400): a field the
+server cannot honour is rejected, never accepted and ignored. Protocol bounds live here, in the
+schema (so /openapi.json states them); deployment bounds are checked in `to_chat_request`
+(request_checks.py). Extensions beyond OpenAI's schema, all honoured: `top_k`, `min_p`,
+`repetition_penalty` (vLLM's), `thinking` and the `partial` assistant message (Moonshot's).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway import errors
+from gateway import request_checks as checks
+from gateway.chat_types import ChatRequest
+from gateway.config import Limits
+from gateway.registry import Model
+from k2model.text.messages import Message, TextPart, Tool, ToolCall
+
+MAX_N = 128
+MAX_STOP = 4
+MAX_TOOLS = 128
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class ContentPart(Strict):
+    type: Literal["text"]
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise ValueError(
+                f"K2 is text-only: content parts of type {data.get('type')!r} are rejected"
+            )
+        return data
+
+
+class FunctionCall(Strict):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCallIn(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    partial: bool = False
+    # The OpenAI SDK sends these back when a response message is appended to the history; K2
+    # renders none of them, so only their empty value is accepted.
+    refusal: None = None
+    function_call: None = None
+    audio: None = None
+
+    def to_message(self) -> Message:
+        content = self.content
+        if isinstance(content, list):
+            content = tuple(TextPart(p.text) for p in content)
+        calls = tuple(
+            ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ()
+        )
+        return Message(
+            role="system" if self.role == "developer" else self.role,
+            content=content,
+            name=self.name,
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
+            reasoning_content=self.reasoning_content,
+            partial=self.partial,
+        )
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    # strict=true promises schema-valid arguments (constrained decoding), which is not offered.
+    strict: Literal[False] | None = None
+
+
+class ToolDef(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: str = Field(pattern=TOOL_NAME)
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and not isinstance(
+            (self.json_schema or {}).get("schema"), dict
+        ):
+            raise ValueError("a json_schema response_format needs json_schema.schema")
+        return self
+
+
+class Thinking(Strict):
+    type: Literal["enabled", "disabled"]
+
+
+class SamplingFields(Strict):
+    """Fields both routes share."""
+
+    model: str | None = None  # None: the key's default model
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    stop: Stop | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Bias] | None = None
+    seed: Seed | None = None
+    user: str | None = None  # for abuse tracking upstream; changes nothing in the output
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+
+    def _check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise errors.invalid_value(
+                "stream_options is only allowed with stream=true", "stream_options"
+            )
+
+    def _sampling(self, model: Model, thinking: bool | None, logprobs: bool, top: int) -> Any:
+        # Moonshot's defaults: 0.6 for K2-Instruct, 1.0 for K2-Thinking.
+        default_temperature = 1.0 if thinking else 0.6
+        return checks.sampling(
+            temperature=default_temperature if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=checks.check_logit_bias(self.logit_bias or {}, model),
+            seed=checks.seed_to_uint64(self.seed),
+            logprobs=logprobs,
+            top_logprobs=top,
+        )
+
+    def _stop(self, limits: Limits) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return checks.check_stop(stop, limits, "stop")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    thinking: Thinking | None = None
+    metadata: dict[str, str] | None = None  # stored nowhere; changes nothing in the output
+
+    def to_chat_request(
+        self, model: Model, default_thinking: bool | None, limits: Limits
+    ) -> ChatRequest:
+        self._check_stream_options()
+        if self.response_format is not None and self.response_format.type != "text":
+            raise errors.invalid_value(
+                "structured output (json_object / json_schema) is not supported by this server",
+                "response_format.type",
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise errors.invalid_value("top_logprobs requires logprobs=true", "top_logprobs")
+        max_tokens = self._max_tokens(model)
+        thinking = default_thinking if self.thinking is None else self.thinking.type == "enabled"
+        tools = checks.check_tools([_tool(t) for t in self.tools or ()], limits, "tools")
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            choice = checks.named_choice(choice.function.name, "tool_choice.function.name")
+        return ChatRequest(
+            model=model.id,
+            messages=checks.check_messages(tuple(m.to_message() for m in self.messages)),
+            tools=tools,
+            tool_choice=checks.check_tool_choice(choice, tools, "tool_choice"),
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            n=checks.check_n(self.n or 1, limits),
+            stop=self._stop(limits),
+            max_tokens=max_tokens,
+            sampling=self._sampling(model, thinking, bool(self.logprobs), self.top_logprobs or 0),
+            thinking=thinking,
+        )
+
+    def _max_tokens(self, model: Model) -> int | None:
+        if None not in (self.max_tokens, self.max_completion_tokens) and (
+            self.max_tokens != self.max_completion_tokens
+        ):
+            raise errors.invalid_value(
+                "max_tokens and max_completion_tokens disagree; send one of them",
+                "max_completion_tokens",
+            )
+        chosen = self.max_completion_tokens or self.max_tokens
+        param = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+        return checks.check_max_tokens(chosen, model, param)
+
+
+class CompletionRequest(SamplingFields):
+    """Legacy completions. K2 is a chat model and the pipeline speaks chat, so the prompt is
+    rendered as one user turn (with Thinking off: the reply is plain text)."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    max_tokens: PositiveInt | None = 16  # OpenAI's default for this route
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: Literal[False] | None = None
+    suffix: None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+
+    def to_chat_request(self, model: Model, limits: Limits) -> ChatRequest:
+        self._check_stream_options()
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if not prompt:
+            raise errors.invalid_value("prompt must not be empty", "prompt")
+        n = checks.check_n(self.n or 1, limits)
+        if self.best_of is not None and self.best_of != n:
+            raise errors.invalid_value("best_of other than n is not supported", "best_of")
+        return ChatRequest(
+            model=model.id,
+            messages=(Message("user", prompt),),
+            n=n,
+            stop=self._stop(limits),
+            max_tokens=checks.check_max_tokens(self.max_tokens, model, "max_tokens"),
+            sampling=self._sampling(model, False, self.logprobs is not None, self.logprobs or 0),
+            thinking=False,
+        )
+
+
+def _tool(t: ToolDef) -> Tool:
+    return Tool(t.function.name, t.function.description, t.function.parameters)

@@ -1,0 +1,59 @@
+"""Run an ASGI app on a real uvicorn server in a background thread, for tests that need real
+HTTP (SDK clients, streaming, disconnects, raw paths)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.chat_types import ChatService
+from gateway.config import GatewayConfig
+from tests.gateway.rest_fakes import make_config
+
+# One client for every test: creating one (its TLS context) costs ~0.1 s.
+HTTP = httpx.Client(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Yields the base URL (http://127.0.0.1:PORT) while the server runs."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextmanager
+def running(
+    service: ChatService, config: GatewayConfig | None = None, **kwargs: Any
+) -> Iterator[str]:
+    """A gateway over `service` (default config: rest_fakes.make_config()) on a real server."""
+    app = create_app(config or make_config(), service, **kwargs)
+    with serve(app) as base:
+        yield base
