@@ -1,0 +1,121 @@
+"""The k2.v1.Chat servicer: the gRPC Chat API as a thin adapter onto the chat pipeline.
+
+proto -> ChatRequest (chat_codec.py) -> edge checks (below) -> ChatService.chat -> proto events.
+Errors are domain errors, mapped to status codes by the shared ErrorInterceptor
+(services/common/server.py): a bad request is INVALID_ARGUMENT, an unknown model NOT_FOUND.
+When the client cancels, grpc cancels this handler, which closes the pipeline's iterator and so
+cancels the decode calls beneath it.
+
+Edge limits (RELIABILITY.md section 2; the same numbers as the REST gateway's defaults):
+messages >= 1, n in [1, MAX_N], up to MAX_STOP stop strings of 1..MAX_STOP_CHARS characters,
+up to MAX_TOOLS tools named [a-zA-Z0-9_-]{1,64} with at most MAX_SCHEMA_BYTES of schemas,
+max_tokens >= 1, temperature <= 2, logit_bias ids inside the vocabulary, text-only content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+
+from gateway.chat_codec import event_to_proto, request_from_proto
+from gateway.chat_types import ChatRequest, ChatService
+from k2model.text.messages import ImagePart
+from services.common.errors import InvalidArgument, NotFound
+from services.common.server import RunningServer, ServerOptions, start_server
+from services.pb.k2.v1 import chat_pb2, chat_pb2_grpc
+
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
+MAX_N = 8
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+MAX_TOOLS = 128
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_TEMPERATURE = 2.0
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def check_request(request: ChatRequest, vocab_size: int) -> None:
+    """InvalidArgument naming the first field outside the edge limits."""
+    if not request.messages:
+        raise InvalidArgument("messages: at least one message is required")
+    for i, m in enumerate(request.messages):
+        if isinstance(m.content, tuple) and any(isinstance(p, ImagePart) for p in m.content):
+            raise InvalidArgument(f"messages[{i}]: image content is not supported (text only)")
+    if not 1 <= request.n <= MAX_N:
+        raise InvalidArgument(f"n: must be in [1, {MAX_N}], got {request.n}")
+    if len(request.stop) > MAX_STOP:
+        raise InvalidArgument(f"stop: at most {MAX_STOP} strings")
+    for i, s in enumerate(request.stop):
+        if not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise InvalidArgument(f"stop[{i}]: must be 1 to {MAX_STOP_CHARS} characters")
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise InvalidArgument(f"max_tokens: must be >= 1, got {request.max_tokens}")
+    if request.sampling.temperature > MAX_TEMPERATURE:
+        raise InvalidArgument(f"sampling.temperature: must be in [0, {MAX_TEMPERATURE:g}]")
+    bad = [t for t, _ in request.sampling.logit_bias if t >= vocab_size]
+    if bad:
+        raise InvalidArgument(f"sampling.logit_bias: ids outside the vocabulary: {bad[:5]}")
+    _check_tools(request)
+
+
+def _check_tools(request: ChatRequest) -> None:
+    if len(request.tools) > MAX_TOOLS:
+        raise InvalidArgument(f"tools: at most {MAX_TOOLS}")
+    schema_bytes = 0
+    for i, tool in enumerate(request.tools):
+        if not _TOOL_NAME.fullmatch(tool.name):
+            raise InvalidArgument(f"tools[{i}].name: must match [a-zA-Z0-9_-]{{1,64}}")
+        schema_bytes += len(json.dumps(tool.parameters, separators=(",", ":")).encode())
+    if schema_bytes > MAX_SCHEMA_BYTES:
+        raise InvalidArgument(f"tools: parameter schemas exceed {MAX_SCHEMA_BYTES} bytes")
+
+
+class ChatServicer(chat_pb2_grpc.ChatServicer):
+    def __init__(self, services: Mapping[str, ChatService], vocab_size: int) -> None:
+        self.services, self.vocab_size = dict(services), vocab_size
+
+    def _resolve(self, msg: chat_pb2.ChatRequest) -> tuple[ChatService, ChatRequest]:
+        service = self.services.get(msg.model)
+        if service is None:
+            raise NotFound(f"model {msg.model!r} is not served here")
+        request = request_from_proto(msg)
+        check_request(request, self.vocab_size)
+        return service, request
+
+    async def Chat(
+        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        service, chat_request = self._resolve(request)
+        async with contextlib.aclosing(service.chat(chat_request)) as events:
+            async for event in events:
+                yield event_to_proto(event)
+
+    async def CountTokens(
+        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.TokenCount:
+        service, chat_request = self._resolve(request)
+        return chat_pb2.TokenCount(prompt_tokens=await service.count_tokens(chat_request))
+
+    async def ListModels(
+        self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.ModelList:
+        return chat_pb2.ModelList(models=sorted(self.services))
+
+
+async def start_chat_server(
+    services: Mapping[str, ChatService], vocab_size: int, bind: str = "127.0.0.1:0"
+) -> RunningServer:
+    """The Chat API on its own grpc.aio server (health, reflection, error mapping), serving."""
+    servicer = ChatServicer(services, vocab_size)
+    running = await start_server(
+        "chat",
+        [lambda s: chat_pb2_grpc.add_ChatServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        ServerOptions(bind=bind),
+    )
+    running.set_serving()
+    return running
