@@ -168,7 +168,11 @@ class CompiledConstraint:
         self._dfa = LazyDfa(nfa, frag)
 
     def start(self) -> ConstraintState:
-        return ConstraintState(self)
+        return ConstraintState(self, self._dfa.start if self._dfa is not None else 0)
+
+    @property
+    def has_grammar(self) -> bool:
+        return self._dfa is not None
 
     def mask(self, state: int) -> torch.Tensor | None:
         """Bool [vocab.size]: the ids allowed in automaton state `state`; None = anything."""
@@ -230,9 +234,9 @@ def _schema(tool: ToolSchema) -> dict | None:
 class ConstraintState:
     """One sequence's position in its constraint."""
 
-    def __init__(self, compiled: CompiledConstraint) -> None:
+    def __init__(self, compiled: CompiledConstraint, state: int) -> None:
         self.compiled = compiled
-        self._state = compiled._dfa.start if compiled._dfa is not None else 0
+        self._state = state  # the automaton state (unused without a grammar)
 
     @property
     def end_id(self) -> int | None:
@@ -250,7 +254,7 @@ class ConstraintState:
         """ValueError if the token was not allowed (the sampler never picks such a token)."""
         if not self.accepts(token_id):
             raise ValueError(f"token {token_id} violates the generation constraint")
-        if self.compiled._dfa is not None and self.allowed() is not None:
+        if self.compiled.has_grammar and self.allowed() is not None:
             self._state = self.compiled.step(self._state, token_id)
 
 
