@@ -46,6 +46,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.r, 1e-6, dtype)
         self.kv_b = Linear(self.r, self.h * (self.d_n + self.d_v), dtype)
         self.o = Linear(self.h * self.d_v, d, dtype)
+        self._absorbed: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(
         self,
@@ -73,7 +74,7 @@ class MLA(nn.Module):
             q_nope, q_pe = q_nope[:, None], q_pe[:, None]
         else:
             q_nope, q_pe = q_nope[meta.q_index], q_pe[meta.q_index]  # [B, Q, H, *]
-        attend = self._naive if form == "naive" else self._absorbed
+        attend = self._naive if form == "naive" else self._attend_absorbed
         o = attend(q_nope, q_pe, ctx, meta.mask)  # [B, Q, H, d_v]
         o = o.flatten(0, 1) if meta.decode else o[meta.q_valid]  # [T, H, d_v] in row order
         return self.o(o.reshape(t, self.h * self.d_v))
@@ -90,20 +91,33 @@ class MLA(nn.Module):
         return torch.einsum("bhql,blhv->bqhv", p, v)  # [B, Q, H, d_v]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, d_n, r] and W_UV [H, d_v, r] views of kv_b_proj."""
-        w = self.kv_b.dense_weight().view(self.h, self.d_n + self.d_v, self.r)
-        return w[:, : self.d_n], w[:, self.d_n :]
+        """W_UK [H, d_n, r] and W_UV^T [H, r, d_v] from kv_b_proj, contiguous for batched matmuls.
 
-    def _absorbed(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        Made once while kv_b is dense (keyed on its weight tensor, so reloading invalidates it);
+        with fp8 resident they are dequantised per call like every other weight.
+        """
+        weight = self.kv_b.weight
+        if self._absorbed is not None and self._absorbed[0] is weight:
+            return self._absorbed[1]
+        w = self.kv_b.dense_weight().view(self.h, self.d_n + self.d_v, self.r)
+        pair = (w[:, : self.d_n].contiguous(), w[:, self.d_n :].transpose(1, 2).contiguous())
+        if self.kv_b.fp8_parts is None:
+            self._absorbed = (weight, pair)
+        return pair
+
+    def _attend_absorbed(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
         b, q_len = q_nope.shape[:2]
-        w_uk, w_uv = self.absorbed_weights()
-        q_lat = torch.einsum("bqhn,hnr->bqhr", q_nope, w_uk)  # [B, Q, H, r]
-        q = torch.cat((q_lat, q_pe), -1).view(b, q_len * self.h, -1)  # [B, Q*H, r + d_r]
+        n = b * q_len
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_lat = torch.bmm(q_nope.reshape(n, self.h, self.d_n).transpose(0, 1), w_uk)  # [H, N, r]
+        q = torch.cat((q_lat.transpose(0, 1), q_pe.reshape(n, self.h, self.d_r)), -1)
+        q = q.view(b, q_len * self.h, self.r + self.d_r)  # [B, Q*H, r + d_r]
         # One latent key [c_kv | k_pe] per token, shared by every head and query.
         scores = torch.bmm(q, ctx.transpose(1, 2)).view(b, q_len, self.h, -1).transpose(1, 2)
         p = self._softmax(scores, mask)  # [B, H, Q, L]
         o_lat = torch.bmm(p.transpose(1, 2).reshape(b, q_len * self.h, -1), ctx[..., : self.r])
-        return torch.einsum("bqhr,hvr->bqhv", o_lat.view(b, q_len, self.h, self.r), w_uv)
+        o = torch.bmm(o_lat.view(n, self.h, self.r).transpose(0, 1), w_uv_t)  # [H, N, d_v]
+        return o.transpose(0, 1).reshape(b, q_len, self.h, self.d_v)
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scaled, masked softmax in fp32 over the last (context) axis. mask [B, 1, Q, L]."""
