@@ -24,6 +24,7 @@ repeat (3 repeats, 1 with --quick) so that load from other processes hits all of
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import sys
 import tempfile
@@ -44,7 +45,6 @@ from k2model.generate import GenerationRequest  # noqa: E402
 from services.deployment import Deployment  # noqa: E402
 from services.experts.client import ExpertsClient, RemoteExperts  # noqa: E402
 from services.launcher import Suite  # noqa: E402
-from tests.e2e.suite_fixtures import free_port  # noqa: E402
 
 BATCHES = (1, 32, 256)
 CALLS = {1: 60, 32: 30, 256: 10}  # per path, batch and repeat (a third with --quick)
@@ -55,6 +55,12 @@ PROMPT_LEN, NEW_TOKENS = 64, 16
 RANKS = (1, 2)
 REPEATS = 3
 SEED = 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_deployment(path: Path, checkpoint: str, ranks: int) -> Path:

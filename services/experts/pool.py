@@ -40,10 +40,13 @@ class PoolBroken(RuntimeError):
     """A collective failed (a peer died, hung past the timeout, or the job is going down)."""
 
 
-def device_and_backend() -> tuple[torch.device, str]:
+def device_for(local_rank: int) -> torch.device:
+    """This rank's GPU (local ranks spread over the visible GPUs), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device()), "nccl"
-    return torch.device("cpu"), "gloo"
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
 
 
 class ExpertPool:
@@ -58,15 +61,15 @@ class ExpertPool:
         checkpoint: Path,
         dtype: torch.dtype | None,
         fp8_resident: bool,
+        device: torch.device,
         load_timeout_s: float,
         collective_timeout_s: float,
     ) -> ExpertPool:
         """Rendezvous (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment), load
         this rank's slice, wait for every rank to have loaded. The long load timeout covers
         rendezvous and the barrier; rounds then run under the short collective timeout."""
-        device, backend = device_and_backend()
         deepspeed.init_distributed(
-            dist_backend=backend,
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
             auto_mpi_discovery=False,
             timeout=timedelta(seconds=load_timeout_s),
             verbose=False,

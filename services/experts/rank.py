@@ -25,7 +25,7 @@ from services.common.main_args import parse
 from services.common.server import ServerOptions, run_until_signal, start_server
 from services.deployment import Deployment, Instance
 from services.experts.batcher import Batcher
-from services.experts.pool import ExpertPool, PoolBroken
+from services.experts.pool import ExpertPool, PoolBroken, device_for
 from services.experts.routed import PoolSpec
 from services.experts.servicer import ExpertsServicer
 from services.pb.k2.v1 import experts_pb2, experts_pb2_grpc
@@ -58,9 +58,15 @@ def threads_for(dep: Deployment, me: Instance) -> int:
     return max(1, (os.cpu_count() or 1) // (me.ranks + len(peers)))
 
 
-def join(dep: Deployment) -> ExpertPool:
+def join(dep: Deployment, local_rank: int) -> ExpertPool:
+    device = device_for(local_rank)
     return ExpertPool.join(
-        dep.checkpoint, dep.torch_dtype(), dep.fp8_resident, LOAD_TIMEOUT_S, COLLECTIVE_TIMEOUT_S
+        dep.checkpoint,
+        dep.torch_dtype(),
+        dep.fp8_resident,
+        device,
+        LOAD_TIMEOUT_S,
+        COLLECTIVE_TIMEOUT_S,
     )
 
 
@@ -74,7 +80,7 @@ async def lead(dep: Deployment, me: Instance) -> int:
         [SERVICE],
         ServerOptions(bind=me.target),
     )
-    pool = await asyncio.to_thread(join, dep)
+    pool = await asyncio.to_thread(join, dep, 0)
     rounds = asyncio.create_task(batcher.run(pool.lead, pool.heartbeat))
     running.set_serving()
     print(f"{me.name} listening on {running.address} ({spec.ranks} ranks)", flush=True)
@@ -93,8 +99,8 @@ async def lead(dep: Deployment, me: Instance) -> int:
     return 0
 
 
-def follow(dep: Deployment) -> int:
-    pool = join(dep)
+def follow(dep: Deployment, local_rank: int) -> int:
+    pool = join(dep, local_rank)
     try:
         pool.follow()
     except PoolBroken as exc:
@@ -110,7 +116,7 @@ def main() -> None:
         sys.exit(f"WORLD_SIZE {os.environ['WORLD_SIZE']} but {me.name} has {me.ranks} ranks")
     torch.set_num_threads(threads_for(dep, me))
     if int(os.environ["RANK"]) != 0:
-        sys.exit(follow(dep))
+        sys.exit(follow(dep, int(os.environ["LOCAL_RANK"])))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         sys.exit(runner.run(lead(dep, me)))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from k2model.checkpoint.loader import load_expert_slice
+from k2model.checkpoint.loader import default_dtype, load_expert_slice
 from k2model.config import K2Config
 from k2model.moe import LocalExperts
 from services.experts.plan import Part
@@ -33,6 +33,7 @@ class ExpertShard:
         device: torch.device,
     ) -> ExpertShard:
         spec = PoolSpec.of(K2Config.from_dir(checkpoint), ranks)
+        dtype = dtype or default_dtype(device)
         _, experts = load_expert_slice(
             checkpoint, spec.first(rank), spec.per_rank, dtype, fp8_resident
         )
