@@ -186,6 +186,8 @@ class MessagesRequest(CountTokensRequest):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     metadata: Metadata | None = None
+    service_tier: Literal["auto", "standard_only"] | None = None  # one tier here
+    cache_control: dict[str, Any] | None = None  # a caching hint
 
     def to_chat_request(
         self, model: Model, default_thinking: bool | None, limits: Limits

@@ -1,11 +1,11 @@
 """The gateway's FastAPI app: `create_app(config, chat_service)`.
 
 Layers, outermost first: RequestCounter (metrics by route and status) -> SizeGuard (header and
-body limits, before any parsing) -> routing. Every error leaves through `ApiError.response` in
-the OpenAI or Anthropic shape, whichever the path belongs to: validation errors are 400s
-naming the field path, unknown routes 404, domain errors per errors.py, anything else a 500
-that leaks nothing. /health, /metrics and the OpenAPI document need no key; every /v1 route
-(and its /anthropic twin) checks the key itself (auth.py).
+body limits, before any parsing) -> InternalErrors (a bug is a 500) -> routing. Every error
+leaves through `ApiError.response` in the OpenAI or Anthropic shape, whichever the path belongs
+to: validation errors are 400s naming the field path, unknown routes 404, domain errors per
+errors.py, anything else a 500 that leaks nothing. /health, /metrics and the OpenAPI document
+need no key; every /v1 route (and its /anthropic twin) checks the key itself (auth.py).
 """
 
 from __future__ import annotations
@@ -86,6 +86,30 @@ class SizeGuard:
         await self.app(scope, replay, send)
 
 
+class InternalErrors:
+    """A bug's exception becomes the fixed 500 body (details go to the log only). Unlike
+    Starlette's outermost error middleware this answers without re-raising, so the server
+    keeps the client's connection open."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started or scope["type"] != "http":
+                raise  # a response is under way: nothing coherent can follow it
+            await errors.from_exception(exc).response(scope["path"])(scope, receive, send)
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
     """A pydantic error location as a JSON path: ('body', 'messages', 0, 'content') ->
     messages[0].content. Union-member tags pydantic inserts ('str', 'list[...]') are dropped."""
@@ -144,7 +168,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(ClientDisconnected, disconnected)
-    app.add_exception_handler(Exception, api_error)
 
 
 def create_app(
@@ -164,9 +187,14 @@ def create_app(
         yield
         await client.aclose()
 
-    # strict_content_type=False: a JSON body is JSON whatever Content-Type curl sent.
+    # strict_content_type=False: a body sent without Content-Type is still read as JSON.
+    # redirect_slashes=False: `/v1/models/` is a 404, not a redirect to a route.
     app = FastAPI(
-        title="k2serve gateway", version="1", lifespan=lifespan, strict_content_type=False
+        title="k2serve gateway",
+        version="1",
+        lifespan=lifespan,
+        strict_content_type=False,
+        redirect_slashes=False,
     )
     app.state.gateway = Gateway(config, config.keyring(), services, metrics)
     app.state.keyring = app.state.gateway.keyring
@@ -182,6 +210,7 @@ def create_app(
     async def prometheus() -> Response:
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(InternalErrors)
     app.add_middleware(SizeGuard, limits=config.limits)
     app.add_middleware(RequestCounter, metrics=metrics)
     return app

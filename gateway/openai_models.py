@@ -18,7 +18,7 @@ from gateway import errors
 from gateway import request_checks as checks
 from gateway.chat_types import ChatRequest
 from gateway.config import Limits
-from gateway.registry import Model
+from gateway.registry import LocalModel, Model
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
 
 MAX_N = 128
@@ -78,6 +78,12 @@ class ChatMessage(Strict):
     refusal: None = None
     function_call: None = None
     audio: None = None
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required for a {self.role} message")
+        return self
 
     def to_message(self) -> Message:
         content = self.content
@@ -245,7 +251,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     """Legacy completions. K2 is a chat model and the pipeline speaks chat, so the prompt is
-    rendered as one user turn (with Thinking off: the reply is plain text)."""
+    rendered as one user turn (on local models with Thinking off: the reply is plain text)."""
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: PositiveInt | None = 16  # OpenAI's default for this route
@@ -269,7 +275,7 @@ class CompletionRequest(SamplingFields):
             stop=self._stop(limits),
             max_tokens=checks.check_max_tokens(self.max_tokens, model, "max_tokens"),
             sampling=self._sampling(model, False, self.logprobs is not None, self.logprobs or 0),
-            thinking=False,
+            thinking=False if isinstance(model, LocalModel) else None,  # upstream: its own way
         )
 
 

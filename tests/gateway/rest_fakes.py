@@ -78,6 +78,20 @@ class ScriptedChat:
         return words(request)
 
 
+@dataclass
+class Switch:
+    """Forwards to `target`, so that one server (started once per test module) serves each
+    test's own fake."""
+
+    target: ScriptedChat = field(default_factory=ScriptedChat)
+
+    def chat(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        return self.target.chat(request)
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        return await self.target.count_tokens(request)
+
+
 def config_dict(**limits: int) -> dict:
     return {
         "keys": [

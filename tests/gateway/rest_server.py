@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.chat_types import ChatService
 from gateway.config import GatewayConfig
-from tests.gateway.rest_fakes import make_config
+from tests.gateway.rest_fakes import ScriptedChat, Switch, make_config
 
 # One client for every test: creating one (its TLS context) costs ~0.1 s.
 HTTP = httpx.Client(timeout=30)
@@ -57,3 +57,16 @@ def running(
     app = create_app(config or make_config(), service, **kwargs)
     with serve(app) as base:
         yield base
+
+
+@contextmanager
+def switched(**kwargs: Any) -> Iterator[Callable[[ScriptedChat], str]]:
+    """One server for many tests: yields `use(fake) -> base URL`, which points it at `fake`."""
+    switch = Switch()
+    with running(switch, **kwargs) as base:
+
+        def use(fake: ScriptedChat) -> str:
+            switch.target = fake
+            return base
+
+        yield use

@@ -13,7 +13,7 @@ from gateway.chat_types import ChatEvent, ChatRequest, TokenLogprob, ToolCallDel
 from k2model.text.messages import TextPart
 from services.common import errors as svc
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ORDINARY_KEY, ScriptedChat
-from tests.gateway.rest_server import HTTP, running
+from tests.gateway.rest_server import HTTP, switched
 
 WEATHER = {
     "type": "function",
@@ -24,6 +24,13 @@ WEATHER = {
     },
 }
 USER = [{"role": "user", "content": "hello big world"}]
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """`serve(fake)` -> the base URL of this module's gateway, now answering from `fake`."""
+    with switched() as use:
+        yield use
 
 
 def sse_data(text: str) -> list[str]:
@@ -48,10 +55,10 @@ def scripted(*events: ChatEvent) -> ScriptedChat:
     return ScriptedChat(script=lambda _: list(events))
 
 
-def test_reply_and_usage_come_from_the_pipeline() -> None:
+def test_reply_and_usage_come_from_the_pipeline(serve) -> None:
     fake = ScriptedChat()
-    with running(fake) as base:
-        reply = client(base).chat.completions.create(model="kimi-k2-instruct", messages=USER)
+    base = serve(fake)
+    reply = client(base).chat.completions.create(model="kimi-k2-instruct", messages=USER)
     assert reply.object == "chat.completion"
     assert reply.model == "kimi-k2-instruct"
     assert reply.id.startswith("chatcmpl-")
@@ -62,33 +69,33 @@ def test_reply_and_usage_come_from_the_pipeline() -> None:
     assert fake.finished == [reply.id]
 
 
-def test_every_field_reaches_the_chat_request() -> None:
+def test_every_field_reaches_the_chat_request(serve) -> None:
     fake = ScriptedChat()
-    with running(fake) as base:
-        client(base).chat.completions.create(
-            model="kimi-k2-instruct",
-            messages=[
-                {
-                    "role": "user",
-                    "content": [{"type": "text", "text": "a "}, {"type": "text", "text": "b"}],
-                }
-            ],
-            temperature=0.3,
-            top_p=0.9,
-            presence_penalty=0.5,
-            frequency_penalty=-0.5,
-            logit_bias={"5": 10, "7": -100},
-            seed=-1,
-            stop=["x", "yy"],
-            max_completion_tokens=7,
-            n=2,
-            logprobs=True,
-            top_logprobs=3,
-            tools=[WEATHER],
-            tool_choice={"type": "function", "function": {"name": "get_weather"}},
-            parallel_tool_calls=False,
-            extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1},
-        )
+    base = serve(fake)
+    client(base).chat.completions.create(
+        model="kimi-k2-instruct",
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a "}, {"type": "text", "text": "b"}],
+            }
+        ],
+        temperature=0.3,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias={"5": 10, "7": -100},
+        seed=-1,
+        stop=["x", "yy"],
+        max_completion_tokens=7,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1},
+    )
     req: ChatRequest = fake.requests[-1]
     s = req.sampling
     assert req.messages[0].content == (TextPart("a "), TextPart("b"))
@@ -117,15 +124,13 @@ def test_every_field_reaches_the_chat_request() -> None:
     assert req.request_id.startswith("chatcmpl-")
 
 
-def test_defaults_follow_the_key_profile_and_the_model() -> None:
+def test_defaults_follow_the_key_profile_and_the_model(serve) -> None:
     fake = ScriptedChat()
-    with running(fake) as base:
-        ordinary = post(base, {"messages": USER}, ORDINARY_KEY).json()
-        enterprise = post(base, {"messages": USER}, ENTERPRISE_KEY).json()
-        post(
-            base, {"messages": USER, "model": "kimi-k2-thinking", "thinking": {"type": "disabled"}}
-        )
-        post(base, {"messages": USER, "max_tokens": 9})
+    base = serve(fake)
+    ordinary = post(base, {"messages": USER}, ORDINARY_KEY).json()
+    enterprise = post(base, {"messages": USER}, ENTERPRISE_KEY).json()
+    post(base, {"messages": USER, "model": "kimi-k2-thinking", "thinking": {"type": "disabled"}})
+    post(base, {"messages": USER, "max_tokens": 9})
     instruct, thinking, thinking_off, legacy_max = fake.requests
     assert ordinary["model"] == "kimi-k2-instruct" and enterprise["model"] == "kimi-k2-thinking"
     assert (instruct.thinking, instruct.sampling.temperature) == (False, 0.6)
@@ -140,10 +145,10 @@ def test_defaults_follow_the_key_profile_and_the_model() -> None:
     assert legacy_max.max_tokens == 9
 
 
-def test_stream_frames_and_include_usage() -> None:
-    with running(ScriptedChat()) as base:
-        body = {"messages": USER, "stream": True, "stream_options": {"include_usage": True}}
-        response = post(base, body)
+def test_stream_frames_and_include_usage(serve) -> None:
+    base = serve(ScriptedChat())
+    body = {"messages": USER, "stream": True, "stream_options": {"include_usage": True}}
+    response = post(base, body)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     payloads = sse_data(response.text)
@@ -160,12 +165,12 @@ def test_stream_frames_and_include_usage() -> None:
     assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
 
-def test_stream_without_include_usage_has_no_usage_key_and_n_choices() -> None:
-    with running(ScriptedChat()) as base:
-        stream = client(base).chat.completions.create(
-            messages=USER, model="kimi-k2-instruct", n=2, stream=True
-        )
-        chunks = list(stream)
+def test_stream_without_include_usage_has_no_usage_key_and_n_choices(serve) -> None:
+    base = serve(ScriptedChat())
+    stream = client(base).chat.completions.create(
+        messages=USER, model="kimi-k2-instruct", n=2, stream=True
+    )
+    chunks = list(stream)
     assert all(c.usage is None for c in chunks)
     for index in (0, 1):
         mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
@@ -174,20 +179,18 @@ def test_stream_without_include_usage_has_no_usage_key_and_n_choices() -> None:
         assert mine[-1].finish_reason == "stop"
 
 
-def test_reasoning_content_non_streaming_and_streaming() -> None:
+def test_reasoning_content_non_streaming_and_streaming(serve) -> None:
     fake = scripted(
         ChatEvent(reasoning="think "),
         ChatEvent(reasoning="hard"),
         ChatEvent(content="42"),
         ChatEvent(finish_reason="stop", usage=Usage(5, 3)),
     )
-    with running(fake) as base:
-        reply = client(base).chat.completions.create(messages=USER, model="kimi-k2-thinking")
-        chunks = list(
-            client(base).chat.completions.create(
-                messages=USER, model="kimi-k2-thinking", stream=True
-            )
-        )
+    base = serve(fake)
+    reply = client(base).chat.completions.create(messages=USER, model="kimi-k2-thinking")
+    chunks = list(
+        client(base).chat.completions.create(messages=USER, model="kimi-k2-thinking", stream=True)
+    )
     assert reply.choices[0].message.reasoning_content == "think hard"
     assert reply.choices[0].message.content == "42"
     deltas = [c.choices[0].delta for c in chunks]
@@ -213,17 +216,17 @@ def call_events(*, invalid_second: bool) -> list[ChatEvent]:
     ]
 
 
-def test_tool_calls_are_whole_and_invalid_ones_are_dropped() -> None:
+def test_tool_calls_are_whole_and_invalid_ones_are_dropped(serve) -> None:
     fake = ScriptedChat(script=lambda _: call_events(invalid_second=True))
-    with running(fake) as base:
-        reply = client(base).chat.completions.create(
-            messages=USER, model="kimi-k2-instruct", tools=[WEATHER]
+    base = serve(fake)
+    reply = client(base).chat.completions.create(
+        messages=USER, model="kimi-k2-instruct", tools=[WEATHER]
+    )
+    chunks = list(
+        client(base).chat.completions.create(
+            messages=USER, model="kimi-k2-instruct", tools=[WEATHER], stream=True
         )
-        chunks = list(
-            client(base).chat.completions.create(
-                messages=USER, model="kimi-k2-instruct", tools=[WEATHER], stream=True
-            )
-        )
+    )
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == "tool_calls"
     assert message.content == "Let me check."
@@ -237,19 +240,19 @@ def test_tool_calls_are_whole_and_invalid_ones_are_dropped() -> None:
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_a_choice_whose_only_call_is_invalid_finishes_stop() -> None:
+def test_a_choice_whose_only_call_is_invalid_finishes_stop(serve) -> None:
     events = [
         ChatEvent(tool_calls=(ToolCallDelta(0, id="functions.f:0", name="f", arguments="{"),)),
         ChatEvent(tool_calls=(ToolCallDelta(0, error="arguments are not JSON"),)),
         ChatEvent(finish_reason="tool_calls", usage=Usage(1, 2)),
     ]
-    with running(scripted(*events)) as base:
-        reply = client(base).chat.completions.create(messages=USER, model="kimi-k2-instruct")
+    base = serve(scripted(*events))
+    reply = client(base).chat.completions.create(messages=USER, model="kimi-k2-instruct")
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.tool_calls is None
 
 
-def test_logprobs() -> None:
+def test_logprobs(serve) -> None:
     lp = TokenLogprob(
         "hi", -0.25, (104, 105), top=(("hi", -0.25, (104, 105)), ("yo", -1.5, (121, 111)))
     )
@@ -257,11 +260,11 @@ def test_logprobs() -> None:
         ChatEvent(content="hi", logprobs=(lp,)),
         ChatEvent(finish_reason="length", usage=Usage(1, 1)),
     )
-    with running(fake) as base:
-        reply = client(base).chat.completions.create(
-            messages=USER, model="kimi-k2-instruct", logprobs=True, top_logprobs=2
-        )
-        plain = client(base).chat.completions.create(messages=USER, model="kimi-k2-instruct")
+    base = serve(fake)
+    reply = client(base).chat.completions.create(
+        messages=USER, model="kimi-k2-instruct", logprobs=True, top_logprobs=2
+    )
+    plain = client(base).chat.completions.create(messages=USER, model="kimi-k2-instruct")
     (token,) = reply.choices[0].logprobs.content
     assert (token.token, token.logprob, token.bytes) == ("hi", -0.25, [104, 105])
     assert [(t.token, t.logprob) for t in token.top_logprobs] == [("hi", -0.25), ("yo", -1.5)]
@@ -269,11 +272,11 @@ def test_logprobs() -> None:
     assert plain.choices[0].logprobs is None
 
 
-def test_partial_mode_passes_the_prefix_as_an_open_assistant_turn() -> None:
+def test_partial_mode_passes_the_prefix_as_an_open_assistant_turn(serve) -> None:
     fake = scripted(ChatEvent(content=" world"), ChatEvent(finish_reason="stop", usage=Usage(4, 1)))
     messages = [*USER, {"role": "assistant", "content": "Hello", "partial": True, "name": "Kimi"}]
-    with running(fake) as base:
-        reply = post(base, {"messages": messages, "model": "kimi-k2-instruct"}).json()
+    base = serve(fake)
+    reply = post(base, {"messages": messages, "model": "kimi-k2-instruct"}).json()
     last = fake.requests[-1].messages[-1]
     assert (last.role, last.content, last.partial, last.name) == (
         "assistant",
@@ -284,20 +287,18 @@ def test_partial_mode_passes_the_prefix_as_an_open_assistant_turn() -> None:
     assert reply["choices"][0]["message"]["content"] == " world"
 
 
-def test_sdk_round_trips_a_response_message_into_the_history() -> None:
+def test_sdk_round_trips_a_response_message_into_the_history(serve) -> None:
     """The seed's tool loop appends `choice.message` (an SDK object) to the messages."""
     fake = ScriptedChat(script=lambda _: call_events(invalid_second=False))
-    with running(fake) as base:
-        sdk = client(base)
-        first = sdk.chat.completions.create(
-            messages=USER, model="kimi-k2-instruct", tools=[WEATHER]
+    base = serve(fake)
+    sdk = client(base)
+    first = sdk.chat.completions.create(messages=USER, model="kimi-k2-instruct", tools=[WEATHER])
+    history = [*USER, first.choices[0].message]
+    for call in first.choices[0].message.tool_calls:
+        history.append(
+            {"role": "tool", "tool_call_id": call.id, "name": "get_weather", "content": "{}"}
         )
-        history = [*USER, first.choices[0].message]
-        for call in first.choices[0].message.tool_calls:
-            history.append(
-                {"role": "tool", "tool_call_id": call.id, "name": "get_weather", "content": "{}"}
-            )
-        sdk.chat.completions.create(messages=history, model="kimi-k2-instruct", tools=[WEATHER])
+    sdk.chat.completions.create(messages=history, model="kimi-k2-instruct", tools=[WEATHER])
     sent = fake.requests[-1].messages
     assert [m.role for m in sent] == ["user", "assistant", "tool", "tool"]
     assert [c.id for c in sent[1].tool_calls] == [
@@ -348,9 +349,11 @@ def test_sdk_round_trips_a_response_message_into_the_history() -> None:
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
-def test_errors_before_output_are_http_errors(error, status, etype, code, param, stream) -> None:
-    with running(ScriptedChat(fail_before=error)) as base:
-        response = post(base, {"messages": USER, "stream": stream})
+def test_errors_before_output_are_http_errors(
+    serve, error, status, etype, code, param, stream
+) -> None:
+    base = serve(ScriptedChat(fail_before=error))
+    response = post(base, {"messages": USER, "stream": stream})
     assert response.status_code == status
     body = response.json()
     assert body == {
@@ -361,9 +364,9 @@ def test_errors_before_output_are_http_errors(error, status, etype, code, param,
         assert "10.0.0.7" not in response.text and "secret" not in response.text
 
 
-def test_failure_mid_stream_is_one_error_frame_then_done() -> None:
-    with running(ScriptedChat(fail_after=2)) as base:
-        response = post(base, {"messages": USER, "stream": True})
+def test_failure_mid_stream_is_one_error_frame_then_done(serve) -> None:
+    base = serve(ScriptedChat(fail_after=2))
+    response = post(base, {"messages": USER, "stream": True})
     payloads = sse_data(response.text)
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])

@@ -13,10 +13,17 @@ import pytest
 from gateway.chat_types import ChatEvent, TokenLogprob, Usage
 from gateway.metrics import DecodeLoad
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ORDINARY_KEY, ScriptedChat, echo
-from tests.gateway.rest_server import HTTP, running
+from tests.gateway.rest_server import HTTP, running, switched
 
 AUTH = {"Authorization": f"Bearer {ENTERPRISE_KEY}"}
 USER = [{"role": "user", "content": "hello big world"}]
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """`serve(fake)` -> the base URL of this module's gateway, now answering from `fake`."""
+    with switched() as use:
+        yield use
 
 
 def client(base: str, key: str = ENTERPRISE_KEY) -> openai.OpenAI:
@@ -32,15 +39,13 @@ def wait_for(condition, timeout_s: float = 10.0) -> bool:
     return True
 
 
-def test_completions_render_the_prompt_as_one_user_turn() -> None:
+def test_completions_render_the_prompt_as_one_user_turn(serve) -> None:
     fake = ScriptedChat()
-    with running(fake) as base:
-        reply = client(base).completions.create(
-            model="kimi-k2-instruct", prompt="say this please", n=2
-        )
-        streamed = list(
-            client(base).completions.create(model="kimi-k2-instruct", prompt=["go on"], stream=True)
-        )
+    base = serve(fake)
+    reply = client(base).completions.create(model="kimi-k2-instruct", prompt="say this please", n=2)
+    streamed = list(
+        client(base).completions.create(model="kimi-k2-instruct", prompt=["go on"], stream=True)
+    )
     first, second = fake.requests
     assert [(m.role, m.content) for m in first.messages] == [("user", "say this please")]
     assert (first.n, first.max_tokens, first.thinking) == (2, 16, False)  # OpenAI's default 16
@@ -54,7 +59,7 @@ def test_completions_render_the_prompt_as_one_user_turn() -> None:
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
-def test_completion_logprobs_use_the_legacy_shape() -> None:
+def test_completion_logprobs_use_the_legacy_shape(serve) -> None:
     tokens = (
         TokenLogprob("ab", -0.5, (97, 98), top=(("ab", -0.5, (97, 98)), ("x", -2.0, (120,)))),
         TokenLogprob("c", -0.1, (99,), top=(("c", -0.1, (99,)),)),
@@ -65,8 +70,8 @@ def test_completion_logprobs_use_the_legacy_shape() -> None:
             ChatEvent(finish_reason="length", usage=Usage(1, 2)),
         ]
     )
-    with running(fake) as base:
-        reply = client(base).completions.create(model="kimi-k2-instruct", prompt="p", logprobs=2)
+    base = serve(fake)
+    reply = client(base).completions.create(model="kimi-k2-instruct", prompt="p", logprobs=2)
     assert fake.requests[0].sampling.logprobs and fake.requests[0].sampling.top_logprobs == 2
     lp = reply.choices[0].logprobs
     assert lp.tokens == ["ab", "c"]
@@ -75,30 +80,30 @@ def test_completion_logprobs_use_the_legacy_shape() -> None:
     assert lp.text_offset == [0, 2]
 
 
-def test_models_list_the_keys_models_default_first() -> None:
-    with running(ScriptedChat()) as base:
-        enterprise = [m.id for m in client(base).models.list().data]
-        ordinary = [m.id for m in client(base, ORDINARY_KEY).models.list().data]
-        card = client(base).models.retrieve("kimi-k2-instruct")
-        with pytest.raises(openai.PermissionDeniedError):
-            client(base, ORDINARY_KEY).models.retrieve("kimi-k2-thinking")
-        with pytest.raises(openai.NotFoundError):
-            client(base).models.retrieve("gpt-4o")
+def test_models_list_the_keys_models_default_first(serve) -> None:
+    base = serve(ScriptedChat())
+    enterprise = [m.id for m in client(base).models.list().data]
+    ordinary = [m.id for m in client(base, ORDINARY_KEY).models.list().data]
+    card = client(base).models.retrieve("kimi-k2-instruct")
+    with pytest.raises(openai.PermissionDeniedError):
+        client(base, ORDINARY_KEY).models.retrieve("kimi-k2-thinking")
+    with pytest.raises(openai.NotFoundError):
+        client(base).models.retrieve("gpt-4o")
     assert enterprise == ["kimi-k2-thinking", "kimi-k2-instruct"]
     assert ordinary == ["kimi-k2-instruct"]
     assert (card.id, card.object, card.owned_by) == ("kimi-k2-instruct", "model", "k2serve")
 
 
-def test_estimate_token_count_like_moonshot() -> None:
+def test_estimate_token_count_like_moonshot(serve) -> None:
     fake = ScriptedChat()
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with running(fake) as base:
-        body = {
-            "model": "kimi-k2-instruct",
-            "messages": [*USER, {"role": "assistant", "content": "a b"}],
-            "tools": tools,
-        }
-        response = HTTP.post(f"{base}/v1/tokenizers/estimate-token-count", json=body, headers=AUTH)
+    base = serve(fake)
+    body = {
+        "model": "kimi-k2-instruct",
+        "messages": [*USER, {"role": "assistant", "content": "a b"}],
+        "tools": tools,
+    }
+    response = HTTP.post(f"{base}/v1/tokenizers/estimate-token-count", json=body, headers=AUTH)
     assert response.status_code == 200
     assert response.json() == {"data": {"total_tokens": 5}}
     assert [t.name for t in fake.requests[0].tools] == ["f"]
@@ -129,30 +134,26 @@ def long_reply(request):
     return [ChatEvent(content=f" w{i}") for i in range(400)] + echo(request)
 
 
-def test_client_disconnect_mid_stream_cancels_the_request() -> None:
+def test_client_disconnect_mid_stream_cancels_the_request(serve) -> None:
     fake = ScriptedChat(script=long_reply, delay_s=0.02)  # 8 s if it ran to the end
-    with running(fake) as base:
-        body = {"messages": USER, "stream": True}
-        with HTTP.stream(
-            "POST", f"{base}/v1/chat/completions", json=body, headers=AUTH
-        ) as response:
-            lines = response.iter_lines()
-            seen = [line for _, line in zip(range(6), lines, strict=False)]
-        assert wait_for(lambda: fake.closed_early)
-        metrics = HTTP.get(f"{base}/metrics").text
+    base = serve(fake)
+    body = {"messages": USER, "stream": True}
+    with HTTP.stream("POST", f"{base}/v1/chat/completions", json=body, headers=AUTH) as response:
+        lines = response.iter_lines()
+        seen = [line for _, line in zip(range(6), lines, strict=False)]
+    assert wait_for(lambda: fake.closed_early)
+    metrics = HTTP.get(f"{base}/metrics").text
     assert any(json.loads(line[6:])["choices"][0]["delta"].get("content") for line in seen if line)
     assert fake.finished == []
     assert "k2_gateway_requests_in_flight 0.0" in metrics
 
 
-def test_client_disconnect_while_waiting_cancels_a_non_streaming_request() -> None:
+def test_client_disconnect_while_waiting_cancels_a_non_streaming_request(serve) -> None:
     fake = ScriptedChat(script=long_reply, delay_s=0.02)
-    with running(fake) as base:
-        with pytest.raises(httpx.ReadTimeout):
-            HTTP.post(
-                f"{base}/v1/chat/completions", json={"messages": USER}, headers=AUTH, timeout=0.5
-            )
-        assert wait_for(lambda: fake.closed_early)
-        metrics = HTTP.get(f"{base}/metrics").text
+    base = serve(fake)
+    with pytest.raises(httpx.ReadTimeout):
+        HTTP.post(f"{base}/v1/chat/completions", json={"messages": USER}, headers=AUTH, timeout=0.5)
+    assert wait_for(lambda: fake.closed_early)
+    metrics = HTTP.get(f"{base}/metrics").text
     assert fake.finished == []
     assert "k2_gateway_requests_in_flight 0.0" in metrics
