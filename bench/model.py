@@ -1,10 +1,12 @@
 """Prefill and decode throughput of k2model against transformers' DeepseekV3ForCausalLM, on CPU.
 
-    python3 bench/model.py [--quick] [--out bench/results/model.json] [--hf-attn eager|sdpa]
+    python3 bench/model.py [--quick] [--dtype float32|bfloat16] [--prompt-len N] [--new-tokens N]
+                           [--out bench/results/model.json] [--hf-attn eager|sdpa]
 
-Both engines load the same random bf16 checkpoint: K2's real MLA latent width (kv_lora_rank 512,
-rope 64, nope 128, v 128) with everything else shrunk so it runs on two CPU cores. Each batch of
-random prompts is prefilled once, then decoded greedily with no stop token.
+Both engines load the same random bf16 checkpoint, computing in --dtype (default float32,
+k2model's CPU default): K2's real MLA latent width (kv_lora_rank 512, rope 64, nope 128, v 128)
+with everything else shrunk so it runs on two CPU cores. Each batch of random prompts is
+prefilled once, then decoded greedily with no stop token.
 
 - prefill tok/s = prompt tokens / time to process the whole batch of prompts once
   (ours: the first step of `generate`, which also samples the first token; transformers: one
@@ -18,8 +20,8 @@ Each engine is warmed up once; the reported numbers are medians over the repeats
 its default experts kernel: eager decoded faster than sdpa at batch 16 on two cores.
 
 The batch-1 greedy tokens of both engines are compared with each other and with transformers in
-fp32: bf16 rounding legitimately makes an engine diverge after a few tokens, so a divergence is
-reported, not fatal; the fp32 column says which engine moved.
+fp32: in bf16, rounding legitimately makes an engine diverge after a few tokens, so a divergence
+is reported, not fatal; the fp32 column says which engine moved.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import random
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +206,8 @@ def load_transformers(path: Path, dtype: torch.dtype, attn: str) -> torch.nn.Mod
 
 
 def greedy_agreement(path: Path, tokens: dict[str, list[int]], prompt: list[int]) -> dict[str, int]:
-    """Leading greedy tokens shared by the two bf16 engines, and by each with an fp32 reference
-    (transformers in fp32), which tells which engine's bf16 rounding moved first."""
+    """Leading greedy tokens shared by the two engines, and by each with an fp32 reference
+    (transformers in fp32), which tells which engine's rounding moved first."""
     reference = transformers_engine(load_transformers(path, torch.float32, "sdpa"))
     ref = reference([prompt], len(tokens["k2model"])).tokens[0]
     return {
@@ -216,10 +218,10 @@ def greedy_agreement(path: Path, tokens: dict[str, list[int]], prompt: list[int]
     }
 
 
-def run_all(path: Path, s: Settings, hf_attn: str) -> dict[str, Any]:
-    hf = load_transformers(path, torch.bfloat16, hf_attn)
+def run_all(path: Path, s: Settings, hf_attn: str, dtype: torch.dtype) -> dict[str, Any]:
+    hf = load_transformers(path, dtype, hf_attn)
     engines = {
-        "k2model": k2model_engine(load_model(path, dtype=torch.bfloat16)),
+        "k2model": k2model_engine(load_model(path, dtype=dtype)),
         "transformers": transformers_engine(hf),
     }
     for engine in engines.values():
@@ -305,13 +307,28 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="8 new tokens, one timed repeat")
     p.add_argument("--out", type=Path, default=Path("bench/results/model.json"))
     p.add_argument("--hf-attn", choices=["eager", "sdpa"], default="eager")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype of both engines (float32 is k2model's CPU default: bf16 matmuls are "
+        "~7x slower than fp32 on CPUs without AVX-512 bf16)",
+    )
+    p.add_argument("--prompt-len", type=int, help="override the prompt length")
+    p.add_argument("--new-tokens", type=int, help="override the number of new tokens")
     args = p.parse_args()
     s = QUICK if args.quick else FULL
+    s = replace(
+        s,
+        prompt_len=args.prompt_len or s.prompt_len,
+        new_tokens=args.new_tokens or s.new_tokens,
+    )
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(SEED)
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_all(build_checkpoint(Path(tmp)), s, args.hf_attn)
+        result = run_all(build_checkpoint(Path(tmp)), s, args.hf_attn, dtype)
     report = {
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -319,7 +336,7 @@ def main() -> None:
         "load_after": os.getloadavg()[0],
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        "dtype": "bfloat16",
+        "dtype": args.dtype,
         "config": BENCH_CONFIG,
         "settings": asdict(s),
         **result,

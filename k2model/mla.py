@@ -18,7 +18,7 @@ from torch import nn
 from k2model.batch import BatchMeta
 from k2model.config import K2Config
 from k2model.kv_cache import PagedKVCache
-from k2model.layers import RMSNorm
+from k2model.layers import RMSNorm, as_dtype, as_f32
 from k2model.linear import Linear
 from k2model.rope import apply_rope
 
@@ -121,5 +121,5 @@ class MLA(nn.Module):
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scaled, masked softmax in fp32 over the last (context) axis. mask [B, 1, Q, L]."""
-        scores = (scores.float() * self.scale).masked_fill(~mask, float("-inf"))
-        return scores.softmax(-1).to(self.o.dtype)
+        scores = (as_f32(scores) * self.scale).masked_fill(~mask, float("-inf"))
+        return as_dtype(scores.softmax(-1), self.o.dtype)

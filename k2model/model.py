@@ -14,7 +14,7 @@ from torch import nn
 from k2model.batch import BatchMeta
 from k2model.config import K2Config
 from k2model.kv_cache import PagedKVCache
-from k2model.layers import MLP, RMSNorm
+from k2model.layers import MLP, RMSNorm, as_f32
 from k2model.mla import MLA, AttentionForm
 from k2model.moe import MoE
 from k2model.rope import RotaryTable
@@ -85,4 +85,4 @@ class K2Model(nn.Module):
                 on_layer(i)
         if not all_logits:
             h = h[meta.last_rows]
-        return (self.norm(h) @ self.lm_head.T).float()
+        return as_f32(self.norm(h) @ self.lm_head.T)

@@ -15,7 +15,7 @@ from torch import nn
 
 from k2model.checkpoint.fp8 import dequantize_block_fp8
 from k2model.config import K2Config
-from k2model.layers import MLP
+from k2model.layers import MLP, as_dtype, as_f32
 
 
 class Router(nn.Module):
@@ -29,12 +29,13 @@ class Router(nn.Module):
             cfg.topk_group,
         )
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        self.weight = nn.Buffer(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype))
+        # The router runs in fp32 (K2_SPEC 2.8); its weight is small, so it is kept in fp32.
+        self.weight = nn.Buffer(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.bias = nn.Buffer(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, k] int64, weights [T, k] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        scores = F.linear(as_f32(x), self.weight).sigmoid()  # [T, E]
         choice = scores + self.bias
         if self.n_group > 1:
             t, e = choice.shape
@@ -101,7 +102,7 @@ class LocalExperts(nn.Module):
             gate, up = (xs[start : start + n] @ gate_up.T).split(self.inter, dim=-1)
             out[start : start + n] = (F.silu(gate) * up) @ down.T
             start += n
-        out = out * weights.flatten()[order, None].to(out.dtype)
+        out = out * as_dtype(weights.flatten()[order, None], out.dtype)
         return torch.zeros_like(x).index_add_(0, rows, out)
 
     def looped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

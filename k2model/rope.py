@@ -13,6 +13,7 @@ import math
 import torch
 
 from k2model.config import K2Config, yarn_mscale
+from k2model.layers import as_dtype, as_f32
 
 
 def yarn_inv_freq(cfg: K2Config) -> tuple[torch.Tensor, float]:
@@ -66,5 +67,5 @@ class RotaryTable:
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x [..., d] by rot [..., d/2] (broadcast); same layout out."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(as_f32(x).unflatten(-1, (-1, 2)))
+    return as_dtype(torch.view_as_real(pairs * rot).flatten(-2), x.dtype)
