@@ -21,13 +21,15 @@ from k2model.rope import RotaryTable
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: K2Config, layer: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: K2Config, layer: int, dtype: torch.dtype, routed_experts: bool = True
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = MLA(cfg, layer, dtype)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.ffn: MLP | MoE = (
-            MoE(cfg, dtype)
+            MoE(cfg, dtype, routed_experts)
             if cfg.is_moe_layer(layer)
             else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
         )
@@ -38,12 +40,15 @@ class DecoderLayer(nn.Module):
 
 
 class K2Model(nn.Module):
-    def __init__(self, cfg: K2Config, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, cfg: K2Config, dtype: torch.dtype = torch.bfloat16, routed_experts: bool = True
+    ) -> None:
+        """routed_experts=False: MoE layers hold no routed experts (the expert service does)."""
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         self.embed = nn.Buffer(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, dtype, routed_experts) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = nn.Buffer(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))

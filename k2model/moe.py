@@ -64,11 +64,14 @@ class LocalExperts(nn.Module):
     only the experts a call selects are dequantised.
     """
 
-    def __init__(self, n_experts: int, dim: int, inter: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, n_experts: int, dim: int, inter: int, dtype: torch.dtype, allocate: bool = True
+    ) -> None:
         super().__init__()
         self.n_experts, self.dim, self.inter, self.dtype = n_experts, dim, inter, dtype
-        self.gate_up = nn.Buffer(torch.empty(n_experts, 2 * inter, dim, dtype=dtype))
-        self.down = nn.Buffer(torch.empty(n_experts, dim, inter, dtype=dtype))
+        held = n_experts if allocate else 0  # 0: hosted elsewhere (the expert service)
+        self.gate_up = nn.Buffer(torch.empty(held, 2 * inter, dim, dtype=dtype))
+        self.down = nn.Buffer(torch.empty(held, dim, inter, dtype=dtype))
         self.fp8: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]] | None = None
 
     def set_fp8(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
@@ -117,11 +120,11 @@ class LocalExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: K2Config, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: K2Config, dtype: torch.dtype, routed_experts: bool = True) -> None:
         super().__init__()
         self.router = Router(cfg, dtype)
         self.experts = LocalExperts(
-            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype
+            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, routed_experts
         )
         shared = cfg.n_shared_experts * cfg.moe_intermediate_size
         self.shared = MLP(cfg.hidden_size, shared, dtype) if shared else None
@@ -129,5 +132,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.router(x)
+        if self.remote is None and self.experts.gate_up.shape[0] == 0 and self.experts.fp8 is None:
+            raise RuntimeError("this model was loaded without routed experts and has no remote")
         out = (self.remote or self.experts)(x, ids, weights)
         return out + self.shared(x) if self.shared is not None else out

@@ -159,16 +159,19 @@ def load_model(
     dtype: torch.dtype | None = None,
     fp8_resident: bool = False,
     progress: bool | None = None,
+    routed_experts: bool = True,
 ) -> K2Model:
     """Load a K2 / DeepSeek-V3 checkpoint directory (config.json + safetensors shards).
 
     `dtype` is the compute dtype (default: `default_dtype()`); checkpoint tensors are converted to it.
+    `routed_experts=False` reads everything but the routed experts, for prefill and decode
+    instances whose experts live on the expert service.
     """
     dtype = dtype or default_dtype()
     cfg = K2Config.from_dir(path)
     with ShardedCheckpoint.open(Path(path)) as ckpt:
         want = validate(ckpt, cfg)
-        model = K2Model(cfg, dtype)
+        model = K2Model(cfg, dtype, routed_experts)
         show = progress if progress is not None else ckpt.total_bytes() > 2**30
         with tqdm(total=len(want), desc="loading", unit="tensor", disable=not show) as bar:
             _fill(model, _Filler(ckpt, dtype, fp8_resident, bar))
@@ -207,7 +210,10 @@ def _fill_moe(moe: MoE, m: str, f: _Filler) -> None:
     moe.router.weight.copy_(f.dense(m + "gate.weight"))
     moe.router.bias.copy_(f.ckpt.get(m + "gate.e_score_correction_bias").float())
     f.bar.update(1)
-    _fill_experts(moe.experts, m, f, first=0)
+    if moe.experts.gate_up.shape[0]:
+        _fill_experts(moe.experts, m, f, first=0)
+    else:
+        f.bar.update(3 * moe.experts.n_experts)
     if moe.shared is not None:
         s = m + "shared_experts."
         f.linear(moe.shared.gate_up, [s + "gate_proj.weight", s + "up_proj.weight"])

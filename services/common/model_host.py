@@ -17,21 +17,32 @@ log = logging.getLogger(__name__)
 
 
 def cpu_threads(dep: Deployment, me: Instance) -> int:
-    """Cores split evenly among the model-running instances on this host (at least one each).
+    """Cores split evenly among the compute processes on this host (at least one each): prefill
+    and decode instances and every rank of an expert pool.
 
     Several processes each spinning up every core's worth of OpenMP threads on a small CPU slow
-    every one of them down many times over.
+    every one of them down many times over (an expert round ran 100x slower on 2 cores).
     """
     if dep.threads:
         return dep.threads
-    peers = [i for i in dep.instances if i.kind in ("prefill", "decode") and i.host == me.host]
-    return max(1, (os.cpu_count() or 1) // max(1, len(peers)))
+    here = [i for i in dep.instances if i.host == me.host]
+    processes = sum(i.ranks if i.kind == "experts" else 1 for i in here if i.kind in _COMPUTE)
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
+_COMPUTE = ("prefill", "decode", "experts")
 
 
 async def load_for(dep: Deployment, me: Instance) -> K2Model:
     threads = cpu_threads(dep, me)
     torch.set_num_threads(threads)
-    model = await asyncio.to_thread(load_model, dep.checkpoint, dep.torch_dtype(), dep.fp8_resident)
+    model = await asyncio.to_thread(
+        load_model,
+        dep.checkpoint,
+        dep.torch_dtype(),
+        dep.fp8_resident,
+        routed_experts=dep.remote_experts is None,
+    )
     log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.dtype, threads)
     return model
 

@@ -22,6 +22,7 @@ import uvloop
 
 from k2model.config import K2Config
 from services.common.main_args import parse
+from services.common.model_host import cpu_threads
 from services.common.server import ServerOptions, run_until_signal, start_server
 from services.deployment import Deployment, Instance
 from services.experts.batcher import Batcher
@@ -47,15 +48,6 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:
             os._exit(1)
-
-
-def threads_for(dep: Deployment, me: Instance) -> int:
-    """The host's cores split among the ranks and the model processes beside them: OpenMP
-    threads beyond the cores spin against each other (a round ran 100x slower on 2 cores)."""
-    if dep.threads:
-        return dep.threads
-    peers = [i for i in dep.instances if i.kind in ("prefill", "decode") and i.host == me.host]
-    return max(1, (os.cpu_count() or 1) // (me.ranks + len(peers)))
 
 
 def join(dep: Deployment, local_rank: int) -> ExpertPool:
@@ -114,7 +106,7 @@ def main() -> None:
     dep, me = parse("experts", __doc__)
     if int(os.environ["WORLD_SIZE"]) != me.ranks:
         sys.exit(f"WORLD_SIZE {os.environ['WORLD_SIZE']} but {me.name} has {me.ranks} ranks")
-    torch.set_num_threads(threads_for(dep, me))
+    torch.set_num_threads(cpu_threads(dep, me))
     if int(os.environ["RANK"]) != 0:
         sys.exit(follow(dep, int(os.environ["LOCAL_RANK"])))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -89,3 +89,21 @@ def test_mtp_layer_ignored(tmp_path: Path) -> None:
     """DeepSeek-V3 checkpoints carry an MTP layer past num_hidden_layers; inference skips it."""
     path = write(tmp_path, lambda t: t.update({"model.layers.3.eh_proj.weight": torch.zeros(2, 2)}))
     load_model(path)
+
+
+def test_without_routed_experts_reads_none_and_needs_a_remote(tiny_ckpt: Path) -> None:
+    """Prefill/decode instances with remote experts hold no routed experts at all."""
+    from k2model.checkpoint.loader import load_expert_slice
+
+    model = load_model(tiny_ckpt, dtype=torch.float32, routed_experts=False)
+    moes = model.moe_layers()
+    assert all(m.experts.gate_up.numel() == 0 for m in moes.values())
+    with pytest.raises(RuntimeError, match="no remote"):
+        Runner(model).step({0: [1, 2, 3]}, "naive")
+    _, experts = load_expert_slice(tiny_ckpt, 0, model.cfg.n_routed_experts, dtype=torch.float32)
+    for layer, moe in moes.items():
+        moe.remote = experts[layer]
+    full = load_model(tiny_ckpt, dtype=torch.float32)
+    a = Runner(model).step({0: [1, 2, 3]}, "naive")
+    b = Runner(full).step({0: [1, 2, 3]}, "naive")
+    assert rel_err(a, b) < 1e-6

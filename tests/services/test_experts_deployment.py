@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from services.common.model_host import cpu_threads
 from services.deployment import Deployment, DeploymentError
-from services.experts.rank import threads_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,8 +70,14 @@ def test_bad_expert_settings(raw: dict, message: str) -> None:
         Deployment.from_dict(raw)
 
 
-def test_rank_threads_share_the_cores_with_model_processes() -> None:
+def test_rank_threads_share_the_cores_with_model_processes(monkeypatch) -> None:
+    """Cores are split over every compute process on the host: model instances and ranks."""
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
     dep = Deployment.from_dict(minimal(experts="remote", **pool()))
-    assert threads_for(dep, dep.instance("experts-0")) >= 1
+    processes = (
+        len(dep.of_kind("prefill")) + len(dep.of_kind("decode")) + dep.instance("experts-0").ranks
+    )
+    assert cpu_threads(dep, dep.instance("experts-0")) == max(1, 8 // processes)
+    assert cpu_threads(dep, dep.of_kind("decode")[0]) == max(1, 8 // processes)
     pinned = Deployment.from_dict(minimal(experts="remote", model={"threads": 3}, **pool()))
-    assert threads_for(pinned, pinned.instance("experts-0")) == 3
+    assert cpu_threads(pinned, pinned.instance("experts-0")) == 3
