@@ -18,7 +18,7 @@ import torch
 
 from k2model.config import K2Config
 from k2model.runner import Sampled
-from services.common.channel import open_channel
+from services.common.channel import open_channel, wait_ready
 from services.common.constraint_codec import constraint_to_proto
 from services.common.errors import InvalidArgument, OutOfRange, ServiceError, Unavailable
 from services.common.sampling_codec import sampled_token_from_proto, sampling_to_proto
@@ -53,11 +53,13 @@ class PrefillPool:
         kv_dtype: torch.dtype,
         poll_interval_s: float = 0.25,
         transfer_timeout_s: float = 120.0,
+        connect_timeout_s: float = 2.0,
     ) -> None:
         if not addresses:
             raise ValueError("decode needs at least one prefill address")
         self.cfg, self.kv_dtype = cfg, kv_dtype
         self.poll_interval_s, self.transfer_timeout_s = poll_interval_s, transfer_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.peers = []
         for address in addresses:
             channel = open_channel(address)
@@ -122,6 +124,9 @@ class PrefillPool:
             constraint=constraint_to_proto(seq.constraint),
         )
         covered = [0] * n_layers
+        # A channel whose last dial failed fails calls at once until its reconnect backoff ends,
+        # even when the peer is back (a restart, or decode starting first): wait that out.
+        await wait_ready(peer.channel, self.connect_timeout_s)
         call = peer.stub.Prefill(request, timeout=self.transfer_timeout_s)
         try:
             async for chunk in call:

@@ -19,26 +19,28 @@ import grpc
 import pytest
 import torch
 
-from k2model import EMBEDDED_CHECKPOINT, generate_ids, load_model
+from k2model import EMBEDDED_CHECKPOINT, SamplingParams, generate_ids, load_model
 from k2model.model import K2Model
 from services.common.errors import Unavailable
 from services.common.server import RunningServer, ServerOptions, start_server
 from services.common.tensor_codec import tensor_to_proto
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.prefill_client import PrefillPool
+from services.decode.scheduler import Seq
 from services.decode.servicer import DecodeServicer
 from services.launcher import Suite
 from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.prefill.engine import PrefillEngine, PrefillLimits
 from services.prefill.servicer import PrefillServicer
 from tests.e2e.client import decode_stats, generate
-from tests.e2e.suite_fixtures import start_suite, write_deployment
+from tests.e2e.suite_fixtures import free_port, start_suite, write_deployment
 
 INVALID, RANGE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
 VOCAB, CONTEXT, KV_DIM, LAYERS = 4096, 8192, 80, 4  # the embedded checkpoint (K2_SPEC.md)
 PROMPT = [5, 17, 99, 1024, 3000, 42, 7, 256, 2048, 11]
 S = common_pb2.SamplingParams
 RPC_S = 30.0
+DOWN_S = 4.0  # a prefill unreachable this long (+ one failed handoff) while decode redials
 # (case, prompt, max_new_tokens, sampling, status, a word the details must contain)
 Case = tuple[str, list[int], int, common_pb2.SamplingParams | None, grpc.StatusCode, str]
 
@@ -370,3 +372,40 @@ def test_a_broken_transfer_is_retried_elsewhere_and_rewrites_the_whole_cache(
 
     assert asyncio.run(body()) == generate_ids(model, [PROMPT], 12)[0]
     assert broken.calls == 1 and engine.served == 1
+
+
+def test_a_prefill_that_comes_back_serves_the_next_request_at_once(
+    model: K2Model,
+) -> None:
+    """Regression: after failed dials (decode started before its prefill, or the prefill was
+    restarted) the channel sat in reconnect backoff - grpc's default grows it to 2.5-4 s after 6 s
+    down - and every handoff in that window failed at once with UNAVAILABLE although the prefill
+    was up. Now redials are at most 1 s apart and the pool waits up to 2 s for the connection."""
+    address = f"127.0.0.1:{free_port()}"
+    seq = Seq("r", PROMPT, SamplingParams(), 0, 4, frozenset())
+    written: list[int] = []
+
+    def write(layer: int, start: int, latent: torch.Tensor) -> None:
+        written.append(layer)
+
+    async def body() -> int:
+        pool = PrefillPool([address], model.cfg, model.dtype)
+        pool.start()  # its Stats polls redial the peer every 0.25 s
+        with pytest.raises(Unavailable):  # nothing listens yet
+            await pool.prefill(seq, write)
+        await asyncio.sleep(DOWN_S)
+        fake = ScriptedPrefill([*every_layer(N), FIRST])
+        running = await start_server(
+            "late-prefill",
+            [lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(fake, s)],
+            ["k2.v1.Prefill"],
+            ServerOptions(bind=address),
+        )
+        try:
+            return (await pool.prefill(seq, write))[0]
+        finally:
+            await pool.close()
+            await running.server.stop(None)
+
+    assert asyncio.run(body()) == 1
+    assert sorted(written) == list(range(LAYERS))
