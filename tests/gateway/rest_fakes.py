@@ -35,8 +35,8 @@ def words(request: ChatRequest) -> int:
 
 
 def echo(request: ChatRequest) -> list[ChatEvent]:
-    last_user = next(m for m in reversed(request.messages) if m.role == "user")
-    parts = text_of(last_user).split()
+    last_user = next((m for m in reversed(request.messages) if m.role == "user"), None)
+    parts = text_of(last_user).split() if last_user else []
     events = []
     for choice in range(request.n):
         events += [
