@@ -10,7 +10,6 @@ closes its channels.
 from __future__ import annotations
 
 import argparse
-import logging
 
 import uvicorn
 
@@ -22,8 +21,6 @@ from gateway.registry import ModelShape
 from k2model.config import K2Config
 from services.common.server import run
 from services.deployment import Deployment
-
-log = logging.getLogger("gateway")
 
 
 def _args() -> argparse.Namespace:

@@ -19,6 +19,7 @@ from gateway import request_checks as checks
 from gateway.chat_types import ChatRequest
 from gateway.config import Limits
 from gateway.registry import LocalModel, Model
+from k2model.sampling_params import SamplingParams
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
 
 MAX_N = 128
@@ -171,7 +172,9 @@ class SamplingFields(Strict):
                 "stream_options is only allowed with stream=true", "stream_options"
             )
 
-    def _sampling(self, model: Model, thinking: bool | None, logprobs: bool, top: int) -> Any:
+    def _sampling(
+        self, model: Model, thinking: bool | None, logprobs: bool, top: int
+    ) -> SamplingParams:
         # Moonshot's defaults: 0.6 for K2-Instruct, 1.0 for K2-Thinking.
         default_temperature = 1.0 if thinking else 0.6
         return checks.sampling(
