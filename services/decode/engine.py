@@ -21,7 +21,13 @@ from k2model.constraints import ConstraintCompiler, ConstraintSpec, ConstraintSt
 from k2model.model import K2Model
 from k2model.runner import ModelRunner, Sampled, StepInput
 from k2model.sampling_params import SamplingParams
-from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from services.common.errors import (
+    InvalidArgument,
+    OutOfRange,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from services.decode.scheduler import Scheduler, Seq, State
 from services.validation import check_prompt, check_sampling
 
@@ -96,10 +102,11 @@ class DecodeEngine:
             guide=guide,
         )
         if not self.sched.fits_ever(seq):
-            need = self.sched.blocks_for(len(prompt) + max_new_tokens)
-            raise ResourceExhausted(
-                f"prompt + max_new_tokens need {need} KV blocks; this decode instance has "
-                f"{self.sched.alloc.num_blocks}"
+            # Retrying cannot help (unlike a full queue), so this is not RESOURCE_EXHAUSTED.
+            most = self.sched.alloc.num_blocks * self.limits.block_size
+            raise OutOfRange(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                f"{most} tokens this decode instance can hold; lower max_new_tokens"
             )
         if len(self.sched.waiting) >= self.limits.max_queue:
             raise ResourceExhausted("decode queue is full")
