@@ -28,6 +28,8 @@ from services.common import errors
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+DRAINING = "server is draining; retry on another instance"
+DRAIN_NOTICE_S = 0.5  # how long a draining server answers new calls itself before stopping
 
 # Looked up along the raised type's MRO: a subclass maps as its nearest listed base, and
 # InvalidArgument / OutOfRange (also ValueErrors) map as themselves.
@@ -68,7 +70,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(*mapped)
 
 
-def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _guard(
+    behavior: Callable[..., Any], method: str, draining: Callable[[], bool]
+) -> Callable[..., Any]:
     """Wrap one handler so every exception leaves as a mapped status. AbortError (the handler
     called context.abort itself) and CancelledError (a BaseException) pass through untouched.
     Synchronous handlers (only the generated base classes' UNIMPLEMENTED stubs: every servicer in
@@ -76,6 +80,8 @@ def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if draining():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
             try:
                 # aclosing: when grpc closes this wrapper, the handler's own `finally` runs now.
                 async with contextlib.aclosing(behavior(request, context)) as responses:
@@ -90,6 +96,8 @@ def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(behavior):
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if draining():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
@@ -104,7 +112,14 @@ def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """The one place where domain errors become gRPC status codes, for all four RPC kinds and for
     errors raised mid-stream. Unexpected exceptions become INTERNAL with an opaque id; the
-    traceback goes to the log under that id, never to the caller."""
+    traceback goes to the log under that id, never to the caller. Once `draining` is set, new
+    calls are refused with UNAVAILABLE (retryable elsewhere) while in-flight ones run on."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def _is_draining(self) -> bool:
+        return self.draining
 
     async def intercept_service(
         self,
@@ -121,18 +136,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         }
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _guard(handler.unary_unary, method), **codecs
+                _guard(handler.unary_unary, method, self._is_draining), **codecs
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _guard(handler.unary_stream, method), **codecs
+                _guard(handler.unary_stream, method, self._is_draining), **codecs
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _guard(handler.stream_unary, method), **codecs
+                _guard(handler.stream_unary, method, self._is_draining), **codecs
             )
         return grpc.stream_stream_rpc_method_handler(
-            _guard(handler.stream_stream, method), **codecs
+            _guard(handler.stream_stream, method, self._is_draining), **codecs
         )
 
 
@@ -217,9 +232,16 @@ class RunningServer:
     (weights loaded); `drain()` is the graceful way down."""
 
     def __init__(
-        self, name: str, server: grpc.aio.Server, health: _Health, host: str, port: int
+        self,
+        name: str,
+        server: grpc.aio.Server,
+        health: _Health,
+        host: str,
+        port: int,
+        interceptor: ErrorInterceptor,
     ) -> None:
         self.name = name
+        self._interceptor = interceptor
         self.server = server
         self.port = port
         self.address = f"{host}:{port}"
@@ -232,7 +254,11 @@ class RunningServer:
         """Health goes NOT_SERVING for good, new RPCs are refused (UNAVAILABLE), in-flight RPCs
         get grace_s to finish and are cancelled after that. Returns once the server has stopped."""
         log.info("%s: draining (grace %.1f s)", self.name, grace_s)
+        self._interceptor.draining = True
         self._health.shut_down()
+        # Calls on open connections meet the interceptor's UNAVAILABLE first; once the server
+        # stops, the library itself refuses (with CANCELLED, which clients cannot tell apart).
+        await asyncio.sleep(min(DRAIN_NOTICE_S, grace_s))
         await self.server.stop(grace_s)
         log.info("%s: stopped", self.name)
 
@@ -249,8 +275,9 @@ async def start_server(
     """Start a server with the given servicers (each `register` item adds one, e.g.
     `lambda s: add_TokenizerServicer_to_server(servicer, s)`), health and reflection. Health
     reports NOT_SERVING for "" and every name in service_full_names until `set_serving()`."""
+    interceptor = ErrorInterceptor()
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[interceptor],
         options=_server_args(options),
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
@@ -268,7 +295,7 @@ async def start_server(
     except RuntimeError as exc:
         raise OSError(f"{name}: cannot bind {options.bind}") from exc
     await server.start()
-    running = RunningServer(name, server, health, host, port)
+    running = RunningServer(name, server, health, host, port, interceptor)
     log.info("%s: listening on %s", name, running.address)
     return running
 
