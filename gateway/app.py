@@ -4,8 +4,9 @@ Layers, outermost first: RequestCounter (metrics by route and status) -> SizeGua
 body limits, before any parsing) -> InternalErrors (a bug is a 500) -> routing. Every error
 leaves through `ApiError.response` in the OpenAI or Anthropic shape, whichever the path belongs
 to: validation errors are 400s naming the field path, unknown routes 404, domain errors per
-errors.py, anything else a 500 that leaks nothing. /health, /metrics and the OpenAPI document
-need no key; every /v1 route (and its /anthropic twin) checks the key itself (auth.py).
+errors.py, anything else a 500 that leaks nothing. /health, /metrics, the OpenAPI document and
+the web chat page (`/` and its files under /static, gateway/static/) need no key; every /v1 route
+(and its /anthropic twin) checks the key itself (auth.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,6 +42,12 @@ log = logging.getLogger(__name__)
 UPSTREAM_TIMEOUT = httpx.Timeout(10.0, read=300.0)
 _IDENTIFIER = re.compile(r"^\w+$")
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+STATIC_DIR = Path(__file__).parent / "static"
+# The chat page loads nothing the gateway does not serve (no CDN) and runs no inline code.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 class SizeGuard:
@@ -209,6 +218,12 @@ def create_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     app.add_middleware(InternalErrors)
     app.add_middleware(SizeGuard, limits=config.limits)

@@ -11,9 +11,13 @@ list, and the docker compose files. Peers always come from here, never from a re
     decode:    [{name: decode-0, host: local, port: 50071, kv_blocks: 1024, max_running: 64}]
     experts: remote                 # or local (default): where prefill/decode run routed experts
     expert_pool: [{name: experts-0, host: local, port: 50081, ranks: 2, master_port: 29500}]
+    gateway:   [{name: gateway-0, host: local, port: 8000, config: gateway.yaml}]
 
 With `experts: remote` exactly one instance of kind `experts` (under the key `expert_pool`) is
 required: one DeepSpeed job of `ranks` processes on its host, rendezvous at master_port.
+A `gateway` (optional, HTTP) serves the REST API and the chat page in front of this deployment;
+its `config` (keys, profiles, registry, limits: gateway/config.py) is resolved against this file,
+and the instance's host and port replace the config's `listen`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import yaml
 
 from k2model import EMBEDDED_CHECKPOINT
 
-KINDS = ("experts", "tokenizer", "prefill", "decode")  # start order: experts first
+KINDS = ("experts", "tokenizer", "prefill", "decode", "gateway")  # start order: experts first
 REQUIRED = ("tokenizer", "prefill", "decode")
 _SECTION = {"experts": "expert_pool"}  # the YAML key of a kind, where it is not the kind itself
 EXPERTS_MODES = ("local", "remote")
@@ -52,6 +56,7 @@ class Instance:
     max_batch_tokens: int = 2048
     ranks: int = 1  # experts: processes in the DeepSpeed job
     master_port: int = 0  # experts: the job's rendezvous port on its host
+    config: Path | None = None  # gateway: its YAML (required there, refused elsewhere)
 
     @property
     def target(self) -> str:
@@ -108,7 +113,7 @@ class Deployment:
         ckpt = raw.get("checkpoint", "embedded")
         checkpoint = EMBEDDED_CHECKPOINT if ckpt == "embedded" else (base / str(ckpt)).resolve()
         instances = tuple(
-            _instance(kind, i, entry, hosts)
+            _instance(kind, i, entry, hosts, base)
             for kind in KINDS
             for i, entry in enumerate(raw.get(_section(kind)) or [])
         )
@@ -130,13 +135,14 @@ class Deployment:
 
 
 _INSTANCE_FIELDS = {f.name for f in fields(Instance)} - {"kind", "address"}
+_TEXT_FIELDS = ("name", "host", "config")
 
 
 def _section(kind: str) -> str:
     return _SECTION.get(kind, kind)
 
 
-def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str]) -> Instance:
+def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Path) -> Instance:
     where = f"{_section(kind)}[{index}]"
     if not isinstance(entry, dict):
         raise DeploymentError(f"{where} must be a mapping")
@@ -148,10 +154,12 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str]) -> Insta
         raise DeploymentError(f"{where}: host {host!r} is not in hosts {sorted(hosts)}")
     if "port" not in entry:
         raise DeploymentError(f"{where}: port is required")
-    values = {k: int(v) for k, v in entry.items() if k not in ("name", "host")}
-    return Instance(
-        kind, str(entry.get("name", f"{kind}-{index}")), host, str(hosts[host]), **values
-    )
+    if ("config" in entry) != (kind == "gateway"):
+        raise DeploymentError(f"{where}: a gateway needs a config file, other kinds take none")
+    config = (base / str(entry["config"])).resolve() if "config" in entry else None
+    values = {k: int(v) for k, v in entry.items() if k not in _TEXT_FIELDS}
+    name = str(entry.get("name", f"{kind}-{index}"))
+    return Instance(kind, name, host, str(hosts[host]), config=config, **values)
 
 
 def _check(dep: Deployment) -> None:

@@ -2,7 +2,9 @@
 
 `Suite` is what `k2serve up` runs and what end-to-end tests use: it starts only the processes it
 owns, and `stop()` sends SIGTERM (each service drains its in-flight streams), then SIGKILL to any
-that outlive the grace period.
+that outlive the grace period. The gRPC services are `python -m services.<kind>` and healthy
+when grpc.health.v1 says SERVING; the gateway is `python -m gateway` and healthy when its
+GET /health answers 200.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.deployment import KINDS, Deployment, Instance
@@ -47,15 +52,12 @@ class Suite:
             raise
 
     def start_instance(self, inst: Instance) -> subprocess.Popen:
-        cmd = [
-            sys.executable,
-            "-m",
-            f"services.{inst.kind}",
-            "--deployment",
-            str(self.deployment_path),
-            "--name",
-            inst.name,
-        ]
+        deployment = ["--deployment", str(self.deployment_path)]
+        if inst.kind == "gateway":
+            own = ["--config", str(inst.config), "--host", inst.address, "--port", str(inst.port)]
+            cmd = [sys.executable, "-m", "gateway", *deployment, *own]
+        else:
+            cmd = [sys.executable, "-m", f"services.{inst.kind}", *deployment, "--name", inst.name]
         proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, start_new_session=True)
         self.procs[inst.name] = proc
         return proc
@@ -65,8 +67,7 @@ class Suite:
         await asyncio.gather(*(self._wait_one(i, deadline) for i in instances))
 
     async def _wait_one(self, inst: Instance, deadline: float) -> None:
-        async with grpc.aio.insecure_channel(inst.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+        async with _health_probe(inst) as healthy:
             while True:
                 code = self.procs[inst.name].poll()
                 if code is not None:
@@ -75,12 +76,8 @@ class Suite:
                     )
                 if time.monotonic() > deadline:
                     raise LaunchError(f"{inst.name} was not healthy at {inst.target} in time")
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
+                if await healthy():
+                    return
                 await asyncio.sleep(0.2)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -103,6 +100,38 @@ class Suite:
         return codes
 
 
+def endpoint(inst: Instance) -> str:
+    """Where users reach an instance: the gateway's URL (its chat page), else the gRPC target."""
+    return f"http://{inst.target}/" if inst.kind == "gateway" else inst.target
+
+
+@asynccontextmanager
+async def _health_probe(inst: Instance) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+    """Yields a one-second health check of `inst`: False while it is not serving yet."""
+    if inst.kind == "gateway":
+        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
+
+            async def http_ok() -> bool:
+                try:
+                    return (await client.get(f"{endpoint(inst)}health")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            yield http_ok
+        return
+    async with grpc.aio.insecure_channel(inst.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        async def serving() -> bool:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            except grpc.aio.AioRpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        yield serving
+
+
 def up(deployment_path: Path) -> None:
     """`k2serve up`: start the suite, print where it listens, stop cleanly on Ctrl-C or SIGTERM."""
     suite = Suite(deployment_path)
@@ -112,7 +141,9 @@ def up(deployment_path: Path) -> None:
     )
     suite.start()
     for inst in suite.deployment.instances:
-        print(f"  {inst.kind:<10} {inst.name:<14} {inst.target}", flush=True)
+        print(f"  {inst.kind:<10} {inst.name:<14} {endpoint(inst)}", flush=True)
+    for inst in suite.deployment.of_kind("gateway"):
+        print(f"chat page and OpenAI/Anthropic API: {endpoint(inst)}", flush=True)
     print("all services healthy; Ctrl-C stops the suite", flush=True)
     stop = {"signal": None}
 
