@@ -12,6 +12,7 @@ import torch
 from k2model import K2Model, load_model
 from k2model.constraints import ConstraintCompiler, Vocabulary
 from services.deployment import Deployment, Instance
+from services.experts.client import ExpertsClient, attach_remote_experts
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ def cpu_threads(dep: Deployment, me: Instance) -> int:
 _COMPUTE = ("prefill", "decode", "experts")
 
 
-async def load_for(dep: Deployment, me: Instance) -> K2Model:
+async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClient | None]:
+    """The model for a prefill/decode instance, its MoE layers routed to the expert pool when
+    the deployment says `experts: remote` (close the returned client at shutdown)."""
     threads = cpu_threads(dep, me)
     torch.set_num_threads(threads)
     model = await asyncio.to_thread(
@@ -44,7 +47,8 @@ async def load_for(dep: Deployment, me: Instance) -> K2Model:
         routed_experts=dep.remote_experts is None,
     )
     log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.dtype, threads)
-    return model
+    remote = dep.remote_experts
+    return model, attach_remote_experts(model, remote.target) if remote else None
 
 
 def constraint_compiler(dep: Deployment, model: K2Model) -> ConstraintCompiler:
