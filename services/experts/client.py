@@ -86,7 +86,7 @@ class RemoteExperts:
 
 def attach_remote_experts(model: K2Model, target: str, timeout_s: float = 10.0) -> ExpertsClient:
     """Route every MoE layer of `model` to the pool at `target`; close the returned client
-    when the process shuts down. The model's local expert weights stay loaded but unused."""
+    when the process shuts down. (Load the model with routed_experts=False: it holds none.)"""
     client = ExpertsClient(target, timeout_s)
     for layer, moe in model.moe_layers().items():
         moe.remote = RemoteExperts(client, layer)
