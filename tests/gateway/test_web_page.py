@@ -32,6 +32,8 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from services.deployment import Deployment, DeploymentError
+from services.launcher import endpoint
 from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tests.e2e.suite_fixtures import free_port, write_deployment
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ScriptedChat
@@ -91,13 +93,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     up = [sys.executable, "-m", "services.cli", "up", "--deployment", str(path)]
     proc = subprocess.Popen(up, stdout=subprocess.PIPE, text=True)
     printed = []
-    while not printed or not printed[-1].startswith("all services healthy"):
-        line = proc.stdout.readline()
-        assert line, f"k2serve up exited ({proc.wait()}) before the suite was up: {printed}"
-        printed.append(line)
-    url = f"http://127.0.0.1:{port}/"
-    assert any(line.startswith("chat page") and line.split()[-1] == url for line in printed)
     try:
+        while not printed or not printed[-1].startswith("all services healthy"):
+            line = proc.stdout.readline()
+            assert line, f"k2serve up exited ({proc.wait()}) before the suite was up: {printed}"
+            printed.append(line)
+        url = f"http://127.0.0.1:{port}/"
+        assert any(line.startswith("chat page") and line.split()[-1] == url for line in printed)
         yield url.rstrip("/"), f"127.0.0.1:{spec['decode'][0]['port']}"
     finally:
         proc.send_signal(signal.SIGINT)
@@ -332,3 +334,15 @@ def test_a_mid_stream_error_frame_is_shown_in_the_api_shape(page: Page) -> None:
         box = page.locator("#error")
         assert box.get_attribute("data-type") == "server_error" and "secret" not in box.inner_text()
         assert fake.closed_early == [fake.requests[0].request_id]
+
+
+def test_a_gateway_entry_needs_its_config_and_only_a_gateway_takes_one(tmp_path: Path) -> None:
+    backends = {"tokenizer": [{"port": 1}], "prefill": [{"port": 2}], "decode": [{"port": 3}]}
+    gateway = {"gateway": [{"port": 4, "config": "gw.yaml"}]}
+    (entry,) = Deployment.from_dict(backends | gateway, base=tmp_path).of_kind("gateway")
+    assert entry.config == (tmp_path / "gw.yaml").resolve()
+    assert endpoint(entry) == "http://127.0.0.1:4/"
+    with pytest.raises(DeploymentError, match="a gateway needs a config"):
+        Deployment.from_dict(backends | {"gateway": [{"port": 4}]})
+    with pytest.raises(DeploymentError, match="other kinds take none"):
+        Deployment.from_dict(backends | {"decode": [{"port": 3, "config": "gw.yaml"}]})
