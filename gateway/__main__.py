@@ -15,6 +15,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.grpc_chat import registry_services, start_chat_server
 from gateway.metrics import grpc_decode_stats
 from gateway.pipeline import ChatPipeline
 from gateway.registry import ModelShape
@@ -31,6 +32,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--deployment", required=True, help="deployment YAML of the backend services")
     ap.add_argument("--host", help="override listen.host")
     ap.add_argument("--port", type=int, help="override listen.port")
+    ap.add_argument("--grpc-port", type=int, help="override listen.grpc_port (0: no gRPC Chat API)")
     return ap.parse_args()
 
 
@@ -54,9 +56,17 @@ async def main() -> None:
             log_level="info",
         )
     )
+    grpc_port = config.grpc_port if args.grpc_port is None else args.grpc_port
+    chat = None
+    if grpc_port:
+        services = registry_services(config.registry, pipeline)
+        bind = f"{args.host or config.host}:{grpc_port}"
+        chat = await start_chat_server(services, model.vocab_size, bind)
     try:
         await server.serve()
     finally:
+        if chat is not None:
+            await chat.drain(grace_s=10.0)
         await pipeline.close()
 
 

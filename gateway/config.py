@@ -48,6 +48,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 0  # the gRPC Chat API beside REST; 0: not served
 
     def keyring(self) -> KeyRing:
         return KeyRing(self.keys)
@@ -70,13 +71,14 @@ class GatewayConfig:
             raise ConfigError("keys: at least one API key is required")
         if len({k.secret for k in keys}) != len(keys):
             raise ConfigError("keys: two entries have the same secret")
-        listen = _mapping("listen", raw.get("listen") or {}, {"host", "port"})
+        listen = _mapping("listen", raw.get("listen") or {}, {"host", "port", "grpc_port"})
         return cls(
             keys=keys,
             registry=registry,
             limits=_limits(raw.get("limits") or {}),
             host=str(listen.get("host", "127.0.0.1")),
             port=int(listen.get("port", 8000)),
+            grpc_port=int(listen.get("grpc_port", 0)),
         )
 
 

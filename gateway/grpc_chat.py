@@ -18,11 +18,13 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
 
 import grpc
 
 from gateway.chat_codec import event_to_proto, request_from_proto
-from gateway.chat_types import ChatRequest, ChatService
+from gateway.chat_types import ChatEvent, ChatRequest, ChatService
+from gateway.registry import LocalModel, Registry
 from k2model.text.messages import ImagePart
 from services.common.errors import InvalidArgument, NotFound
 from services.common.server import RunningServer, ServerOptions, start_server
@@ -104,6 +106,33 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ModelList:
         return chat_pb2.ModelList(models=sorted(self.services))
+
+
+@dataclass(frozen=True)
+class WithModelDefaults:
+    """A ChatService that applies a registry model's defaults (thinking on or off) before the
+    pipeline, as the REST handlers do when they build the ChatRequest."""
+
+    inner: ChatService
+    model: LocalModel
+
+    def chat(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        return self.inner.chat(self._apply(request))
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        return await self.inner.count_tokens(self._apply(request))
+
+    def _apply(self, request: ChatRequest) -> ChatRequest:
+        if request.thinking is None and self.model.thinking is not None:
+            return replace(request, thinking=self.model.thinking)
+        return request
+
+
+def registry_services(registry: Registry, pipeline: ChatService) -> dict[str, ChatService]:
+    """The registry's local models, each served by the pipeline with its own defaults."""
+    return {
+        m.id: WithModelDefaults(pipeline, m) for m in registry.models if isinstance(m, LocalModel)
+    }
 
 
 async def start_chat_server(

@@ -26,6 +26,7 @@ from tests.e2e.suite_fixtures import free_port, start_suite, write_deployment
 from tests.gateway.rest_server import HTTP
 
 KEY = "sk-e2e-enterprise-key"
+GRPC_PORT = free_port()  # the gateway's gRPC Chat API
 ORDINARY = "sk-e2e-ordinary-key"
 WEATHER_TOOL = {
     "type": "function",
@@ -84,7 +85,9 @@ def suite(tmp_path_factory):
     with (tmp / "gateway.log").open("w") as log:
         cmd = [sys.executable, "-m", "gateway", "--config", str(config), "--deployment", str(dep)]
         gateway = subprocess.Popen(
-            [*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+            [*cmd, "--port", str(port), "--grpc-port", str(GRPC_PORT)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     backends = None
     try:
@@ -343,3 +346,39 @@ def test_concurrent_long_requests_against_a_small_kv_pool_all_finish(suite) -> N
     assert asyncio.run(decode_stats(target)).preemptions > preempted
     assert [r.choices[0].finish_reason for r in replies] == ["length"] * 4
     assert [r.usage.completion_tokens for r in replies] == [300] * 4
+
+
+def test_grpc_chat_api_beside_rest_gives_the_same_text(suite) -> None:
+    """Internal gRPC clients reach the same models and the same code path as REST."""
+    import grpc
+
+    from services.pb.k2.v1 import chat_pb2, chat_pb2_grpc, chat_types_pb2, common_pb2
+
+    base, _ = suite
+    rest = openai_client(base).chat.completions.create(
+        model="kimi-k2-instruct",
+        messages=[{"role": "user", "content": "Say hi."}],
+        max_completion_tokens=12,
+        temperature=0,
+    )
+
+    async def over_grpc() -> tuple[list[str], str, str]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+            stub = chat_pb2_grpc.ChatStub(channel)
+            models = await stub.ListModels(chat_pb2.ListModelsRequest(), timeout=30)
+            request = chat_pb2.ChatRequest(
+                model="kimi-k2-instruct",
+                messages=[chat_types_pb2.ChatMessage(role="user", text="Say hi.")],
+                max_tokens=12,
+                sampling=common_pb2.SamplingParams(temperature=0.0),
+            )
+            text, reason = "", ""
+            async for event in stub.Chat(request, timeout=60):
+                text += event.content
+                reason = event.finish_reason or reason
+            return list(models.models), text, reason
+
+    models, text, reason = asyncio.run(over_grpc())
+    assert "kimi-k2-instruct" in models
+    assert text == rest.choices[0].message.content
+    assert reason == rest.choices[0].finish_reason
