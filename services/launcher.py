@@ -52,12 +52,7 @@ class Suite:
             raise
 
     def start_instance(self, inst: Instance) -> subprocess.Popen:
-        deployment = ["--deployment", str(self.deployment_path)]
-        if inst.kind == "gateway":
-            own = ["--config", str(inst.config), "--host", inst.address, "--port", str(inst.port)]
-            cmd = [sys.executable, "-m", "gateway", *deployment, *own]
-        else:
-            cmd = [sys.executable, "-m", f"services.{inst.kind}", *deployment, "--name", inst.name]
+        cmd = command(inst, self.deployment_path)
         proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, start_new_session=True)
         self.procs[inst.name] = proc
         return proc
@@ -98,6 +93,15 @@ class Suite:
                 codes[name] = proc.wait()
         self.procs.clear()
         return codes
+
+
+def command(inst: Instance, deployment_path: Path, python: str = sys.executable) -> list[str]:
+    """The command line that runs one instance (also in containers: services/compose.py)."""
+    deployment = ["--deployment", str(deployment_path)]
+    if inst.kind == "gateway":
+        own = ["--config", str(inst.config), "--host", inst.address, "--port", str(inst.port)]
+        return [python, "-m", "gateway", *deployment, *own]
+    return [python, "-m", f"services.{inst.kind}", *deployment, "--name", inst.name]
 
 
 def endpoint(inst: Instance) -> str:
