@@ -1,6 +1,7 @@
 """A bias-free linear layer whose weight is held dense, or as block-fp8 parts dequantised per call.
 
-Keeping fp8 resident halves weight memory: the dense weight exists only while its layer runs.
+Keeping fp8 resident halves weight memory: the dense weight exists only while its layer runs (on
+CUDA, no dense weight at all: the block-fp8 GEMM kernel reads the fp8 parts and their scales).
 Several checkpoint matrices can be fused into one layer (q_a + kv_a, gate + up); each keeps its own
 fp8 blocks and scales, and the parts are stacked along the output dimension when dequantised.
 """
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2model.checkpoint.fp8 import dequantize_block_fp8
+from k2model.kernels import dispatch
 
 Fp8Part = tuple[torch.Tensor, torch.Tensor]  # (float8_e4m3fn weight [out, in], fp32 scale_inv)
 
@@ -39,6 +41,8 @@ class Linear(nn.Module):
         return mats[0] if len(mats) == 1 else torch.cat(mats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_parts is not None and dispatch.kernel_path(x):  # block-fp8 GEMM kernel
+            return dispatch.fp8_linear(x, self.fp8_parts, self.dtype)
         return F.linear(x, self.dense_weight())
 
     def extra_repr(self) -> str:

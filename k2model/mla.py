@@ -17,6 +17,7 @@ from torch import nn
 
 from k2model.batch import BatchMeta
 from k2model.config import K2Config
+from k2model.kernels import dispatch
 from k2model.kv_cache import PagedKVCache
 from k2model.layers import RMSNorm, as_dtype, as_f32
 from k2model.linear import Linear
@@ -68,6 +69,9 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, rot[:, None])
         k_pe = apply_rope(k_pe, rot)  # [T, d_r], one rope key shared by all heads
         cache.write(self.layer, meta.write_slots, torch.cat((self.kv_norm(c_kv), k_pe), -1))
+        if meta.decode and form == "absorbed" and dispatch.kernel_path(x):  # paged, no gather
+            o = self._decode_paged(q_nope, q_pe, cache, meta)
+            return self.o(o.reshape(t, self.h * self.d_v))
 
         ctx = cache.gather(self.layer, meta.ctx_slots)  # [B, L, r + d_r]
         if meta.decode:  # [B, 1, H, *] is a view of the rows
@@ -118,6 +122,17 @@ class MLA(nn.Module):
         o_lat = torch.bmm(p.transpose(1, 2).reshape(b, q_len * self.h, -1), ctx[..., : self.r])
         o = torch.bmm(o_lat.view(n, self.h, self.r).transpose(0, 1), w_uv_t)  # [H, N, d_v]
         return o.transpose(0, 1).reshape(b, q_len, self.h, self.d_v)
+
+    def _decode_paged(self, q_nope, q_pe, cache: PagedKVCache, meta: BatchMeta) -> torch.Tensor:
+        """`_attend_absorbed` for one query per sequence, attending straight off the paged cache
+        (kernels/mla_decode.py). q_nope [B, H, d_n], q_pe [B, H, d_r] -> [B, H, d_v]."""
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
+        q = torch.cat((q_lat, q_pe), -1)  # [B, H, r + d_r]
+        lengths = meta.mask[:, 0, 0].sum(-1)  # [B]: a decode row attends to a context prefix
+        kv = cache.data[self.layer]  # [slots, r + d_r]
+        o_lat = dispatch.mla_decode(q, kv, meta.ctx_slots, lengths, self.scale, self.r)  # [B, H, r]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, d_v]
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scaled, masked softmax in fp32 over the last (context) axis. mask [B, 1, Q, L]."""

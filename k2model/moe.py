@@ -15,6 +15,8 @@ from torch import nn
 
 from k2model.checkpoint.fp8 import dequantize_block_fp8
 from k2model.config import K2Config
+from k2model.kernels import dispatch
+from k2model.kernels.dispatch import ExpertWeights
 from k2model.layers import MLP, as_dtype, as_f32
 
 
@@ -73,6 +75,7 @@ class LocalExperts(nn.Module):
         self.gate_up = nn.Buffer(torch.empty(held, 2 * inter, dim, dtype=dtype))
         self.down = nn.Buffer(torch.empty(held, dim, inter, dtype=dtype))
         self.fp8: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]] | None = None
+        self._fp8_stacked: tuple[list, ExpertWeights] | None = None  # keyed on the fp8 list
 
     def set_fp8(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
         """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s))."""
@@ -90,8 +93,24 @@ class LocalExperts(nn.Module):
         )
         return gate_up, dequantize_block_fp8(dw, ds, self.dtype)
 
+    def stacked(self) -> ExpertWeights:
+        """Every expert stacked over E, for the grouped kernels: views of gate_up / down, or the
+        fp8 parts stacked once; the fp8 list is then rebound to views of the stacks, so the
+        weights stay held once (reassigning `fp8` restacks)."""
+        if self.fp8 is None:
+            i = self.inter
+            return ExpertWeights(self.gate_up[:, :i], self.gate_up[:, i:], self.down)
+        if self._fp8_stacked is None or self._fp8_stacked[0] is not self.fp8:
+            rows = [tuple(t for part in trio for t in part) for trio in self.fp8]
+            gw, gs, uw, us, dw, ds = (torch.stack(col) for col in zip(*rows, strict=True))
+            self.fp8 = [((gw[e], gs[e]), (uw[e], us[e]), (dw[e], ds[e])) for e in range(len(rows))]
+            self._fp8_stacked = (self.fp8, ExpertWeights(gw, uw, dw, gs, us, ds))
+        return self._fp8_stacked[1]
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort assignments by expert; one matmul pair per active expert over its contiguous rows."""
+        if dispatch.kernel_path(x):  # align + grouped GEMM kernels over the stacked experts
+            return dispatch.routed_experts(x, ids, weights, self.stacked())
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)

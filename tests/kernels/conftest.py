@@ -1,0 +1,23 @@
+"""Kernel tests run the compiled kernels on CUDA and Triton's interpreter on CPU tensors elsewhere.
+
+The interpreter is chosen before any kernel file is imported (Triton reads TRITON_INTERPRET when a
+kernel is decorated). Every test draws fresh inputs: the seed is random and printed, so a failure
+can be replayed with KERNEL_TEST_SEED.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed() -> int:
+    seed = int(os.environ.get("KERNEL_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"KERNEL_TEST_SEED={seed}")
+    torch.manual_seed(seed)
+    return seed
