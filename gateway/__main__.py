@@ -45,7 +45,8 @@ async def main() -> None:
     )
     pipeline = ChatPipeline(deployment)
     decodes = [(i.name, i.target) for i in deployment.of_kind("decode")]
-    app = create_app(config, pipeline, decode_stats=grpc_decode_stats(decodes))
+    stats = grpc_decode_stats(decodes, security=deployment.security)
+    app = create_app(config, pipeline, decode_stats=stats)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -27,6 +27,7 @@ from services.common import errors
 from services.common.channel import open_channel
 from services.common.constraint_codec import constraint_to_proto
 from services.common.sampling_codec import sampling_to_proto
+from services.common.security import Security
 from services.deployment import Instance
 from services.pb.k2.v1 import (
     common_pb2,
@@ -86,11 +87,16 @@ class DecodePeer:
 
 
 class DecodePeers:
-    def __init__(self, instances: Sequence[Instance], stats_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        instances: Sequence[Instance],
+        stats_timeout_s: float = 1.0,
+        security: Security | None = None,
+    ) -> None:
         self.stats_timeout_s = stats_timeout_s
         self.peers = []
         for inst in instances:
-            channel = open_channel(inst.target)
+            channel = open_channel(inst.target, security=security)
             self.peers.append(DecodePeer(inst, decode_pb2_grpc.DecodeStub(channel), channel))
 
     async def close(self) -> None:

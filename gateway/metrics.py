@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.chat_types import ChatEvent
 from services.common.channel import open_channel
+from services.common.security import Security
 from services.pb.k2.v1 import common_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,11 @@ class RequestCounter:
             self.metrics.requests.labels(route, str(status["code"])).inc()
 
 
-def grpc_decode_stats(instances: Sequence[tuple[str, str]], timeout_s: float = 1.0) -> StatsSource:
+def grpc_decode_stats(
+    instances: Sequence[tuple[str, str]],
+    timeout_s: float = 1.0,
+    security: Security | None = None,
+) -> StatsSource:
     """A StatsSource asking each (name, target) decode instance for its Stats. Channels are
     opened on the first scrape, inside the server's event loop (grpc.aio binds them to it)."""
     channels: dict[str, grpc.aio.Channel] = {}
@@ -159,7 +164,9 @@ def grpc_decode_stats(instances: Sequence[tuple[str, str]], timeout_s: float = 1
 
     async def source() -> Sequence[DecodeLoad]:
         if not channels:
-            channels.update((name, open_channel(target)) for name, target in instances)
+            channels.update(
+                (name, open_channel(target, security=security)) for name, target in instances
+            )
         loads = await asyncio.gather(*(one(n, c) for n, c in channels.items()))
         return [load for load in loads if load is not None]
 

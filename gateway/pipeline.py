@@ -70,11 +70,12 @@ class ChatPipeline:
         self.timeout_s = request_timeout_s
         self.thinking_model = _has_token(self.tokenizer, tok.THINK_BEGIN)
         targets = [i.target for i in deployment.of_kind("tokenizer")]
-        self._tokenizer_channels = [open_channel(t) for t in targets]
+        security = deployment.security
+        self._tokenizer_channels = [open_channel(t, security=security) for t in targets]
         self._tokenizers = itertools.cycle(
             [tokenizer_pb2_grpc.TokenizerStub(c) for c in self._tokenizer_channels]
         )
-        self.decodes = DecodePeers(deployment.of_kind("decode"))
+        self.decodes = DecodePeers(deployment.of_kind("decode"), security=security)
 
     async def close(self) -> None:
         for channel in self._tokenizer_channels:

@@ -14,7 +14,7 @@ Writes into --out:
 Every service runs the launcher's own command line (services.launcher.command) in the image
 (deploy/Dockerfile, or deploy/Dockerfile.cuda for `--variant cuda`), with a grpc.health.v1
 healthcheck (deploy/health_probe.py; the gateway: GET /health), `restart: unless-stopped`, the
-deployment and the checkpoint mounted read-only. All services join the `internal` network (no
+deployment, the checkpoint and the `security` files (mTLS, shared secret) mounted read-only. All services join the `internal` network (no
 route out, nothing published); only the gateway also joins `public` and publishes its port. With
 several hosts, `internal` is one attachable overlay network created once on a swarm, so that
 containers on different nodes reach each other by name:
@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"cpu": "deploy/Dockerfile", "cuda": "deploy/Dockerfile.cuda"}
 DEPLOYMENT_FILE = "deployment.yaml"
 IN_CONTAINER = "/etc/k2serve"  # the deployment and gateway configs, read-only
+SECURITY = f"{IN_CONTAINER}/security"  # TLS files and the shared secret, read-only
 CHECKPOINT = "/checkpoint"
 APP = "/opt/k2serve"  # the repository's copy in the image (WORKDIR)
 OVERLAY = "k2serve-internal"
@@ -98,6 +99,9 @@ def container_view(dep: Deployment) -> dict[str, Any]:
         },
         "experts": dep.experts,
     }
+    if dep.security is not None:
+        mounted = {k: f"{SECURITY}/{k}" for k in dep.security.files()}
+        view["security"] = mounted | {"server_name": dep.security.server_name}
     for inst in dep.instances:
         view.setdefault(_SECTION.get(inst.kind, inst.kind), []).append(_entry(inst))
     return view
@@ -119,7 +123,7 @@ def _entry(inst: Instance) -> dict[str, Any]:
 def _compose(dep: Deployment, host: str, out: Path, variant: str, several: bool) -> dict[str, Any]:
     """One node's file: its pod, the instances in it, and the gateways placed on it."""
     here = [i for i in dep.instances if i.host == host]
-    view = Deployment.from_dict(container_view(dep))
+    view = Deployment.from_dict(container_view(dep), base=Path(IN_CONTAINER))
     gpus = _gpu_ids(here) if variant == "cuda" else {}
     backends = [i for i in here if i.kind != "gateway"]
     services: dict[str, Any] = {}
@@ -176,6 +180,8 @@ def _service(
         volumes.append(f"{_rel(dep.checkpoint, out)}:{CHECKPOINT}:ro")
     if inst.config is not None:
         volumes.append(f"{_rel(inst.config, out)}:{IN_CONTAINER}/{inst.name}.yaml:ro")
+    for key, path in (dep.security.files() if dep.security else {}).items():
+        volumes.append(f"{_rel(path, out)}:{SECURITY}/{key}:ro")
     service: dict[str, Any] = {
         **_image(variant, out),
         "command": command(inside, Path(IN_CONTAINER) / DEPLOYMENT_FILE, python="python"),
@@ -197,7 +203,8 @@ def _healthcheck(inst: Instance, inside: Instance) -> dict[str, Any]:
         url = f"http://127.0.0.1:{inst.port}/health"
         test = ["CMD", "python", "-c", f"import urllib.request; urllib.request.urlopen({url!r})"]
     else:
-        test = ["CMD", "python", f"{APP}/deploy/health_probe.py", "--target", inside.target]
+        probe = ["python", f"{APP}/deploy/health_probe.py", "--target", inside.target]
+        test = ["CMD", *probe, "--deployment", f"{IN_CONTAINER}/{DEPLOYMENT_FILE}"]
     return {
         "test": test,
         "interval": "10s",

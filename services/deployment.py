@@ -12,12 +12,14 @@ list, and the docker compose files. Peers always come from here, never from a re
     experts: remote                 # or local (default): where prefill/decode run routed experts
     expert_pool: [{name: experts-0, host: local, port: 50081, ranks: 2, master_port: 29500}]
     gateway:   [{name: gateway-0, host: local, port: 8000, config: gateway.yaml}]
+    security: {ca: ca.pem, cert: internal.pem, key: internal.key, secret_file: secret}  # optional
 
 With `experts: remote` exactly one instance of kind `experts` (under the key `expert_pool`) is
 required: one DeepSpeed job of `ranks` processes on its host, rendezvous at master_port.
 A `gateway` (optional, HTTP) serves the REST API and the chat page in front of this deployment;
 its `config` (keys, profiles, registry, limits: gateway/config.py) is resolved against this file,
-and the instance's host and port replace the config's `listen`.
+and the instance's host and port replace the config's `listen`. `security` turns on mTLS and/or
+a shared-secret check on every internal gRPC call (services/common/security.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import yaml
 
 from k2model import EMBEDDED_CHECKPOINT
+from services.common.security import Security
 
 KINDS = ("experts", "tokenizer", "prefill", "decode", "gateway")  # start order: experts first
 REQUIRED = ("tokenizer", "prefill", "decode")
@@ -72,6 +75,7 @@ class Deployment:
     chat_format: str | None = None  # None: the checkpoint's own template, else its native flavor
     threads: int = 0  # CPU threads per model process; 0: cores split among this host's instances
     experts: str = "local"  # "remote": routed experts run on the experts instance
+    security: Security | None = None  # mTLS and/or a shared secret on internal gRPC
 
     @property
     def remote_experts(self) -> Instance | None:
@@ -105,7 +109,8 @@ class Deployment:
     def from_dict(cls, raw: Any, base: Path = Path(".")) -> Deployment:
         if not isinstance(raw, dict):
             raise DeploymentError("a deployment must be a mapping")
-        unknown = set(raw) - {"checkpoint", "hosts", "model", "experts", *map(_section, KINDS)}
+        known = {"checkpoint", "hosts", "model", "experts", "security", *map(_section, KINDS)}
+        unknown = set(raw) - known
         if unknown:
             raise DeploymentError(f"unknown deployment keys: {sorted(unknown)}")
         hosts = raw.get("hosts") or {"local": "127.0.0.1"}
@@ -129,6 +134,7 @@ class Deployment:
             chat_format=None if chat == "auto" else str(chat),
             threads=0 if threads == "auto" else int(threads),
             experts=str(raw.get("experts", "local")),
+            security=Security.from_dict(raw["security"], base) if "security" in raw else None,
         )
         _check(dep)
         return dep

@@ -24,6 +24,8 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.channel import open_channel
+from services.common.security import Security
 from services.deployment import KINDS, Deployment, Instance
 
 
@@ -62,7 +64,7 @@ class Suite:
         await asyncio.gather(*(self._wait_one(i, deadline) for i in instances))
 
     async def _wait_one(self, inst: Instance, deadline: float) -> None:
-        async with _health_probe(inst) as healthy:
+        async with _health_probe(inst, self.deployment.security) as healthy:
             while True:
                 code = self.procs[inst.name].poll()
                 if code is not None:
@@ -110,7 +112,9 @@ def endpoint(inst: Instance) -> str:
 
 
 @asynccontextmanager
-async def _health_probe(inst: Instance) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+async def _health_probe(
+    inst: Instance, security: Security | None
+) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
     """Yields a one-second health check of `inst`: False while it is not serving yet."""
     if inst.kind == "gateway":
         async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
@@ -123,7 +127,7 @@ async def _health_probe(inst: Instance) -> AsyncIterator[Callable[[], Awaitable[
 
             yield http_ok
         return
-    async with grpc.aio.insecure_channel(inst.target) as channel:
+    async with open_channel(inst.target, security=security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
 
         async def serving() -> bool:

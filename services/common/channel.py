@@ -10,11 +10,13 @@ restarted peer is reached within about a second of coming back.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import Unavailable
+from services.common.security import Security
 
 MiB = 1024 * 1024
 
@@ -26,20 +28,39 @@ def open_channel(
     keepalive_time_ms: int = 10_000,
     keepalive_timeout_ms: int = 5_000,
     max_reconnect_backoff_ms: int = 1_000,
+    security: Security | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to a peer from configuration (never from a request)."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
-        ],
-    )
+    """A grpc.aio channel to a peer from configuration (never from a request): insecure, or
+    with the deployment's mTLS and shared secret when it has a `security` section."""
+    security = security or Security()
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
+        *security.channel_options(),
+    ]
+    interceptors = security.client_interceptors()
+    credentials = security.channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+
+def open_sync_channel(
+    target: str, options: list[tuple[str, Any]], security: Security | None = None
+) -> grpc.Channel:
+    """A synchronous channel with the deployment's TLS, if any. Its calls must pass
+    `metadata=security.call_metadata()` themselves (aio channels add it by interceptor)."""
+    security = security or Security()
+    credentials = security.channel_credentials()
+    options = [*options, *security.channel_options()]
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 async def wait_ready(channel: grpc.aio.Channel, timeout_s: float) -> None:

@@ -48,7 +48,9 @@ async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClien
     )
     log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.dtype, threads)
     remote = dep.remote_experts
-    return model, attach_remote_experts(model, remote.target) if remote else None
+    if remote is None:
+        return model, None
+    return model, attach_remote_experts(model, remote.target, security=dep.security)
 
 
 def constraint_compiler(dep: Deployment, model: K2Model) -> ConstraintCompiler:

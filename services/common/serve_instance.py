@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from services.common.security import Security
 from services.common.server import ServerOptions, run_until_signal, start_server
 from services.deployment import Instance
 
@@ -19,10 +20,12 @@ async def serve_instance(
     register: Callable[[grpc.aio.Server], None],
     service: str,
     background: tuple[Coroutine[Any, Any, None], ...] = (),
+    security: Security | None = None,
 ) -> None:
     """Bind me.target, run `background` (engine loops) beside the server, report SERVING, print
     "NAME listening on ADDR" (launchers and tests read it), and drain on SIGTERM / SIGINT."""
-    running = await start_server(me.name, [register], [service], ServerOptions(bind=me.target))
+    options = ServerOptions(bind=me.target, security=security)
+    running = await start_server(me.name, [register], [service], options)
     tasks = [asyncio.create_task(c) for c in background]
     running.set_serving()
     print(f"{me.name} listening on {running.address}", flush=True)

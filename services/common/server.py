@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import errors
+from services.common.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class ServerOptions:
     keepalive_timeout_ms: int = 5_000
     grace_s: float = 10.0
     max_concurrent_rpcs: int | None = None
+    security: Security | None = None  # mTLS and/or the shared secret (deployment `security`)
 
 
 def _server_args(options: ServerOptions) -> list[tuple[str, int]]:
@@ -276,8 +278,9 @@ async def start_server(
     `lambda s: add_TokenizerServicer_to_server(servicer, s)`), health and reflection. Health
     reports NOT_SERVING for "" and every name in service_full_names until `set_serving()`."""
     interceptor = ErrorInterceptor()
+    security = options.security or Security()
     server = grpc.aio.server(
-        interceptors=[interceptor],
+        interceptors=[*security.server_interceptors(), interceptor],
         options=_server_args(options),
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
@@ -291,7 +294,11 @@ async def start_server(
     )
     host = options.bind.rpartition(":")[0]
     try:
-        port = server.add_insecure_port(options.bind)
+        credentials = security.server_credentials()
+        if credentials is None:
+            port = server.add_insecure_port(options.bind)
+        else:
+            port = server.add_secure_port(options.bind, credentials)
     except RuntimeError as exc:
         raise OSError(f"{name}: cannot bind {options.bind}") from exc
     await server.start()

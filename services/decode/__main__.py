@@ -17,7 +17,8 @@ SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 async def main() -> None:
     dep, me = parse("decode", __doc__)
     model, experts = await load_for(dep, me)
-    pool = PrefillPool([p.target for p in dep.of_kind("prefill")], model.cfg, model.dtype)
+    prefills = [p.target for p in dep.of_kind("prefill")]
+    pool = PrefillPool(prefills, model.cfg, model.dtype, security=dep.security)
     limits = DecodeLimits(me.kv_blocks, me.block_size, me.max_running, me.max_queue)
     engine = DecodeEngine(model, limits, pool.prefill, constraint_compiler(dep, model))
     servicer = DecodeServicer(engine)
@@ -28,6 +29,7 @@ async def main() -> None:
             lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, s),
             SERVICE,
             (engine.run(),),
+            security=dep.security,
         )
     finally:
         await pool.close()

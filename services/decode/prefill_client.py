@@ -22,6 +22,7 @@ from services.common.channel import open_channel, wait_ready
 from services.common.constraint_codec import constraint_to_proto
 from services.common.errors import InvalidArgument, OutOfRange, ServiceError, Unavailable
 from services.common.sampling_codec import sampled_token_from_proto, sampling_to_proto
+from services.common.security import Security
 from services.common.tensor_codec import tensor_from_proto
 from services.decode.scheduler import Seq
 from services.pb.k2.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -54,6 +55,7 @@ class PrefillPool:
         poll_interval_s: float = 0.25,
         transfer_timeout_s: float = 120.0,
         connect_timeout_s: float = 2.0,
+        security: Security | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("decode needs at least one prefill address")
@@ -62,7 +64,7 @@ class PrefillPool:
         self.connect_timeout_s = connect_timeout_s
         self.peers = []
         for address in addresses:
-            channel = open_channel(address)
+            channel = open_channel(address, security=security)
             self.peers.append(PrefillPeer(address, prefill_pb2_grpc.PrefillStub(channel), channel))
         self._poller: asyncio.Task | None = None
 

@@ -14,7 +14,9 @@ import grpc
 import torch
 
 from k2model.model import K2Model
+from services.common.channel import open_sync_channel
 from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.security import Security
 from services.common.tensor_codec import tensor_from_proto, tensor_to_proto
 from services.pb.k2.v1 import common_pb2, experts_pb2, experts_pb2_grpc
 
@@ -35,9 +37,12 @@ _CHANNEL_OPTIONS = [
 class ExpertsClient:
     """One synchronous channel to the expert pool (thread-safe), shared by every MoE layer."""
 
-    def __init__(self, target: str, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, target: str, timeout_s: float = 10.0, security: Security | None = None
+    ) -> None:
         self.target, self.timeout_s = target, timeout_s
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = open_sync_channel(target, _CHANNEL_OPTIONS, security)
+        self._metadata = security.call_metadata() if security else ()
         self._stub = experts_pb2_grpc.ExpertsStub(self._channel)
 
     def compute(
@@ -51,14 +56,15 @@ class ExpertsClient:
             weights=tensor_to_proto(weights.float()),
         )
         try:
-            reply = self._stub.Compute(request, timeout=self.timeout_s)
+            reply = self._stub.Compute(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(layer, exc) from exc
         out = tensor_from_proto(reply.out, dtype=x.dtype, shape=list(x.shape), name="out")
         return out.to(x.device, copy=True)  # own the memory: the reply's bytes are read-only
 
     def stats(self) -> experts_pb2.ExpertsStats:
-        return self._stub.Stats(common_pb2.StatsRequest(), timeout=self.timeout_s)
+        request = common_pb2.StatsRequest()
+        return self._stub.Stats(request, timeout=self.timeout_s, metadata=self._metadata)
 
     def close(self) -> None:
         self._channel.close()
@@ -84,10 +90,12 @@ class RemoteExperts:
         return self.client.compute(self.layer, x, ids, weights)
 
 
-def attach_remote_experts(model: K2Model, target: str, timeout_s: float = 10.0) -> ExpertsClient:
+def attach_remote_experts(
+    model: K2Model, target: str, timeout_s: float = 10.0, security: Security | None = None
+) -> ExpertsClient:
     """Route every MoE layer of `model` to the pool at `target`; close the returned client
     when the process shuts down. (Load the model with routed_experts=False: it holds none.)"""
-    client = ExpertsClient(target, timeout_s)
+    client = ExpertsClient(target, timeout_s, security)
     for layer, moe in model.moe_layers().items():
         moe.remote = RemoteExperts(client, layer)
     return client

@@ -70,7 +70,7 @@ async def lead(dep: Deployment, me: Instance) -> int:
         me.name,
         [lambda s: experts_pb2_grpc.add_ExpertsServicer_to_server(servicer, s)],
         [SERVICE],
-        ServerOptions(bind=me.target),
+        ServerOptions(bind=me.target, security=dep.security),
     )
     pool = await asyncio.to_thread(join, dep, 0)
     rounds = asyncio.create_task(batcher.run(pool.lead, pool.heartbeat))

@@ -27,6 +27,7 @@ async def main() -> None:
             lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, s),
             SERVICE,
             (engine.run(),),
+            security=dep.security,
         )
     finally:
         if experts is not None:

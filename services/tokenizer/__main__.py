@@ -21,6 +21,7 @@ async def main() -> None:
         me,
         lambda server: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server),
         SERVICE_NAME,
+        security=dep.security,
     )
 
 

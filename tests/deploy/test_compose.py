@@ -131,8 +131,10 @@ def test_healthchecks_restart_policies_and_environment(name: str) -> None:
         if inst.kind == "gateway":
             assert f"http://127.0.0.1:{inst.port}/health" in check["test"][-1]
         else:
-            probe = ["python", "/opt/k2serve/deploy/health_probe.py", "--target"]
-            assert check["test"] == ["CMD", *probe, f"{inst.host}:{inst.port}"]
+            probe = ["python", "/opt/k2serve/deploy/health_probe.py"]
+            target = ["--target", f"{inst.host}:{inst.port}"]
+            security = ["--deployment", str(IN_CONTAINER)]  # it reads the security section
+            assert check["test"] == ["CMD", *probe, *target, *security]
         assert check["retries"] >= 1 and check["start_period"].endswith("s")
         assert service["restart"] == "unless-stopped"
         assert service["environment"]["PYTHONUNBUFFERED"] == "1"
@@ -166,6 +168,11 @@ def test_configuration_and_checkpoint_are_mounted_read_only(name: str) -> None:
             assert mounts["/checkpoint"][0] == dep.checkpoint
         if inst.config is not None:
             assert mounts[f"/etc/k2serve/{inst.name}.yaml"][0] == inst.config
+        files = dep.security.files() if dep.security else {}
+        inside = Deployment.load(out / "deployment.yaml").security
+        for key, path in files.items():  # where the containers' description says they are
+            assert mounts[str(getattr(inside, key))][0] == path
+        assert len(mounts) == 1 + (name != "local") + len(files) + (inst.config is not None)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
