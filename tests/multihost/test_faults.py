@@ -175,7 +175,7 @@ def test_killed_decode_fails_its_streams_cleanly_then_rejoins(
         assert result.error_kind is None and result.pieces[0] == pieces
     assert asyncio.run(decode_stats(cluster.target("decode-1"))).requests_served == served + 2
 
-    cluster.restart("decode-0")
+    cluster.restart("decode-0")  # and the gateway sends it work again
     (short,) = ref.chat_pieces(PROMPTS[:1], 12)
     rejoin_by = time.monotonic() + REJOIN_S
     while asyncio.run(decode_stats(cluster.target("decode-0"))).requests_served == 0:
@@ -234,6 +234,7 @@ def test_prefill_killed_mid_transfer_is_retried_on_the_other_host(
     served = asyncio.run(prefill_stats(cluster.target(victim))).prompts_served
     assert asyncio.run(generate(decode, short, 6, timeout=DEADLINE_S))[0] == ref.ids(short, 6)
     assert asyncio.run(prefill_stats(cluster.target(victim))).prompts_served == served + 1
+    all_idle(cluster, ["decode-0", "prefill-0", "prefill-1"])
 
 
 def test_partition_mid_transfer_then_heal(cluster: Cluster, ref: Reference) -> None:
@@ -266,6 +267,7 @@ def test_partition_mid_transfer_then_heal(cluster: Cluster, ref: Reference) -> N
     short = long_prompt(4, 40)
     assert asyncio.run(generate(decode, short, 6, timeout=DEADLINE_S))[0] == ref.ids(short, 6)
     assert asyncio.run(prefill_stats(cluster.target(cut))).prompts_served == served + 1
+    all_idle(cluster, ["decode-0", "prefill-0", "prefill-1"])
 
 
 def test_packet_loss_between_gateway_and_decode(cluster: Cluster, ref: Reference) -> None:
