@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -128,6 +128,24 @@ def all_idle(cluster: Cluster, names: list[str]) -> None:
     asyncio.run(run())
 
 
+def fault_mid_transfer(
+    cluster: Cluster, prompt: list[int], fault: Callable[[str], None]
+) -> tuple[list[int], grpc.StatusCode, str, float]:
+    """Generate 8 tokens of `prompt` on decode-0 and apply `fault` to the prefill instance that
+    is part-way through sending its KV. (tokens, status, that prefill, seconds taken)"""
+    prefills = {cluster.target(n): n for n in ("prefill-0", "prefill-1")}
+
+    async def run() -> tuple[list[int], grpc.StatusCode, str, float]:
+        start = time.monotonic()
+        decode = cluster.target("decode-0")
+        async with mid_prefill(decode, list(prefills), prompt, 8, DEADLINE_S) as (call, victim):
+            fault(prefills[victim])
+            tokens, code = await outcome(call)
+        return tokens, code, prefills[victim], time.monotonic() - start
+
+    return asyncio.run(run())
+
+
 async def started(cluster: Cluster) -> int:
     """Requests the decode instances have begun decoding (running or served)."""
     stats = [await decode_stats(cluster.target(n)) for n in ("decode-0", "decode-1")]
@@ -211,17 +229,8 @@ def test_prefill_killed_mid_transfer_is_retried_on_the_other_host(
     cluster: Cluster, ref: Reference
 ) -> None:
     prompt = long_prompt(1, 800)
-    prefills = {cluster.target(n): n for n in ("prefill-0", "prefill-1")}
     decode = cluster.target("decode-0")
-
-    async def run() -> tuple[list[int], grpc.StatusCode, str, float]:
-        start = time.monotonic()
-        async with mid_prefill(decode, list(prefills), prompt, 8, DEADLINE_S) as (call, victim):
-            cluster.kill(prefills[victim])
-            tokens, code = await outcome(call)
-        return tokens, code, prefills[victim], time.monotonic() - start
-
-    tokens, code, victim, took = asyncio.run(run())
+    tokens, code, victim, took = fault_mid_transfer(cluster, prompt, cluster.kill)
     assert code == grpc.StatusCode.OK and took < DEADLINE_S
     assert tokens == ref.ids(prompt, 8)
     survivor = ({"prefill-0", "prefill-1"} - {victim}).pop()
@@ -239,18 +248,12 @@ def test_prefill_killed_mid_transfer_is_retried_on_the_other_host(
 
 def test_partition_mid_transfer_then_heal(cluster: Cluster, ref: Reference) -> None:
     prompt = long_prompt(3, 800)
-    prefills = {cluster.target(n): n for n in ("prefill-0", "prefill-1")}
     decode = cluster.target("decode-0")
 
-    async def run() -> tuple[list[int], grpc.StatusCode, str, float]:
-        start = time.monotonic()
-        async with mid_prefill(decode, list(prefills), prompt, 8, DEADLINE_S) as (call, victim):
-            cut = prefills[victim]
-            cluster.net.partition(cluster.instance(cut).host, "decode-a")
-            tokens, code = await outcome(call)
-        return tokens, code, cut, time.monotonic() - start
+    def cut_off(prefill: str) -> None:
+        cluster.net.partition(cluster.instance(prefill).host, "decode-a")
 
-    tokens, code, cut, took = asyncio.run(run())
+    tokens, code, cut, took = fault_mid_transfer(cluster, prompt, cut_off)
     assert took < DEADLINE_S and cluster.net.dropped(cluster.instance(cut).host) > 0
     if code == grpc.StatusCode.OK:  # retried on the other prefill
         assert tokens == ref.ids(prompt, 8)
