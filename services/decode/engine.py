@@ -180,22 +180,25 @@ class DecodeEngine:
                 sampled = await loop.run_in_executor(
                     self._executor, functools.partial(self.runner.step, inputs, "absorbed")
                 )
-            except Exception:
+            except Exception as e:
                 log.exception("decode step failed")
-                sampled = [None] * len(plan)
+                # A service error (e.g. the expert pool is down: UNAVAILABLE) reaches the
+                # step's callers as itself; anything else is an opaque INTERNAL.
+                failure = e if isinstance(e, ServiceError) else RuntimeError("decode step failed")
+                sampled = [failure] * len(plan)
             finally:
                 self._in_step = set()
             for seq, result in zip(plan, sampled, strict=True):
                 self._after_step(seq, result)
             self._aborted.clear()
 
-    def _after_step(self, seq: Seq, result: Sampled | None) -> None:
+    def _after_step(self, seq: Seq, result: Sampled | Exception) -> None:
         if seq in self._aborted or seq.state is State.DONE:
             self.sched.finish(seq)
             return
-        if result is None:
+        if isinstance(result, Exception):
             self.sched.finish(seq)
-            self._emit(seq, RuntimeError("decode step failed"))  # INTERNAL, details not shown
+            self._emit(seq, result)
             return
         reason = self.sched.stepped(seq, result[0])
         self.served += reason is not None

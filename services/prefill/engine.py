@@ -22,7 +22,7 @@ from k2model.constraints import ConstraintCompiler, ConstraintSpec
 from k2model.model import K2Model
 from k2model.runner import ModelRunner, Sampled, StepInput
 from k2model.sampling_params import SamplingParams, SamplingRow
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
 from services.validation import check_prompt, check_sampling
 
 log = logging.getLogger(__name__)
@@ -144,10 +144,13 @@ class PrefillEngine:
                 sampled = await loop.run_in_executor(
                     self._executor, functools.partial(self.runner.step, inputs, "naive", on_layer)
                 )
-            except Exception:  # a model failure fails this step's jobs, not the engine
+            except Exception as e:  # a model failure fails this step's jobs, not the engine
                 log.exception("prefill step failed")
-                for job, _ in plan:  # INTERNAL for the caller, details only in the log
-                    self._finish(job, RuntimeError("prefill step failed"))
+                # A service error (the expert pool down: UNAVAILABLE) passes as itself; anything
+                # else is INTERNAL for the caller, details only in the log.
+                failure = e if isinstance(e, ServiceError) else RuntimeError("prefill step failed")
+                for job, _ in plan:
+                    self._finish(job, failure)
                 continue
             for (job, n), result in zip(plan, sampled, strict=True):
                 job.done += n

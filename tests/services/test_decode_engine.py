@@ -272,3 +272,28 @@ def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model: K2Model) 
         submit(engine, [1, 2, 3], 4, params=bad)
     assert isinstance(refused.value, ServiceError)
     assert engine.stats()["queued"] == 0
+
+
+def test_a_step_failing_with_a_service_error_reaches_callers_as_that_error() -> None:
+    """Regression: a step whose remote experts were down reached callers as INTERNAL; it is
+    UNAVAILABLE (retryable) now, and unexpected failures stay opaque."""
+    model = load_model(EMBEDDED_CHECKPOINT)
+    engine = DecodeEngine(model, DecodeLimits(num_blocks=64), LocalPrefill(model))
+    prefilled = asyncio.Event()
+
+    def down(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise Unavailable("the expert pool is restarting")
+
+    async def body(engine: DecodeEngine) -> None:
+        seq = submit(engine, prompt(5, 8), 8)
+        events = engine.events(seq)
+        await anext(events)  # the first token comes from prefill, before any decode step
+        prefilled.set()
+        for moe in model.moe_layers().values():
+            moe.remote = down
+        with pytest.raises(Unavailable, match="restarting"):
+            await anext(events)
+        assert (await until_idle(engine))["kv_blocks_free"] == 64
+
+    asyncio.run(run_engine(engine, body))
+    assert prefilled.is_set()
