@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -42,3 +43,27 @@ def _cell(v: Any) -> str:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def checkpoint_bench_main(
+    doc: str,
+    quick_help: str,
+    default_out: Path,
+    bench: Callable[[str, bool], dict[str, Any]],
+    report: Callable[[dict[str, Any]], None],
+) -> None:
+    """The command line of a bench over a served checkpoint: --quick, --checkpoint, --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--checkpoint", default="embedded", help="checkpoint directory")
+    p.add_argument("--out", type=Path, default=default_out)
+    args = p.parse_args()
+    checkpoint = (
+        "embedded" if args.checkpoint == "embedded" else str(Path(args.checkpoint).resolve())
+    )
+    start = time.perf_counter()
+    result = bench(checkpoint, args.quick)
+    result["meta"]["bench_wall_s"] = time.perf_counter() - start
+    report(result)
+    write_json(args.out, result)
+    print(f"\nwrote {args.out} ({result['meta']['bench_wall_s']:.0f} s)")

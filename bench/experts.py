@@ -23,7 +23,6 @@ repeat (3 repeats, 1 with --quick) so that load from other processes hits all of
 
 from __future__ import annotations
 
-import argparse
 import socket
 import statistics
 import sys
@@ -39,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import format_table, write_json  # noqa: E402
+from bench.common import checkpoint_bench_main, format_table  # noqa: E402
 from k2model import K2Model, generate, load_model  # noqa: E402
 from k2model.generate import GenerationRequest  # noqa: E402
 from services.deployment import Deployment  # noqa: E402
@@ -281,20 +280,13 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a third of the calls, one repeat")
-    p.add_argument("--checkpoint", default="embedded", help="checkpoint directory")
-    p.add_argument("--out", type=Path, default=Path("bench/results/experts.json"))
-    args = p.parse_args()
-    checkpoint = (
-        "embedded" if args.checkpoint == "embedded" else str(Path(args.checkpoint).resolve())
+    checkpoint_bench_main(
+        __doc__,
+        "a third of the calls, one repeat",
+        Path("bench/results/experts.json"),
+        bench,
+        print_report,
     )
-    start = time.perf_counter()
-    result = bench(checkpoint, args.quick)
-    result["meta"]["bench_wall_s"] = time.perf_counter() - start
-    print_report(result)
-    write_json(args.out, result)
-    print(f"\nwrote {args.out} ({result['meta']['bench_wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
