@@ -25,6 +25,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.channel import open_channel
+from services.common.processes import terminate
 from services.common.security import Security
 from services.deployment import KINDS, Deployment, Instance
 
@@ -82,17 +83,7 @@ class Suite:
 
     def stop(self, grace_s: float = 15.0) -> dict[str, int]:
         """SIGTERM everything, wait up to grace_s, SIGKILL the rest; returns exit codes."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        codes = {}
-        for name, proc in self.procs.items():
-            try:
-                codes[name] = proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                codes[name] = proc.wait()
+        codes = dict(zip(self.procs, terminate(list(self.procs.values()), grace_s), strict=True))
         self.procs.clear()
         return codes
 

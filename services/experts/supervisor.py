@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from services.common.processes import terminate
 
 log = logging.getLogger(__name__)
 
@@ -115,23 +116,6 @@ class Supervisor:
         """Graceful: rank 0 drains and then stops the followers itself. Otherwise, or for any
         rank still alive after that, SIGTERM and then SIGKILL."""
         if graceful:
-            _terminate(self.procs[:1], self.grace_s)
-            _terminate(self.procs[1:], 2.0, signal_first=False)
-        _terminate(self.procs, 3.0)
-
-
-def _terminate(
-    procs: Sequence[subprocess.Popen], grace_s: float, signal_first: bool = True
-) -> None:
-    """SIGTERM (optionally) the live processes, wait up to grace_s, SIGKILL what is left."""
-    if signal_first:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            terminate(self.procs[:1], self.grace_s)
+            terminate(self.procs[1:], 2.0, signal_first=False)
+        terminate(self.procs, 3.0)

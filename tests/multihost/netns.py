@@ -17,12 +17,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import signal
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.common.processes import terminate
 
 ETC_NETNS = Path("/etc/netns")
 TOOLS = ("ip", "iptables")
@@ -168,24 +168,10 @@ class Network:
             _sh("ip", "netns", "exec", ns, "iptables", "-D", *rule)
 
     def close(self, grace_s: float = 10.0) -> None:
-        _end(self.procs, grace_s)
+        terminate(self.procs, grace_s)
         for host in self.hosts.values():
             subprocess.run(["ip", "netns", "del", host.ns], capture_output=True)
             shutil.rmtree(ETC_NETNS / host.ns, ignore_errors=True)
         subprocess.run(["ip", "netns", "del", self.switch], capture_output=True)
         for link in self._links:
             subprocess.run(["ip", "link", "del", link], capture_output=True)
-
-
-def _end(procs: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM the live ones, wait up to grace_s, SIGKILL what is left (these pids only)."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
