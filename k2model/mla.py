@@ -17,7 +17,7 @@ from torch import nn
 
 from k2model.batch import BatchMeta
 from k2model.config import K2Config
-from k2model.kernels import dispatch
+from k2model.kernels import bf16_weights, dispatch
 from k2model.kv_cache import PagedKVCache
 from k2model.layers import RMSNorm, as_dtype, as_f32
 from k2model.linear import Linear
@@ -95,16 +95,19 @@ class MLA(nn.Module):
         return torch.einsum("bhql,blhv->bqhv", p, v)  # [B, Q, H, d_v]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, d_n, r] and W_UV^T [H, r, d_v] from kv_b_proj, contiguous for batched matmuls.
+        """Per head, W_UK^T [H, r, d_n] (q_nope -> latent query) and W_UV [H, d_v, r] (latent
+        output -> value), as [out, in] matrices like every linear weight, from kv_b_proj.
 
-        Made once while kv_b is dense (keyed on its weight tensor, so reloading invalidates it);
-        with fp8 resident they are dequantised per call like every other weight.
+        Made contiguous once while kv_b is dense, in the dtype it is held in (keyed on its weight
+        tensor, so reloading invalidates them); with fp8 resident they are dequantised per call
+        like every other weight.
         """
         weight = self.kv_b.weight
         if self._absorbed is not None and self._absorbed[0] is weight:
             return self._absorbed[1]
-        w = self.kv_b.dense_weight().view(self.h, self.d_n + self.d_v, self.r)
-        pair = (w[:, : self.d_n].contiguous(), w[:, self.d_n :].transpose(1, 2).contiguous())
+        dense = weight if self.kv_b.fp8_parts is None else self.kv_b.dense_weight()
+        w = dense.view(self.h, self.d_n + self.d_v, self.r)
+        pair = (w[:, : self.d_n].transpose(1, 2).contiguous(), w[:, self.d_n :].contiguous())
         if self.kv_b.fp8_parts is None:
             self._absorbed = (weight, pair)
         return pair
@@ -112,27 +115,26 @@ class MLA(nn.Module):
     def _attend_absorbed(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
         b, q_len = q_nope.shape[:2]
         n = b * q_len
-        w_uk, w_uv_t = self.absorbed_weights()
-        q_lat = torch.bmm(q_nope.reshape(n, self.h, self.d_n).transpose(0, 1), w_uk)  # [H, N, r]
-        q = torch.cat((q_lat.transpose(0, 1), q_pe.reshape(n, self.h, self.d_r)), -1)
+        w_uk_t, w_uv = self.absorbed_weights()
+        q_lat = bf16_weights.head_linear(q_nope.reshape(n, self.h, self.d_n), w_uk_t)  # [N, H, r]
+        q = torch.cat((q_lat, q_pe.reshape(n, self.h, self.d_r)), -1)
         q = q.view(b, q_len * self.h, self.r + self.d_r)  # [B, Q*H, r + d_r]
         # One latent key [c_kv | k_pe] per token, shared by every head and query.
         scores = torch.bmm(q, ctx.transpose(1, 2)).view(b, q_len, self.h, -1).transpose(1, 2)
         p = self._softmax(scores, mask)  # [B, H, Q, L]
         o_lat = torch.bmm(p.transpose(1, 2).reshape(b, q_len * self.h, -1), ctx[..., : self.r])
-        o = torch.bmm(o_lat.view(n, self.h, self.r).transpose(0, 1), w_uv_t)  # [H, N, d_v]
-        return o.transpose(0, 1).reshape(b, q_len, self.h, self.d_v)
+        o = bf16_weights.head_linear(o_lat.view(n, self.h, self.r), w_uv)  # [N, H, d_v]
+        return o.view(b, q_len, self.h, self.d_v)
 
     def _decode_paged(self, q_nope, q_pe, cache: PagedKVCache, meta: BatchMeta) -> torch.Tensor:
         """`_attend_absorbed` for one query per sequence, attending straight off the paged cache
         (kernels/mla_decode.py). q_nope [B, H, d_n], q_pe [B, H, d_r] -> [B, H, d_v]."""
-        w_uk, w_uv_t = self.absorbed_weights()
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
-        q = torch.cat((q_lat, q_pe), -1)  # [B, H, r + d_r]
+        w_uk_t, w_uv = self.absorbed_weights()
+        q = torch.cat((bf16_weights.head_linear(q_nope, w_uk_t), q_pe), -1)  # [B, H, r + d_r]
         lengths = meta.mask[:, 0, 0].sum(-1)  # [B]: a decode row attends to a context prefix
         kv = cache.data[self.layer]  # [slots, r + d_r]
         o_lat = dispatch.mla_decode(q, kv, meta.ctx_slots, lengths, self.scale, self.r)  # [B, H, r]
-        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, d_v]
+        return bf16_weights.head_linear(o_lat, w_uv)  # [B, H, d_v]
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scaled, masked softmax in fp32 over the last (context) axis. mask [B, 1, Q, L]."""

@@ -13,8 +13,9 @@ from torch import nn
 
 from k2model.batch import BatchMeta
 from k2model.config import K2Config
+from k2model.kernels import bf16_weights
 from k2model.kv_cache import PagedKVCache
-from k2model.layers import MLP, RMSNorm, as_f32
+from k2model.layers import MLP, RMSNorm, as_dtype, as_f32
 from k2model.mla import MLA, AttentionForm
 from k2model.moe import MoE
 from k2model.rope import RotaryTable
@@ -82,7 +83,7 @@ class K2Model(nn.Module):
         `on_layer(i)` runs as soon as layer i has written this batch's KV to the cache (prefill
         streams each layer's latents from there while the next layer computes).
         """
-        h = self.embed[input_ids]
+        h = as_dtype(self.embed[input_ids], self.dtype)
         rot = self.rope.lookup(meta.positions)
         for i, layer in enumerate(self.layers):
             h = layer(h, rot, meta, cache, form)
@@ -90,4 +91,4 @@ class K2Model(nn.Module):
                 on_layer(i)
         if not all_logits:
             h = h[meta.last_rows]
-        return as_f32(self.norm(h) @ self.lm_head.T)
+        return as_f32(bf16_weights.linear(self.norm(h), self.lm_head))

@@ -15,7 +15,7 @@ from torch import nn
 
 from k2model.checkpoint.fp8 import dequantize_block_fp8
 from k2model.config import K2Config
-from k2model.kernels import dispatch
+from k2model.kernels import bf16_weights, dispatch
 from k2model.kernels.dispatch import ExpertWeights
 from k2model.layers import MLP, as_dtype, as_f32
 
@@ -77,6 +77,12 @@ class LocalExperts(nn.Module):
         self.fp8: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]] | None = None
         self._fp8_stacked: tuple[list, ExpertWeights] | None = None  # keyed on the fp8 list
 
+    def hold(self, dtype: torch.dtype) -> None:
+        """Re-allocate the stacks in `dtype` (bf16 under an fp32 compute: kernels/bf16_weights)."""
+        if dtype != self.gate_up.dtype:
+            self.gate_up = nn.Buffer(torch.empty(self.gate_up.shape, dtype=dtype))
+            self.down = nn.Buffer(torch.empty(self.down.shape, dtype=dtype))
+
     def set_fp8(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
         """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s))."""
         self.fp8 = experts
@@ -84,7 +90,8 @@ class LocalExperts(nn.Module):
         self.down = nn.Buffer(torch.empty(0, self.dim, self.inter, dtype=self.dtype))
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's gate_up [2I, D] and down [D, I]: views, or dequantised now when fp8."""
+        """Expert e's gate_up [2I, D] and down [D, I]: views (in the held dtype), or dequantised
+        now when fp8."""
         if self.fp8 is None:
             return self.gate_up[e], self.down[e]
         (gw, gs), (uw, us), (dw, ds) = self.fp8[e]
@@ -121,8 +128,8 @@ class LocalExperts(nn.Module):
         start = 0
         for e, n in zip(active.tolist(), counts.tolist(), strict=True):
             gate_up, down = self.expert(e)
-            gate, up = (xs[start : start + n] @ gate_up.T).split(self.inter, dim=-1)
-            out[start : start + n] = (F.silu(gate) * up) @ down.T
+            gate, up = bf16_weights.linear(xs[start : start + n], gate_up).split(self.inter, -1)
+            out[start : start + n] = bf16_weights.linear(F.silu(gate) * up, down)
             start += n
         out = out * as_dtype(weights.flatten()[order, None], out.dtype)
         return torch.zeros_like(x).index_add_(0, rows, out)
@@ -132,7 +139,7 @@ class LocalExperts(nn.Module):
         out = torch.zeros_like(x)
         for i in range(x.shape[0]):
             for e, w in zip(ids[i].tolist(), weights[i].tolist(), strict=True):
-                gate_up, down = self.expert(e)
+                gate_up, down = (t.to(x.dtype) for t in self.expert(e))
                 gate, up = (gate_up @ x[i]).split(self.inter)
                 out[i] += w * (down @ (F.silu(gate) * up))
         return out

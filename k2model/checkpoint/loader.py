@@ -17,6 +17,7 @@ from tqdm import tqdm
 from k2model.checkpoint.fp8 import dequantize_block_fp8
 from k2model.checkpoint.shards import CheckpointError, ShardedCheckpoint
 from k2model.config import K2Config
+from k2model.kernels import bf16_weights
 from k2model.linear import Linear
 from k2model.model import K2Model
 from k2model.moe import LocalExperts, MoE
@@ -123,20 +124,34 @@ def _summarise(ckpt: ShardedCheckpoint, problems: list[str], limit: int = 20) ->
 
 
 class _Filler:
-    """Reads tensors by HF name, as dense compute-dtype tensors or as (fp8, scale) parts."""
+    """Reads tensors by HF name: dense (in the compute dtype, or bf16 held under an fp32 compute)
+    or as (fp8, scale) parts."""
 
-    def __init__(self, ckpt: ShardedCheckpoint, dtype: torch.dtype, fp8_resident: bool, bar: tqdm):
+    def __init__(
+        self,
+        ckpt: ShardedCheckpoint,
+        dtype: torch.dtype,
+        fp8_resident: bool,
+        bar: tqdm,
+        bf16_resident: bool = True,
+    ):
         self.ckpt, self.dtype, self.fp8_resident, self.bar = ckpt, dtype, fp8_resident, bar
+        self.bf16_resident = bf16_resident
 
     def is_fp8(self, name: str) -> bool:
         return self.ckpt.dtype(name) == torch.float8_e4m3fn
+
+    def held_dtype(self, name: str) -> torch.dtype:
+        """The dtype `dense(name)` returns."""
+        stored = self.ckpt.dtype(name)
+        return bf16_weights.held_dtype(stored, self.dtype) if self.bf16_resident else self.dtype
 
     def dense(self, name: str) -> torch.Tensor:
         t = self.ckpt.get(name)
         self.bar.update(1)
         if t.dtype == torch.float8_e4m3fn:
             return dequantize_block_fp8(t, self.ckpt.get(name + SCALE_SUFFIX), self.dtype)
-        return t.to(self.dtype)
+        return t.to(self.held_dtype(name))
 
     def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         self.bar.update(1)
@@ -160,10 +175,13 @@ def load_model(
     fp8_resident: bool = False,
     progress: bool | None = None,
     routed_experts: bool = True,
+    bf16_resident: bool = True,
 ) -> K2Model:
     """Load a K2 / DeepSeek-V3 checkpoint directory (config.json + safetensors shards).
 
-    `dtype` is the compute dtype (default: `default_dtype()`); checkpoint tensors are converted to it.
+    `dtype` is the compute dtype (default: `default_dtype()`); checkpoint tensors are converted to
+    it, except that with `bf16_resident` bf16 matrices stay bf16 under an fp32 compute where the
+    CPU kernel for them is available (kernels/bf16_weights.py: the same products, half the bytes).
     `routed_experts=False` reads everything but the routed experts, for prefill and decode
     instances whose experts live on the expert service.
     """
@@ -174,15 +192,15 @@ def load_model(
         model = K2Model(cfg, dtype, routed_experts)
         show = progress if progress is not None else ckpt.total_bytes() > 2**30
         with tqdm(total=len(want), desc="loading", unit="tensor", disable=not show) as bar:
-            _fill(model, _Filler(ckpt, dtype, fp8_resident, bar))
+            _fill(model, _Filler(ckpt, dtype, fp8_resident, bar, bf16_resident))
     return model.eval()
 
 
 def _fill(model: K2Model, f: _Filler) -> None:
     cfg = model.cfg
-    model.embed.copy_(f.dense("model.embed_tokens.weight"))
+    model.embed = f.dense("model.embed_tokens.weight")
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    model.lm_head.copy_(f.dense(head))
+    model.lm_head = model.embed if cfg.tie_word_embeddings else f.dense(head)
     model.norm.weight.copy_(f.dense("model.norm.weight"))
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
@@ -229,6 +247,7 @@ def _fill_experts(ex: LocalExperts, m: str, f: _Filler, first: int) -> None:
     if f.fp8_resident and all(f.is_fp8(n) for n in names[0]):
         ex.set_fp8([tuple(f.part(n) for n in trio) for trio in names])
     else:
+        ex.hold(f.held_dtype(names[0][0]))
         for e, (gate, up, down) in enumerate(names):
             ex.gate_up[e, : ex.inter] = f.dense(gate)
             ex.gate_up[e, ex.inter :] = f.dense(up)
@@ -241,12 +260,13 @@ def load_expert_slice(
     count: int,
     dtype: torch.dtype | None = None,
     fp8_resident: bool = False,
+    bf16_resident: bool = True,
 ) -> tuple[K2Config, dict[int, LocalExperts]]:
     """Routed experts first .. first + count - 1 of every MoE layer, and nothing else.
 
     What one rank of an expert-parallel pool holds: {layer: LocalExperts(count)}, expert e of the
     checkpoint at local index e - first. The whole name set is still validated (headers only), but
-    only this slice's tensors are read.
+    only this slice's tensors are read. `dtype` and `bf16_resident` as for `load_model`.
     """
     dtype = dtype or default_dtype()
     cfg = K2Config.from_dir(path)
@@ -261,7 +281,7 @@ def load_expert_slice(
         show = ckpt.total_bytes() > 2**30
         total = 3 * count * len(layers)
         with tqdm(total=total, desc="loading experts", unit="tensor", disable=not show) as bar:
-            f = _Filler(ckpt, dtype, fp8_resident, bar)
+            f = _Filler(ckpt, dtype, fp8_resident, bar, bf16_resident)
             for i in layers:
                 ex = LocalExperts(count, cfg.hidden_size, cfg.moe_intermediate_size, dtype)
                 _fill_experts(ex, f"model.layers.{i}.mlp.", f, first)

@@ -1,0 +1,114 @@
+"""Matmuls of fp32 activations with weights held in bf16: the CPU decode path.
+
+A bf16 checkpoint computed in fp32 (k2model's CPU default) need not widen its weights when it
+loads: bf16 -> fp32 is exact, so `x @ w.float().T` is the same product whether the weight is
+widened once at load or per 8 values inside the kernel. Holding bf16 halves weight memory and the
+bytes each decode step reads, and decode on a CPU is bound by those reads (the fp32 GEMV of the
+BLAS reaches ~10 GB/s from DRAM on two cores; csrc/bf16_gemm.cpp reads bf16 at about that rate,
+i.e. twice the weights per second).
+
+The kernel is C++ with AVX2/FMA intrinsics, built with torch's extension builder on first use and
+cached (TORCH_EXTENSIONS_DIR). Without an AVX2 CPU or a C++ compiler, or with K2_CPU_KERNELS=0,
+`available()` is False: the loader then widens the weights at load, as before. Each function
+falls back to its twin (`*_ref`, plain torch) for shapes the kernel does not take: many rows
+(prefill, where the BLAS's compute rate matters more than the bytes) and non-bf16 weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "bf16_gemm.cpp"
+# Above this many rows the BLAS on widened weights is faster (compute-bound; see bench/model.py).
+MAX_ROWS = 48
+
+
+@functools.cache
+def _extension():  # the compiled module, or None where it cannot be had
+    if os.environ.get("K2_CPU_KERNELS", "1") == "0":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="k2_bf16_gemm",
+            sources=[str(_SOURCE)],
+            # OpenMP: at::parallel_for is inlined here, and runs on torch's own libgomp threads.
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler or headers: the loader keeps fp32 weights instead
+        log.warning("bf16-weight CPU kernel unavailable, weights will be widened to fp32: %s", e)
+        return None
+
+
+def available() -> bool:
+    """Whether fp32-compute models on this CPU can hold their bf16 weights as bf16."""
+    return _extension() is not None
+
+
+def held_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype a model computing in `compute` holds a `stored` weight in: bf16 stays bf16 under
+    an fp32 compute where the kernel is available; anything else becomes `compute`."""
+    if stored == torch.bfloat16 and compute == torch.float32 and available():
+        return stored
+    return compute
+
+
+def hold(weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    return weight.to(held_dtype(weight.dtype, compute))
+
+
+def _takes(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+    return (
+        w.dtype == torch.bfloat16
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and 0 < rows <= MAX_ROWS
+        and available()
+    )
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T in x's dtype; w in x's dtype, or bf16 under fp32 x."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not _takes(x, w, rows):
+        return linear_ref(x, w)
+    flat = x.reshape(rows, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty(rows, w.shape[0], dtype=x.dtype)
+    _extension().linear(flat, w, out)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Twin of `linear`: widen the weight, then the BLAS."""
+    return F.linear(x, w.to(x.dtype))
+
+
+def head_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One linear per head: x [M, H, K], w [H, N, K] -> [M, H, N] (y[:, h] = x[:, h] @ w[h]^T)."""
+    if not _takes(x, w, x.shape[0]) or x.stride(-1) != 1 or w.stride(-1) != 1:
+        return head_linear_ref(x, w)
+    out = torch.empty(x.shape[0], x.shape[1], w.shape[1], dtype=x.dtype)
+    _extension().head_linear(x, w, out)
+    return out
+
+
+def head_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Twin of `head_linear`: batched matmul over heads on the widened weight."""
+    return torch.bmm(x.transpose(0, 1), w.to(x.dtype).transpose(1, 2)).transpose(0, 1)
