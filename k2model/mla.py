@@ -69,7 +69,7 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, rot[:, None])
         k_pe = apply_rope(k_pe, rot)  # [T, d_r], one rope key shared by all heads
         cache.write(self.layer, meta.write_slots, torch.cat((self.kv_norm(c_kv), k_pe), -1))
-        if meta.decode and form == "absorbed" and dispatch.kernel_path(x):  # paged, no gather
+        if meta.decode and form == "absorbed" and dispatch.paged_decode(x):  # no gather
             o = self._decode_paged(q_nope, q_pe, cache, meta)
             return self.o(o.reshape(t, self.h * self.d_v))
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from k2model.checkpoint.fp8 import dequantize_block_fp8
 from k2model.config import K2Config
-from k2model.kernels import bf16_weights, dispatch
+from k2model.kernels import bf16_weights, cpu_ext, dispatch
 from k2model.kernels.dispatch import ExpertWeights
 from k2model.layers import MLP, as_dtype, as_f32
 
@@ -115,9 +115,18 @@ class LocalExperts(nn.Module):
         return self._fp8_stacked[1]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sort assignments by expert; one matmul pair per active expert over its contiguous rows."""
         if dispatch.kernel_path(x):  # align + grouped GEMM kernels over the stacked experts
             return dispatch.routed_experts(x, ids, weights, self.stacked())
+        if self.fp8 is None and self.gate_up.dtype == torch.bfloat16 and cpu_ext.takes(x):
+            out = torch.empty(x.shape, dtype=x.dtype)  # the whole layer in one C++ call
+            x, ids, weights = x.contiguous(), ids.contiguous(), as_f32(weights).contiguous()
+            cpu_ext.extension().routed_experts(x, ids, weights, self.gate_up, self.down, out)
+            return out
+        return self.grouped(x, ids, weights)
+
+    def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sort assignments by expert; one matmul pair per active expert over its contiguous rows
+        (the twin of csrc/routed_experts.cpp, and the path for every other input)."""
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)

@@ -7,55 +7,26 @@ bytes each decode step reads, and decode on a CPU is bound by those reads (the f
 BLAS reaches ~10 GB/s from DRAM on two cores; csrc/bf16_gemm.cpp reads bf16 at about that rate,
 i.e. twice the weights per second).
 
-The kernel is C++ with AVX2/FMA intrinsics, built with torch's extension builder on first use and
-cached (TORCH_EXTENSIONS_DIR). Without an AVX2 CPU or a C++ compiler, or with K2_CPU_KERNELS=0,
-`available()` is False: the loader then widens the weights at load, as before. Each function
-falls back to its twin (`*_ref`, plain torch) for shapes the kernel does not take: many rows
-(prefill, where the BLAS's compute rate matters more than the bytes) and non-bf16 weights.
+The kernel is csrc/bf16_gemm.cpp in cpu_ext's extension. Where that cannot be built,
+`held_dtype` widens the weights at load, as before. Each function falls back to its twin (`*_ref`,
+plain torch) for shapes the kernel does not take: many rows (prefill, where the BLAS's compute rate
+matters more than the bytes) and non-bf16 weights.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from k2model.kernels import cpu_ext
 
-_SOURCE = Path(__file__).with_name("csrc") / "bf16_gemm.cpp"
 # Above this many rows the BLAS on widened weights is faster (compute-bound; see bench/model.py).
-MAX_ROWS = 48
-
-
-@functools.cache
-def _extension():  # the compiled module, or None where it cannot be had
-    if os.environ.get("K2_CPU_KERNELS", "1") == "0":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name="k2_bf16_gemm",
-            sources=[str(_SOURCE)],
-            # OpenMP: at::parallel_for is inlined here, and runs on torch's own libgomp threads.
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler or headers: the loader keeps fp32 weights instead
-        log.warning("bf16-weight CPU kernel unavailable, weights will be widened to fp32: %s", e)
-        return None
+MAX_ROWS = 96
 
 
 def available() -> bool:
     """Whether fp32-compute models on this CPU can hold their bf16 weights as bf16."""
-    return _extension() is not None
+    return cpu_ext.available()
 
 
 def held_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
@@ -71,28 +42,21 @@ def hold(weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
 
 
 def _takes(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
-    return (
-        w.dtype == torch.bfloat16
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and 0 < rows <= MAX_ROWS
-        and available()
-    )
+    return w.dtype == torch.bfloat16 and 0 < rows <= MAX_ROWS and cpu_ext.takes(x)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T in x's dtype; w in x's dtype, or bf16 under fp32 x."""
     if w.dtype == x.dtype:
         return F.linear(x, w)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not _takes(x, w, rows):
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if not _takes(x, w, flat.shape[0]):
         return linear_ref(x, w)
-    flat = x.reshape(rows, x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    out = torch.empty(rows, w.shape[0], dtype=x.dtype)
-    _extension().linear(flat, w, out)
-    return out.view(*x.shape[:-1], w.shape[0])
+    out = torch.empty(flat.shape[0], w.shape[0], dtype=x.dtype)
+    cpu_ext.extension().linear(flat, w, out)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], w.shape[0])
 
 
 def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -105,7 +69,7 @@ def head_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if not _takes(x, w, x.shape[0]) or x.stride(-1) != 1 or w.stride(-1) != 1:
         return head_linear_ref(x, w)
     out = torch.empty(x.shape[0], x.shape[1], w.shape[1], dtype=x.dtype)
-    _extension().head_linear(x, w, out)
+    cpu_ext.extension().head_linear(x, w, out)
     return out
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from k2model.kernels import cpu_ext
+
 Fp8Part = tuple[torch.Tensor, torch.Tensor]  # (float8_e4m3fn weight [out, in], fp32 scale_inv)
 
 
@@ -75,8 +77,20 @@ def mla_decode(
     """q [B, H, r + d_r] against the cache rows kv[slots[b, :lengths[b]]] -> [B, H, r]."""
     from k2model.kernels import mla_decode as kernel
 
+    if cpu_ext.takes(q) and kv.dtype == q.dtype:  # csrc/mla_decode.cpp
+        out = torch.empty(q.shape[0], q.shape[1], r, dtype=q.dtype)
+        cpu_ext.extension().mla_decode(
+            q.contiguous(), kv.contiguous(), slots.contiguous(), lengths, sm_scale, r, out
+        )
+        return out
     run = kernel.mla_decode if on_triton(q) else kernel.mla_decode_ref
     return run(q, kv, slots, lengths, sm_scale, r)
+
+
+def paged_decode(x: torch.Tensor) -> bool:
+    """Whether decode attends straight off the paged cache (`mla_decode`) for activations x:
+    on CUDA (Triton) and on CPUs with k2model's extension; elsewhere it gathers the context."""
+    return kernel_path(x) or cpu_ext.takes(x)
 
 
 def routed_experts(

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from k2model.kernels import bf16_weights
+from k2model.kernels import bf16_weights, cpu_ext
 from tests.kernels.helpers import assert_near, poisoned_outputs
 
 needs_kernel = pytest.mark.skipif(
@@ -87,7 +87,7 @@ def test_hold_keeps_bf16_only_under_fp32() -> None:
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """K2_CPU_KERNELS=0 turns the kernel off: weights are then widened at load."""
     monkeypatch.setenv("K2_CPU_KERNELS", "0")
-    bf16_weights._extension.cache_clear()
+    cpu_ext.extension.cache_clear()
     try:
         assert not bf16_weights.available()
         assert bf16_weights.hold(torch.zeros(2, dtype=torch.bfloat16), torch.float32).dtype == (
@@ -95,12 +95,12 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         )
     finally:
         monkeypatch.delenv("K2_CPU_KERNELS")
-        bf16_weights._extension.cache_clear()
+        cpu_ext.extension.cache_clear()
 
 
 @needs_kernel
 def test_bad_operands_are_refused() -> None:
-    ext = bf16_weights._extension()
+    ext = cpu_ext.extension()
     x, w = torch.zeros(2, 8), torch.zeros(3, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="features"):
         ext.linear(torch.zeros(2, 9), w, torch.empty(2, 3))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from k2model.checkpoint.loader import load_expert_slice, load_model
-from k2model.kernels import bf16_weights
+from k2model.kernels import bf16_weights, cpu_ext
 from k2model.model import K2Model
 from tests.model.helpers import Runner, rel_err
 
@@ -62,3 +62,25 @@ def test_expert_slices_are_held_like_the_model(tiny_ckpt: Path) -> None:
         w = torch.rand(5, 2)
         assert rel_err(ex(x, ids, w), widened[layer](x, ids, w)) < 1e-5
         assert rel_err(ex(x, ids, w), ex.looped(x, ids, w)) < 1e-5
+
+
+def test_pure_torch_path_matches_the_extension(
+    pair: tuple[K2Model, K2Model], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole CPU fast path (bf16 weights, C++ norm/experts/paged decode) against the model
+    with every C++ op switched off: fp32 weights, torch ops, decode through a gathered context."""
+    held, widened = pair
+    fast, slow = Runner(held), Runner(widened)
+    prompts = {0: [5, 9, 2, 7, 1], 1: [3, 3, 12]}
+    want_fast = fast.step(prompts, "absorbed")
+    with monkeypatch.context() as m:
+        m.setattr(cpu_ext, "takes", lambda x: False)
+        want_slow = slow.step(prompts, "absorbed")
+    assert rel_err(want_fast, want_slow) < 1e-5
+    for _ in range(3):
+        nxt = {seq: [int(want_slow[i].argmax())] for i, seq in enumerate(prompts)}
+        want_fast = fast.step(nxt, "absorbed")
+        with monkeypatch.context() as m:
+            m.setattr(cpu_ext, "takes", lambda x: False)
+            want_slow = slow.step(nxt, "absorbed")
+        assert rel_err(want_fast, want_slow) < 1e-5

@@ -1,0 +1,60 @@
+"""k2model's C++ CPU extension (csrc/): the ops that take the CPU decode step off the BLAS and
+off per-op dispatch, each with a plain-torch twin at its call site.
+
+- bf16_gemm.cpp: fp32 activations x bf16-resident weights (bf16_weights.py)
+- routed_experts.cpp: one MoE layer's routed experts in one call (moe.LocalExperts)
+- rms_norm.cpp: RMSNorm in one pass per row (layers.RMSNorm)
+- mla_decode.cpp: absorbed MLA decode attention off the paged cache (dispatch.mla_decode)
+
+Built with AVX2/FMA intrinsics by torch's extension builder on first use (~1 minute on two cores)
+and cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a changed source is
+rebuilt. Without an AVX2 CPU or a C++ compiler, or with K2_CPU_KERNELS=0, `available()` is False
+and every call site takes its twin.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("bf16_gemm.cpp", "routed_experts.cpp", "rms_norm.cpp", "mla_decode.cpp", "bindings.cpp")
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled module, or None where it cannot be had."""
+    if os.environ.get("K2_CPU_KERNELS", "1") == "0":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="k2_cpu_ops",
+            sources=[str(_CSRC / s) for s in SOURCES],
+            # OpenMP: at::parallel_for is inlined here, and runs on torch's own libgomp threads.
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler or headers: every call site keeps its torch twin
+        log.warning("k2model CPU extension unavailable, using the torch paths: %s", e)
+        return None
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether the CPU ops apply to activations x: fp32 on the CPU, with the extension built."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and available()

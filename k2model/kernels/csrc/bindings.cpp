@@ -1,0 +1,14 @@
+// The Python module of k2model's CPU extension (loaded by k2model/kernels/cpu_ext.py).
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &k2::linear, "out [M, N] fp32 = x [M, K] fp32 @ w [N, K] bf16 ^T");
+  m.def("head_linear", &k2::head_linear, "out [M, H, N] fp32 = x[:, h] @ w[h]^T per head h");
+  m.def("routed_experts", &k2::routed_experts,
+        "out [T, D] = routed experts (bf16 gate_up [E, 2I, D], down [E, D, I]) of x [T, D]");
+  m.def("rms_norm", &k2::rms_norm, "out [T, D] = weight * x / rms(x), fp32");
+  m.def("mla_decode", &k2::mla_decode,
+        "out [B, H, r] = absorbed MLA decode attention of q [B, H, r + d_r] over paged kv");
+}

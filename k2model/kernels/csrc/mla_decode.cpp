@@ -1,0 +1,119 @@
+// Absorbed MLA decode attention straight off the paged latent cache, fp32:
+//   out[b, h] = sum_l softmax_l(scale * q[b, h] . kv[s_l]) * kv[s_l, :r],  s_l = slots[b, l],
+// l < lengths[b]: one query per sequence, every head against the same latent rows [c_kv | k_pe],
+// with no gathered copy of the context. Split over (sequence, group of heads); each task reads its
+// sequence's rows twice (scores, 4 heads per read; then the weighted sum, 32 outputs per pass held
+// in registers), the second time from cache.
+// Twin: kernels/mla_decode.py's mla_decode_ref (the contract of the Triton kernel).
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+
+namespace k2 {
+namespace {
+
+// scores[j] = scale * q[j] . row for 4 query rows (width apart) at once: the row is read once.
+inline void dot4(const float* q, int64_t width, const float* row, float scale, float* scores) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  int64_t c = 0;
+  for (; c + 8 <= width; c += 8) {
+    const __m256 v = _mm256_loadu_ps(row + c);
+    for (int j = 0; j < 4; ++j)
+      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * width + c), v, acc[j]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    float sum = hsum(acc[j]);
+    for (int64_t t = c; t < width; ++t) sum += q[j * width + t] * row[t];
+    scores[j] = scale * sum;
+  }
+}
+
+// out[0 .. r) = sum_l p[l] * rows[l][0 .. r), 32 outputs at a time held in registers.
+inline void weighted_sum(const float* p, const float* const* rows, int64_t n, int64_t r,
+                         float* out) {
+  int64_t c = 0;
+  for (; c + 32 <= r; c += 32) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    for (int64_t l = 0; l < n; ++l) {
+      const __m256 pl = _mm256_set1_ps(p[l]);
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(rows[l] + c + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + c + 8 * j, acc[j]);
+  }
+  std::fill(out + c, out + r, 0.0f);
+  for (int64_t l = 0; l < n; ++l) axpy(p[l], rows[l] + c, out + c, r - c);
+}
+
+}  // namespace
+
+void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots,
+                const at::Tensor& lengths, double scale, int64_t r, at::Tensor& out) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
+              "mla_decode: q must be a contiguous [B, H, r + d_r] float32 tensor");
+  TORCH_CHECK(kv.scalar_type() == at::kFloat && kv.dim() == 2 && kv.is_contiguous() &&
+                  kv.size(1) == q.size(2),
+              "mla_decode: kv must be a contiguous [slots, r + d_r] float32 tensor like q");
+  const int64_t b = q.size(0), h = q.size(1), width = q.size(2), n_slots = kv.size(0);
+  TORCH_CHECK(r > 0 && r <= width, "mla_decode: r ", r, " outside (0, ", width, "]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == b &&
+                  slots.is_contiguous(),
+              "mla_decode: slots must be a contiguous [B, L] int64 tensor");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == b,
+              "mla_decode: lengths must be a [B] int64 tensor");
+  check_out(out, {b, h, r});
+  const int64_t width_l = slots.size(1);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const auto len = lengths.contiguous();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) {
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= width_l, "mla_decode: length ", lp[i], " outside [1, ",
+                width_l, "]");
+    for (int64_t l = 0; l < lp[i]; ++l)
+      TORCH_CHECK(sp[i * width_l + l] >= 0 && sp[i * width_l + l] < n_slots,
+                  "mla_decode: slot ", sp[i * width_l + l], " outside the cache");
+  }
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kv.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int threads = at::get_num_threads();
+  // Enough tasks for every thread even at batch 1: heads are split into groups.
+  const int64_t groups = std::min<int64_t>(h, std::max<int64_t>(1, (threads + b - 1) / b));
+  const int64_t per = (h + groups - 1) / groups;
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, b * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p;
+    std::vector<const float*> rows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / groups, h0 = (task % groups) * per, h1 = std::min(h, h0 + per);
+      const int64_t n = lp[i];
+      rows.resize(n);
+      for (int64_t l = 0; l < n; ++l) rows[l] = kp + sp[i * width_l + l] * width;
+      p.assign((h1 - h0) * n, 0.0f);
+      float four[4];
+      for (int64_t l = 0; l < n; ++l) {
+        int64_t hh = h0;
+        for (; hh + 4 <= h1; hh += 4) {
+          dot4(qp + (i * h + hh) * width, width, rows[l], s, four);
+          for (int j = 0; j < 4; ++j) p[(hh + j - h0) * n + l] = four[j];
+        }
+        for (; hh < h1; ++hh) p[(hh - h0) * n + l] = s * dot(qp + (i * h + hh) * width, rows[l], width);
+      }
+      for (int64_t hh = h0; hh < h1; ++hh) {
+        float* ph = p.data() + (hh - h0) * n;
+        const float top = *std::max_element(ph, ph + n);
+        float total = 0.0f;
+        for (int64_t l = 0; l < n; ++l) total += (ph[l] = std::exp(ph[l] - top));
+        for (int64_t l = 0; l < n; ++l) ph[l] /= total;
+        weighted_sum(ph, rows.data(), n, r, op + (i * h + hh) * r);
+      }
+    }
+  });
+}
+
+}  // namespace k2

@@ -1,0 +1,92 @@
+"""The C++ CPU ops (csrc/) against their plain-torch twins, on fresh random inputs each run:
+RMSNorm, one MoE layer's routed experts, absorbed MLA decode off the paged cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from k2model.kernels import cpu_ext, mla_decode
+from k2model.layers import RMSNorm
+from k2model.moe import LocalExperts
+from tests.kernels.helpers import assert_near, poisoned_outputs
+
+pytestmark = pytest.mark.skipif(
+    not cpu_ext.available(), reason="no AVX2 CPU or C++ compiler for k2model's CPU extension"
+)
+TOL = 1e-5
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(random.randrange(2**31))
+
+
+@pytest.mark.parametrize(("rows", "dim"), [(1, 8), (3, 13), (17, 512), (64, 100)])
+def test_rms_norm(rows: int, dim: int, gen: torch.Generator, monkeypatch) -> None:
+    norm = RMSNorm(dim, 1e-6, torch.float32)
+    norm.weight.copy_(torch.rand(dim, generator=gen) + 0.5)
+    wide = torch.randn(rows, dim + 5, generator=gen) * 3
+    x = wide[:, :dim]  # strided rows, as the q/kv latents split from one projection are
+    with poisoned_outputs(monkeypatch):
+        out = norm(x)
+    assert_near(out, norm.reference(x), TOL)
+
+
+def _experts(n: int, dim: int, inter: int, gen: torch.Generator) -> LocalExperts:
+    ex = LocalExperts(n, dim, inter, torch.float32)
+    ex.hold(torch.bfloat16)
+    ex.gate_up.copy_(torch.randn(ex.gate_up.shape, generator=gen) * 0.2)
+    ex.down.copy_(torch.randn(ex.down.shape, generator=gen) * 0.2)
+    return ex
+
+
+@pytest.mark.parametrize(("tokens", "k"), [(1, 1), (1, 4), (5, 2), (33, 3), (70, 8)])
+def test_routed_experts(tokens: int, k: int, gen: torch.Generator, monkeypatch) -> None:
+    """Every expert id and none; ragged groups; experts with no rows at all."""
+    ex = _experts(9, 40, 24, gen)
+    x = torch.randn(tokens, 40, generator=gen)
+    ids = torch.stack([torch.randperm(9, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    with poisoned_outputs(monkeypatch):
+        out = ex(x, ids, weights)
+    assert_near(out, ex.grouped(x, ids, weights), TOL)
+    assert_near(out, ex.looped(x, ids, weights), TOL)
+
+
+def test_routed_experts_refuses_a_bad_expert_id(gen: torch.Generator) -> None:
+    ex = _experts(4, 16, 8, gen)
+    with pytest.raises(RuntimeError, match="expert id 4 outside"):
+        ex(torch.randn(2, 16), torch.tensor([[0, 4], [1, 2]]), torch.rand(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "lengths"),
+    [(1, 1, [1]), (1, 8, [37]), (3, 6, [5, 1, 64]), (4, 16, [9, 130, 2, 40])],
+)
+def test_mla_decode(
+    batch: int, heads: int, lengths: list[int], gen: torch.Generator, monkeypatch
+) -> None:
+    """Scattered slots (as a paged cache has them), lengths shorter than the slot rows."""
+    r, d_r = 40, 8
+    width = max(lengths) + 3
+    kv = torch.randn(600, r + d_r, generator=gen)
+    slots = torch.stack([torch.randperm(600, generator=gen)[:width] for _ in range(batch)])
+    q = torch.randn(batch, heads, r + d_r, generator=gen)
+    n = torch.tensor(lengths)
+    with poisoned_outputs(monkeypatch):
+        out = torch.empty(batch, heads, r)
+        cpu_ext.extension().mla_decode(q, kv, slots, n, 0.125, r, out)
+    assert_near(out, mla_decode.mla_decode_ref(q, kv, slots, n, 0.125, r), TOL)
+
+
+def test_mla_decode_refuses_bad_slots_and_lengths() -> None:
+    q, kv = torch.zeros(1, 2, 12), torch.zeros(10, 12)
+    out = torch.empty(1, 2, 8)
+    ext = cpu_ext.extension()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ext.mla_decode(q, kv, torch.tensor([[3, 10]]), torch.tensor([2]), 1.0, 8, out)
+    with pytest.raises(RuntimeError, match="length 3 outside"):
+        ext.mla_decode(q, kv, torch.tensor([[3, 4]]), torch.tensor([3]), 1.0, 8, out)
