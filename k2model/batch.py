@@ -44,9 +44,9 @@ def build_batch(
     width = max(len(s.block_table) for s in seqs)
     if any(len(s.block_table) * block_size < s.start + s.n_new for s in seqs):
         raise ValueError("a sequence's block table is too short for its context")
-    table = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        table[i, : len(s.block_table)] = torch.tensor(s.block_table)
+    table = torch.tensor(
+        [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long
+    )
 
     def slots_of(pos: torch.Tensor) -> torch.Tensor:  # pos [B, n] -> cache slots [B, n]
         blocks = table.gather(1, (pos // block_size).clamp(max=width - 1))

@@ -31,13 +31,14 @@ class Router(nn.Module):
             cfg.topk_group,
         )
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        # The router runs in fp32 (K2_SPEC 2.8); its weight is small, so it is kept in fp32.
+        # The router runs in fp32 (K2_SPEC 2.8): its weight is held in fp32, or as the
+        # checkpoint's bf16 where kernels/bf16_weights computes with it (the same fp32 product).
         self.weight = nn.Buffer(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.bias = nn.Buffer(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, k] int64, weights [T, k] fp32)."""
-        scores = F.linear(as_f32(x), self.weight).sigmoid()  # [T, E]
+        scores = bf16_weights.linear(as_f32(x), self.weight).sigmoid()  # [T, E]
         choice = scores + self.bias
         if self.n_group > 1:
             t, e = choice.shape

@@ -225,7 +225,7 @@ def _fill(model: K2Model, f: _Filler) -> None:
 
 
 def _fill_moe(moe: MoE, m: str, f: _Filler) -> None:
-    moe.router.weight.copy_(f.dense(m + "gate.weight"))
+    moe.router.weight = bf16_weights.hold(f.dense(m + "gate.weight"), torch.float32)
     moe.router.bias.copy_(f.ckpt.get(m + "gate.e_score_correction_bias").float())
     f.bar.update(1)
     if moe.experts.gate_up.shape[0]:

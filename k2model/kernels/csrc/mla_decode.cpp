@@ -1,9 +1,10 @@
 // Absorbed MLA decode attention straight off the paged latent cache, fp32:
 //   out[b, h] = sum_l softmax_l(scale * q[b, h] . kv[s_l]) * kv[s_l, :r],  s_l = slots[b, l],
 // l < lengths[b]: one query per sequence, every head against the same latent rows [c_kv | k_pe],
-// with no gathered copy of the context. Split over (sequence, group of heads); each task reads its
-// sequence's rows twice (scores, 4 heads per read; then the weighted sum, 32 outputs per pass held
-// in registers), the second time from cache.
+// with no gathered copy of the context. Split over (sequence, group of heads). Context rows are
+// taken in blocks that stay in cache while every head of the task uses them: 8 rows per score
+// pass (one load of a query vector serves 8 rows), 8 rows per pass of the weighted sum (whose
+// outputs are held in registers 32 values at a time).
 // Twin: kernels/mla_decode.py's mla_decode_ref (the contract of the Triton kernel).
 
 #include <algorithm>
@@ -15,30 +16,33 @@
 namespace k2 {
 namespace {
 
-// scores[j] = scale * q[j] . row for 4 query rows (width apart) at once: the row is read once.
-inline void dot4(const float* q, int64_t width, const float* row, float scale, float* scores) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                   _mm256_setzero_ps()};
+constexpr int64_t kScoreRows = 8, kSumRows = 8;
+
+// scores[j] = scale * q . rows[j] for kScoreRows rows at once.
+inline void dot_rows(const float* q, const float* const* rows, int64_t width, float scale,
+                     float* scores) {
+  __m256 acc[kScoreRows];
+  for (int j = 0; j < kScoreRows; ++j) acc[j] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= width; c += 8) {
-    const __m256 v = _mm256_loadu_ps(row + c);
-    for (int j = 0; j < 4; ++j)
-      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * width + c), v, acc[j]);
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    for (int j = 0; j < kScoreRows; ++j)
+      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[j] + c), qv, acc[j]);
   }
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < kScoreRows; ++j) {
     float sum = hsum(acc[j]);
-    for (int64_t t = c; t < width; ++t) sum += q[j * width + t] * row[t];
+    for (int64_t t = c; t < width; ++t) sum += q[t] * rows[j][t];
     scores[j] = scale * sum;
   }
 }
 
-// out[0 .. r) = sum_l p[l] * rows[l][0 .. r), 32 outputs at a time held in registers.
-inline void weighted_sum(const float* p, const float* const* rows, int64_t n, int64_t r,
+// out[0 .. r) += sum_l p[l] * rows[l][0 .. r) over n rows, 32 outputs at a time in registers.
+inline void add_weighted(const float* p, const float* const* rows, int64_t n, int64_t r,
                          float* out) {
   int64_t c = 0;
   for (; c + 32 <= r; c += 32) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps()};
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_loadu_ps(out + c + 8 * j);
     for (int64_t l = 0; l < n; ++l) {
       const __m256 pl = _mm256_set1_ps(p[l]);
       for (int j = 0; j < 4; ++j)
@@ -46,8 +50,23 @@ inline void weighted_sum(const float* p, const float* const* rows, int64_t n, in
     }
     for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + c + 8 * j, acc[j]);
   }
-  std::fill(out + c, out + r, 0.0f);
   for (int64_t l = 0; l < n; ++l) axpy(p[l], rows[l] + c, out + c, r - c);
+}
+
+// p[0 .. n) = softmax(p[0 .. n)), exponentials 8 at a time.
+inline void softmax(float* p, int64_t n) {
+  const __m256 top = _mm256_set1_ps(*std::max_element(p, p + n));
+  __m256 sum = _mm256_setzero_ps();
+  int64_t l = 0;
+  for (; l + 8 <= n; l += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), top));
+    _mm256_storeu_ps(p + l, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = hsum(sum);
+  for (; l < n; ++l) total += (p[l] = std::exp(p[l] - _mm256_cvtss_f32(top)));
+  const float inv = 1.0f / total;
+  for (l = 0; l < n; ++l) p[l] *= inv;
 }
 
 }  // namespace
@@ -95,22 +114,27 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slo
       rows.resize(n);
       for (int64_t l = 0; l < n; ++l) rows[l] = kp + sp[i * width_l + l] * width;
       p.assign((h1 - h0) * n, 0.0f);
-      float four[4];
-      for (int64_t l = 0; l < n; ++l) {
-        int64_t hh = h0;
-        for (; hh + 4 <= h1; hh += 4) {
-          dot4(qp + (i * h + hh) * width, width, rows[l], s, four);
-          for (int j = 0; j < 4; ++j) p[(hh + j - h0) * n + l] = four[j];
+      for (int64_t l0 = 0; l0 < n; l0 += kScoreRows) {
+        const int64_t lb = std::min(kScoreRows, n - l0);
+        for (int64_t hh = h0; hh < h1; ++hh) {
+          const float* qh = qp + (i * h + hh) * width;
+          float* ph = p.data() + (hh - h0) * n + l0;
+          if (lb == kScoreRows) {
+            dot_rows(qh, rows.data() + l0, width, s, ph);
+          } else {
+            for (int64_t l = 0; l < lb; ++l) ph[l] = s * dot(qh, rows[l0 + l], width);
+          }
         }
-        for (; hh < h1; ++hh) p[(hh - h0) * n + l] = s * dot(qp + (i * h + hh) * width, rows[l], width);
       }
       for (int64_t hh = h0; hh < h1; ++hh) {
-        float* ph = p.data() + (hh - h0) * n;
-        const float top = *std::max_element(ph, ph + n);
-        float total = 0.0f;
-        for (int64_t l = 0; l < n; ++l) total += (ph[l] = std::exp(ph[l] - top));
-        for (int64_t l = 0; l < n; ++l) ph[l] /= total;
-        weighted_sum(ph, rows.data(), n, r, op + (i * h + hh) * r);
+        softmax(p.data() + (hh - h0) * n, n);
+        std::fill(op + (i * h + hh) * r, op + (i * h + hh + 1) * r, 0.0f);
+      }
+      for (int64_t l0 = 0; l0 < n; l0 += kSumRows) {
+        const int64_t lb = std::min(kSumRows, n - l0);
+        for (int64_t hh = h0; hh < h1; ++hh)
+          add_weighted(p.data() + (hh - h0) * n + l0, rows.data() + l0, lb, r,
+                       op + (i * h + hh) * r);
       }
     }
   });
