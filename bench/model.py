@@ -4,7 +4,8 @@
                            [--out bench/results/model.json] [--hf-attn eager|sdpa]
 
 Both engines load the same random bf16 checkpoint, computing in --dtype (default float32,
-k2model's CPU default): K2's real MLA latent width (kv_lora_rank 512, rope 64, nope 128, v 128)
+k2model's CPU default; k2model holds the bf16 matrices as bf16 and decodes through its C++ CPU
+extension where that is built, which the report says): K2's real MLA latent width (kv_lora_rank 512, rope 64, nope 128, v 128)
 with everything else shrunk so it runs on two CPU cores. Each batch of random prompts is
 prefilled once, then decoded greedily with no stop token.
 
@@ -46,6 +47,7 @@ from bench.common import format_table, median, timed, write_json
 from k2model.checkpoint.loader import load_model
 from k2model.checkpoint.random_init import random_weights, tiny_config, write_checkpoint
 from k2model.generate import GenerationRequest, TokenEvent, generate
+from k2model.kernels import cpu_ext
 from k2model.model import K2Model
 
 # K2's attention widths; hidden size, depth, experts and vocabulary scaled down for two cores.
@@ -267,6 +269,7 @@ def print_report(report: dict[str, Any]) -> None:
     s = report["settings"]
     print(
         f"\ntorch threads {report['torch_threads']}, CPU capability {report['cpu_capability']}, "
+        f"k2model CPU extension {'on' if report['k2model_cpu_extension'] else 'OFF'}, "
         f"load average {report['load_before']:.1f} before / {report['load_after']:.1f} after"
     )
     print(
@@ -332,6 +335,7 @@ def main() -> None:
     report = {
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "k2model_cpu_extension": cpu_ext.available(),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "torch_version": torch.__version__,
