@@ -14,6 +14,10 @@ from k2model.kernels.act_quant import act_quant_ref
 from k2model.kernels.fused_moe import fused_moe, fused_moe_ref
 
 E, D, INTER, K = 6, 160, 144, 2  # D and INTER are ragged against 128-channel fp8 blocks
+# fp8: the SwiGLU output is quantised again for the down GEMM, so an fp32 difference in the
+# order of accumulation that lands on a rounding boundary moves one value by an e4m3 step
+# (2^-3 of it); seed 828746005 hit one: 8e-5 of max |ref|.
+REQUANT_TOL = 1e-3
 
 
 def local_experts(fp8: bool) -> LocalExperts:
@@ -50,7 +54,7 @@ def test_kernels_match_torch_twin(fp8, tokens, monkeypatch) -> None:
     with poisoned_outputs(monkeypatch):
         out = fused_moe(x, ids, weights, w)
     ref = fused_moe_ref(x, ids, weights, w)
-    assert_near(out, ref, FP8_ACC_TOL if fp8 else tolerance(torch.float32))
+    assert_near(out, ref, max(FP8_ACC_TOL, REQUANT_TOL) if fp8 else tolerance(torch.float32))
 
 
 def test_twin_matches_local_experts() -> None:
