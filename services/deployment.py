@@ -15,7 +15,10 @@ list, and the docker compose files. Peers always come from here, never from a re
     security: {ca: ca.pem, cert: internal.pem, key: internal.key, secret_file: secret}  # optional
 
 With `experts: remote` exactly one instance of kind `experts` (under the key `expert_pool`) is
-required: one DeepSpeed job of `ranks` processes on its host, rendezvous at master_port.
+required: one DeepSpeed job of `ranks` processes on its host, rendezvous at master_port. A pool
+may span nodes: `nodes: [{host: expert-a, ranks: 8}, {host: expert-b, ranks: 8}]` runs one
+supervisor per node (`Deployment.processes`), node 0 on the instance's host with rank 0, the
+gRPC port and the rendezvous; `ranks` is then their sum.
 A `gateway` (optional, HTTP) serves the REST API and the chat page in front of this deployment;
 its `config` (keys, profiles, registry, limits: gateway/config.py) is resolved against this file,
 and the instance's host and port replace the config's `listen`. `security` turns on mTLS and/or
@@ -24,7 +27,7 @@ a shared-secret check on every internal gRPC call (services/common/security.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,16 @@ class DeploymentError(ValueError):
 
 
 @dataclass(frozen=True)
+class PoolNode:
+    """One host's share of an expert pool: ranks first_rank .. first_rank + ranks - 1."""
+
+    host: str
+    address: str
+    ranks: int
+    first_rank: int
+
+
+@dataclass(frozen=True)
 class Instance:
     kind: str
     name: str
@@ -60,10 +73,27 @@ class Instance:
     ranks: int = 1  # experts: processes in the DeepSpeed job
     master_port: int = 0  # experts: the job's rendezvous port on its host
     config: Path | None = None  # gateway: its YAML (required there, refused elsewhere)
+    nodes: tuple[PoolNode, ...] = ()  # experts: the hosts of a pool spanning several
+    node: int = 0  # experts: which of `pool_nodes` this process runs (host/address are its)
 
     @property
     def target(self) -> str:
         return f"{self.address}:{self.port}"
+
+    def pool_nodes(self) -> tuple[PoolNode, ...]:
+        """The hosts of an expert pool: its `nodes`, or its own host with every rank."""
+        return self.nodes or (PoolNode(self.host, self.address, self.ranks, 0),)
+
+    def on_node(self, node: int) -> Instance:
+        """The process of this pool that runs on node `node` (node 0: the instance itself)."""
+        if node == 0:
+            return self
+        n = self.pool_nodes()[node]
+        return replace(self, node=node, host=n.host, address=n.address)
+
+    @property
+    def process_name(self) -> str:
+        return self.name if self.node == 0 else f"{self.name}-node{self.node}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +118,14 @@ class Deployment:
 
     def of_kind(self, kind: str) -> list[Instance]:
         return [i for i in self.instances if i.kind == kind]
+
+    def processes(self) -> list[Instance]:
+        """What runs, in start order: every instance, then the other nodes of expert pools that
+        span several (each node's supervisor and ranks on that node's host)."""
+        out = []
+        for i in (i for kind in KINDS for i in self.of_kind(kind)):
+            out += [i.on_node(k) for k in range(len(i.pool_nodes()) if i.kind == "experts" else 1)]
+        return out
 
     def instance(self, name: str) -> Instance:
         for i in self.instances:
@@ -140,7 +178,7 @@ class Deployment:
         return dep
 
 
-_INSTANCE_FIELDS = {f.name for f in fields(Instance)} - {"kind", "address"}
+_INSTANCE_FIELDS = {f.name for f in fields(Instance)} - {"kind", "address", "node"}
 _TEXT_FIELDS = ("name", "host", "config")
 
 
@@ -155,7 +193,12 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
     unknown = set(entry) - _INSTANCE_FIELDS
     if unknown:
         raise DeploymentError(f"{where}: unknown keys {sorted(unknown)}")
-    host = entry.get("host", "local")
+    nodes = _pool_nodes(where, entry, hosts) if "nodes" in entry else ()
+    if nodes and kind != "experts":
+        raise DeploymentError(f"{where}: only an expert_pool instance takes nodes")
+    host = entry.get("host", nodes[0].host if nodes else "local")
+    if nodes and host != nodes[0].host:
+        raise DeploymentError(f"{where}: host {host!r} must be the first node's, {nodes[0].host!r}")
     if host not in hosts:
         raise DeploymentError(f"{where}: host {host!r} is not in hosts {sorted(hosts)}")
     if "port" not in entry:
@@ -163,9 +206,33 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
     if ("config" in entry) != (kind == "gateway"):
         raise DeploymentError(f"{where}: a gateway needs a config file, other kinds take none")
     config = (base / str(entry["config"])).resolve() if "config" in entry else None
-    values = {k: int(v) for k, v in entry.items() if k not in _TEXT_FIELDS}
+    values = {k: int(v) for k, v in entry.items() if k not in (*_TEXT_FIELDS, "nodes")}
+    if nodes:
+        total = sum(n.ranks for n in nodes)
+        if values.setdefault("ranks", total) != total:
+            raise DeploymentError(f"{where}: ranks {values['ranks']} but its nodes have {total}")
     name = str(entry.get("name", f"{kind}-{index}"))
-    return Instance(kind, name, host, str(hosts[host]), config=config, **values)
+    return Instance(kind, name, host, str(hosts[host]), config=config, nodes=nodes, **values)
+
+
+def _pool_nodes(where: str, entry: dict, hosts: dict[str, str]) -> tuple[PoolNode, ...]:
+    raw = entry["nodes"]
+    if not isinstance(raw, list) or not raw:
+        raise DeploymentError(f"{where}: nodes must be a non-empty list of {{host, ranks}}")
+    nodes, first = [], 0
+    for k, node in enumerate(raw):
+        if not isinstance(node, dict) or set(node) != {"host", "ranks"}:
+            raise DeploymentError(f"{where}: nodes[{k}] must be {{host, ranks}}")
+        host, ranks = str(node["host"]), int(node["ranks"])
+        if host not in hosts:
+            raise DeploymentError(f"{where}: nodes[{k}] host {host!r} is not in hosts")
+        if ranks < 1:
+            raise DeploymentError(f"{where}: nodes[{k}] needs at least one rank")
+        nodes.append(PoolNode(host, str(hosts[host]), ranks, first))
+        first += ranks
+    if len({n.host for n in nodes}) != len(nodes):
+        raise DeploymentError(f"{where}: a pool has one node per host")
+    return tuple(nodes)
 
 
 def _check(dep: Deployment) -> None:

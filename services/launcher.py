@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.channel import open_channel
 from services.common.processes import terminate
 from services.common.security import Security
-from services.deployment import KINDS, Deployment, Instance
+from services.deployment import Deployment, Instance
 
 
 class LaunchError(RuntimeError):
@@ -44,12 +44,14 @@ class Suite:
         self.deployment = Deployment.load(self.deployment_path)
 
     def start(self, timeout_s: float = 180.0, names: list[str] | None = None) -> None:
-        wanted = [i for kind in KINDS for i in self.deployment.of_kind(kind)]
+        """Start every process (or those of the named instances), then wait until each instance
+        serves (an expert pool spanning nodes serves once the ranks of every node have joined)."""
+        wanted = [i for i in self.deployment.processes() if names is None or i.name in names]
         for inst in wanted:
-            if names is None or inst.name in names:
-                self.start_instance(inst)
+            self.start_instance(inst)
         try:
-            asyncio.run(self._wait_healthy([i for i in wanted if i.name in self.procs], timeout_s))
+            served = [i for i in wanted if i.node == 0]
+            asyncio.run(self._wait_healthy(served, timeout_s))
         except BaseException:
             self.stop()
             raise
@@ -57,7 +59,7 @@ class Suite:
     def start_instance(self, inst: Instance) -> subprocess.Popen:
         cmd = command(inst, self.deployment_path)
         proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, start_new_session=True)
-        self.procs[inst.name] = proc
+        self.procs[inst.process_name] = proc
         return proc
 
     async def _wait_healthy(self, instances: list[Instance], timeout_s: float) -> None:
@@ -94,7 +96,8 @@ def command(inst: Instance, deployment_path: Path, python: str = sys.executable)
     if inst.kind == "gateway":
         own = ["--config", str(inst.config), "--host", inst.address, "--port", str(inst.port)]
         return [python, "-m", "gateway", *deployment, *own]
-    return [python, "-m", f"services.{inst.kind}", *deployment, "--name", inst.name]
+    node = ["--node", str(inst.node)] if inst.node else []
+    return [python, "-m", f"services.{inst.kind}", *deployment, "--name", inst.name, *node]
 
 
 def endpoint(inst: Instance) -> str:

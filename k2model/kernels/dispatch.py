@@ -75,14 +75,14 @@ def mla_decode(
     r: int,
 ) -> torch.Tensor:
     """q [B, H, r + d_r] against the cache rows kv[slots[b, :lengths[b]]] -> [B, H, r]."""
-    from k2model.kernels import mla_decode as kernel
-
-    if cpu_ext.takes(q) and kv.dtype == q.dtype:  # csrc/mla_decode.cpp
+    if cpu_ext.takes(q) and kv.dtype == q.dtype:  # csrc/mla_decode.cpp (no Triton import)
         out = torch.empty(q.shape[0], q.shape[1], r, dtype=q.dtype)
         cpu_ext.extension().mla_decode(
             q.contiguous(), kv.contiguous(), slots.contiguous(), lengths, sm_scale, r, out
         )
         return out
+    from k2model.kernels import mla_decode as kernel
+
     run = kernel.mla_decode if on_triton(q) else kernel.mla_decode_ref
     return run(q, kv, slots, lengths, sm_scale, r)
 

@@ -26,8 +26,13 @@ def cpu_threads(dep: Deployment, me: Instance) -> int:
     """
     if dep.threads:
         return dep.threads
-    here = [i for i in dep.instances if i.host == me.host]
-    processes = sum(i.ranks if i.kind == "experts" else 1 for i in here if i.kind in _COMPUTE)
+    processes = sum(
+        sum(n.ranks for n in i.pool_nodes() if n.host == me.host)
+        if i.kind == "experts"
+        else int(i.host == me.host)
+        for i in dep.instances
+        if i.kind in _COMPUTE
+    )
     return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 

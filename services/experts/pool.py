@@ -18,6 +18,7 @@ so it is final (`PoolBroken`); the supervisor restarts the whole job.
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from deepspeed.utils import groups
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from services.experts.plan import Part, combine, pack, packed_bytes, split, unpack
+from services.experts.rendezvous import GENERATION_ENV, job_store
 from services.experts.routed import Routed
 from services.experts.shard import ExpertShard
 
@@ -65,14 +67,28 @@ class ExpertPool:
         load_timeout_s: float,
         collective_timeout_s: float,
     ) -> ExpertPool:
-        """Rendezvous (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment), load
-        this rank's slice, wait for every rank to have loaded. The long load timeout covers
-        rendezvous and the barrier; rounds then run under the short collective timeout."""
+        """Rendezvous (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and the generation from the
+        environment, in the supervisor's store: rendezvous.py; DeepSpeed adopts the process
+        group), load this rank's slice, wait for every rank to have loaded. The long load
+        timeout covers rendezvous and the barrier; rounds then run under the short collective
+        timeout."""
+        backend, timeout = (
+            "nccl" if device.type == "cuda" else "gloo",
+            timedelta(seconds=load_timeout_s),
+        )
+        env = os.environ
+        store = job_store(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), env[GENERATION_ENV], load_timeout_s
+        )
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            timeout=timeout,
+        )
         deepspeed.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo",
-            auto_mpi_discovery=False,
-            timeout=timedelta(seconds=load_timeout_s),
-            verbose=False,
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False
         )
         rank, ranks = dist.get_rank(), dist.get_world_size()
         groups._create_expert_and_data_parallel(ranks)

@@ -4,6 +4,8 @@ RMSNorm, one MoE layer's routed experts, absorbed MLA decode off the paged cache
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,3 +92,18 @@ def test_mla_decode_refuses_bad_slots_and_lengths() -> None:
         ext.mla_decode(q, kv, torch.tensor([[3, 10]]), torch.tensor([2]), 1.0, 8, out)
     with pytest.raises(RuntimeError, match="length 3 outside"):
         ext.mla_decode(q, kv, torch.tensor([[3, 4]]), torch.tensor([3]), 1.0, 8, out)
+
+
+def test_cpu_generation_never_imports_triton() -> None:
+    """Importing Triton costs a CPU service ~70 MB; only CUDA tensors need it."""
+    code = (
+        "import sys\n"
+        "from k2model import EMBEDDED_CHECKPOINT\n"
+        "from k2model.checkpoint.loader import load_model\n"
+        "from k2model.generate import GenerationRequest, generate\n"
+        "m = load_model(EMBEDDED_CHECKPOINT)\n"
+        "for _ in generate(m, [GenerationRequest([5, 6, 7], 4)]): pass\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -65,14 +65,19 @@ class Cluster:
         return f"http://{self.target(name)}"
 
     def start(self, names: list[str]) -> None:
-        for name in names:
-            self.start_instance(name)
+        """Start the named instances (every node of a pool spanning several, each in its own
+        host, keyed by `process_name`) and wait until each instance serves."""
+        for inst in self.deployment.processes():
+            if inst.name in names:
+                self.spawn(inst)
         asyncio.run(self._all_serving(names))
 
     def start_instance(self, name: str) -> None:
-        inst = self.instance(name)
-        cmd = command(inst, self.path)
-        self.procs[name] = self.net.spawn(inst.host, cmd, self.logs / f"{name}.log")
+        self.spawn(self.instance(name))
+
+    def spawn(self, inst: Instance) -> None:
+        log = self.logs / f"{inst.process_name}.log"
+        self.procs[inst.process_name] = self.net.spawn(inst.host, command(inst, self.path), log)
 
     def restart(self, name: str) -> None:
         """Start a stopped instance again and wait until it serves."""
@@ -115,7 +120,7 @@ class Cluster:
             self.procs[name].wait()
 
     def children(self, name: str) -> list[int]:
-        """Pids of an instance's child processes (the expert job's ranks, rank 0 first)."""
+        """Pids of a process's children (an expert pool node's ranks, its first rank first)."""
         pid = self.procs[name].pid
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 

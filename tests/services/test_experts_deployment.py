@@ -81,3 +81,61 @@ def test_rank_threads_share_the_cores_with_model_processes(monkeypatch) -> None:
     assert cpu_threads(dep, dep.of_kind("decode")[0]) == max(1, 8 // processes)
     pinned = Deployment.from_dict(minimal(experts="remote", model={"threads": 3}, **pool()))
     assert cpu_threads(pinned, pinned.instance("experts-0")) == 3
+
+
+def spanning(**extra) -> dict:
+    """A pool of 3 ranks over two hosts: 2 on node a (rank 0, the gRPC port), 1 on node b."""
+    nodes = [{"host": "a", "ranks": 2}, {"host": "b", "ranks": 1}]
+    return minimal(
+        hosts={"local": "127.0.0.1", "a": "10.0.0.1", "b": "10.0.0.2"},
+        experts="remote",
+        expert_pool=[{"port": 4, "master_port": 5, "nodes": nodes, **extra}],
+    )
+
+
+def test_a_pool_spanning_nodes_runs_one_process_per_node() -> None:
+    dep = Deployment.from_dict(spanning())
+    inst = dep.instance("experts-0")
+    assert (inst.host, inst.target, inst.ranks) == ("a", "10.0.0.1:4", 3)
+    assert [(n.host, n.address, n.ranks, n.first_rank) for n in inst.pool_nodes()] == [
+        ("a", "10.0.0.1", 2, 0),
+        ("b", "10.0.0.2", 1, 2),
+    ]
+    procs = dep.processes()
+    assert [p.process_name for p in procs[:2]] == ["experts-0", "experts-0-node1"]
+    node1 = procs[1]
+    assert (node1.name, node1.node, node1.host, node1.address) == ("experts-0", 1, "b", "10.0.0.2")
+    assert [p.kind for p in procs[2:]] == ["tokenizer", "prefill", "decode"]
+    assert Deployment.from_dict(spanning(host="a", ranks=3)).instance("experts-0").ranks == 3
+
+
+def test_threads_count_only_the_ranks_on_this_host(monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    dep = Deployment.from_dict(spanning())
+    node0, node1 = dep.processes()[:2]
+    assert cpu_threads(dep, node0) == 4  # 2 ranks on a; the model instances are on local
+    assert cpu_threads(dep, node1) == 8  # 1 rank on b
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"host": "b"}, "must be the first node's"),
+        ({"ranks": 4}, "ranks 4 but its nodes have 3"),
+        ({"nodes": []}, "non-empty list"),
+        ({"nodes": [{"host": "a"}]}, r"nodes\[0\] must be \{host, ranks\}"),
+        ({"nodes": [{"host": "c", "ranks": 1}]}, "not in hosts"),
+        ({"nodes": [{"host": "a", "ranks": 0}]}, "at least one rank"),
+        ({"nodes": [{"host": "a", "ranks": 1}, {"host": "a", "ranks": 1}]}, "one node per host"),
+    ],
+)
+def test_bad_pool_nodes(extra: dict, message: str) -> None:
+    with pytest.raises(DeploymentError, match=message):
+        Deployment.from_dict(spanning(**extra))
+
+
+def test_only_pools_take_nodes() -> None:
+    raw = minimal(hosts={"local": "127.0.0.1"})
+    raw["decode"] = [{"port": 3, "nodes": [{"host": "local", "ranks": 1}]}]
+    with pytest.raises(DeploymentError, match="only an expert_pool instance takes nodes"):
+        Deployment.from_dict(raw)

@@ -22,7 +22,8 @@ def rank_script(tmp_path: Path, body: str) -> list[str]:
     script.write_text(
         "import json, os, sys, time, signal\n"
         f"log = {str(tmp_path / 'starts.jsonl')!r}\n"
-        "keys = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_SIZE']\n"
+        "keys = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_SIZE',\n"
+        "        'LOCAL_WORLD_SIZE', 'K2_EXPERTS_GENERATION']\n"
         "with open(log, 'a') as f:\n"
         "    f.write(json.dumps({k: os.environ.get(k) for k in keys} | {'pid': os.getpid()}) + '\\n')\n"
         + body
@@ -115,3 +116,57 @@ def test_stop_is_graceful_for_rank_0(tmp_path: Path) -> None:
 def test_backoff_doubles_up_to_its_cap() -> None:
     policy = RestartPolicy(backoff_s=0.5, max_backoff_s=3.0)
     assert [policy.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def wait_for(check, limit_s: float = 20.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_pool_spanning_nodes_restarts_as_one_job(tmp_path: Path) -> None:
+    """Node 0 (rank 0) and node 1 (rank 1), each under its own supervisor. Rank 1 dies in the
+    first job: rank 0 then fails too (as its collectives would), node 0 starts generation 2 and
+    node 1 follows it. In generation 2 rank 0 dies alone: node 1 ends its live rank and joins
+    generation 3. Stand-in ranks: a 'broken' file plays the failing collective."""
+    broken = tmp_path / "broken"
+    body = (
+        "gen = os.environ['K2_EXPERTS_GENERATION']\n"
+        "n = gen.rsplit('.', 1)[1]\n"
+        "if os.environ['RANK'] == '1' and n == '1':\n"
+        f"    open({str(broken)!r}, 'w').close(); sys.exit(9)\n"
+        "if os.environ['RANK'] == '0' and n == '2':\n"
+        "    time.sleep(0.5); sys.exit(7)\n"
+        f"while not (n == '1' and os.path.exists({str(broken)!r})):\n"
+        "    time.sleep(0.01)\n"
+        "sys.exit(1)\n"
+    )
+    command = rank_script(tmp_path, body)
+    port = 29561
+    node0 = Supervisor(JobSpec(command, 1, "127.0.0.1", port, world=2, first_rank=0), FAST, 2)
+    node1 = Supervisor(JobSpec(command, 1, "127.0.0.1", port, world=2, first_rank=1), FAST, 2)
+    threads = [threading.Thread(target=s.run) for s in (node1, node0)]  # node 1 waits for node 0
+    for t in threads:
+        t.start()
+    try:
+        wait_for(
+            lambda: len({(s["RANK"], s["K2_EXPERTS_GENERATION"]) for s in starts(tmp_path)}) >= 6
+        )
+    finally:
+        node0.request_stop()
+        node1.request_stop()
+        for t in threads:
+            t.join(10)
+    seen = starts(tmp_path)
+    generations = sorted(
+        {s["K2_EXPERTS_GENERATION"] for s in seen}, key=lambda g: int(g.rsplit(".", 1)[1])
+    )
+    assert len(generations) >= 3
+    for g in generations[:3]:  # both ranks ran in each of the first three generations
+        assert sorted(s["RANK"] for s in seen if s["K2_EXPERTS_GENERATION"] == g)[:2] == ["0", "1"]
+    for s in seen:
+        assert (s["WORLD_SIZE"], s["LOCAL_WORLD_SIZE"], s["LOCAL_RANK"]) == ("2", "1", "0")
+        assert (s["MASTER_ADDR"], s["MASTER_PORT"]) == ("127.0.0.1", str(port))
+    assert node1.starts >= 3 and node0.starts >= 3
+    assert all(p.poll() is not None for p in node0.procs + node1.procs)
