@@ -22,9 +22,10 @@ containers on different nodes reach each other by name:
     docker network create -d overlay --attachable --internal k2serve-internal
 
 CUDA variant: each prefill and decode container reserves one GPU and the expert pool one per
-rank, numbered per node in the description's order. The expert pool is one container: its
-supervisor starts every rank of the DeepSpeed job on its own host (services/experts), so a pool
-spanning nodes is not supported by the expert service yet.
+rank, numbered per node in the description's order. An expert pool is one container per node:
+node 0 (`<name>`: rank 0, the gRPC port, the rendezvous on master_port) and `<name>-node<k>`
+on each further node of its `nodes`, whose supervisor joins node 0's rendezvous
+(services/experts/supervisor.py); a node's healthcheck probes the pool it belongs to.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ CHECKPOINT = "/checkpoint"
 APP = "/opt/k2serve"  # the repository's copy in the image (WORKDIR)
 OVERLAY = "k2serve-internal"
 START_PERIOD = "1200s"  # loading a full K2 checkpoint; a healthy probe ends it at once
-_NOT_SETTINGS = {"kind", "name", "host", "address", "config"}
+_NOT_SETTINGS = {"kind", "name", "host", "address", "config", "node", "nodes"}
 _SECTION = {"experts": "expert_pool"}
 
 
@@ -66,8 +67,8 @@ def render(description: Path, out: Path, variant: str = "cpu") -> dict[str, str]
     view = container_view(dep)
     inside = Deployment.from_dict(view, base=Path(IN_CONTAINER))
     files = {DEPLOYMENT_FILE: header + _dump(view)}
-    hosts = sorted({i.host for i in dep.instances})
-    clash = set(hosts) & {i.name for i in dep.instances}
+    hosts = sorted({i.host for i in dep.processes()})
+    clash = set(hosts) & {i.process_name for i in dep.processes()}
     if clash:
         raise ValueError(f"host names double as instance names: {sorted(clash)}")
     for host in hosts:
@@ -88,7 +89,7 @@ def write(description: Path, out: Path, variant: str = "cpu") -> list[Path]:
 def container_view(dep: Deployment) -> dict[str, Any]:
     """The description as the containers see it (see the module docstring)."""
     embedded = dep.checkpoint == EMBEDDED_CHECKPOINT
-    hosts = {i.host: i.host for i in dep.instances if i.kind != "gateway"}
+    hosts = {i.host: i.host for i in dep.processes() if i.kind != "gateway"}
     hosts |= {i.name: "0.0.0.0" for i in dep.of_kind("gateway")}
     view: dict[str, Any] = {
         "checkpoint": "embedded" if embedded else CHECKPOINT,
@@ -119,6 +120,8 @@ def _entry(inst: Instance) -> dict[str, Any]:
         value = getattr(inst, f.name)
         if f.name not in _NOT_SETTINGS and (f.name == "port" or value != f.default):
             entry[f.name] = value
+    if inst.nodes:
+        entry["nodes"] = [{"host": n.host, "ranks": n.ranks} for n in inst.nodes]
     return entry
 
 
@@ -127,14 +130,15 @@ def _compose(
 ) -> dict[str, Any]:
     """One node's file: its pod, the instances in it, and the gateways placed on it. `view`
     is the deployment as the containers see it."""
-    here = [i for i in dep.instances if i.host == host]
+    here = [i for i in dep.processes() if i.host == host]
     gpus = _gpu_ids(here) if variant == "cuda" else {}
     backends = [i for i in here if i.kind != "gateway"]
     services: dict[str, Any] = {}
     if backends:
         services[host] = _pod(host, backends, variant, out)
     for inst in here:
-        service = _service(dep, view.instance(inst.name), inst, out, variant, gpus.get(inst.name))
+        inside = view.instance(inst.name).on_node(inst.node)
+        service = _service(dep, inside, inst, out, variant, gpus.get(inst.process_name))
         if inst.kind == "gateway":
             env, grpc_ports = _gateway_config(inst)
             ports = [f"{p}:{p}" for p in [inst.port, *grpc_ports]]
@@ -143,7 +147,7 @@ def _compose(
         else:
             service["network_mode"] = f"service:{host}"
         service["depends_on"] = _depends_on(dep, inst, here)
-        services[inst.name] = service
+        services[inst.process_name] = service
     internal = {"external": True, "name": OVERLAY} if several else {"internal": True}
     networks: dict[str, Any] = {"internal": internal}
     if any(i.kind == "gateway" for i in here):
@@ -160,8 +164,16 @@ def _pod(host: str, backends: list[Instance], variant: str, out: Path) -> dict[s
         "command": ["python", "-c", "import signal; signal.pause()"],
         "restart": "unless-stopped",
         "networks": ["internal"],
-        "expose": [str(i.port) for i in backends],
+        "expose": [str(p) for i in backends for p in _ports(i)],
     }
+
+
+def _ports(inst: Instance) -> list[int]:
+    """What other hosts dial in a pod: an instance's port, and an expert pool's rendezvous on its
+    node 0 (ranks connect to each other on ports the OS picks)."""
+    if inst.node:
+        return []
+    return [inst.port, inst.master_port] if inst.kind == "experts" else [inst.port]
 
 
 def _image(variant: str, out: Path) -> dict[str, Any]:
@@ -207,7 +219,9 @@ def _healthcheck(inst: Instance, inside: Instance) -> dict[str, Any]:
         url = f"http://127.0.0.1:{inst.port}/health"
         test = ["CMD", "python", "-c", f"import urllib.request; urllib.request.urlopen({url!r})"]
     else:
-        probe = ["python", f"{APP}/deploy/health_probe.py", "--target", inside.target]
+        pool = inside.pool_nodes()[0].address if inside.node else inside.address
+        target = f"{pool}:{inside.port}"  # a pool's further nodes probe the pool they serve in
+        probe = ["python", f"{APP}/deploy/health_probe.py", "--target", target]
         test = ["CMD", *probe, "--deployment", f"{IN_CONTAINER}/{DEPLOYMENT_FILE}"]
     return {
         "test": test,
@@ -219,12 +233,14 @@ def _healthcheck(inst: Instance, inside: Instance) -> dict[str, Any]:
 
 
 def _gpu_ids(here: list[Instance]) -> dict[str, list[str]]:
-    """GPUs of one node, numbered in instance order: 1 per prefill/decode, `ranks` per pool."""
+    """GPUs of one node, numbered in instance order: 1 per prefill/decode, a pool's ranks on
+    this node per pool."""
     ids, next_id = {}, 0
     for inst in here:
-        n = {"prefill": 1, "decode": 1, "experts": inst.ranks}.get(inst.kind, 0)
+        ranks = inst.pool_nodes()[inst.node].ranks if inst.kind == "experts" else 0
+        n = {"prefill": 1, "decode": 1, "experts": ranks}.get(inst.kind, 0)
         if n:
-            ids[inst.name] = [str(g) for g in range(next_id, next_id + n)]
+            ids[inst.process_name] = [str(g) for g in range(next_id, next_id + n)]
             next_id += n
     return ids
 

@@ -1,8 +1,9 @@
 """The committed compose files against the deployment descriptions they come from.
 
 Each layout (a description, its folder under deploy/compose, the image variant) is checked for:
-no drift from `k2serve compose`; every instance exactly once, on its host, running the launcher's
-command on the containers' view of the same deployment; the private network with only the
+no drift from `k2serve compose`; every process exactly once, on its host (an expert pool
+spanning nodes: one per node), running the launcher's command on the containers' view of the
+same deployment; the private network with only the
 gateway published; healthchecks; environment; restart policies; read-only mounts; GPU
 reservations (CUDA variant only); and, where a docker compose client is installed (no daemon
 needed), `docker compose config`.
@@ -47,7 +48,7 @@ def files(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def service_of(dep: Deployment, out: Path, inst: Instance) -> dict[str, Any]:
-    return files(out)[inst.host]["services"][inst.name]
+    return files(out)[inst.host]["services"][inst.process_name]
 
 
 def host_path(out: Path, volume: str) -> tuple[Path, str, str]:
@@ -70,7 +71,7 @@ def test_committed_files_are_what_the_description_generates(name: str) -> None:
 def test_every_instance_runs_once_on_its_host_with_the_same_settings(name: str) -> None:
     dep, out, _ = layout(name)
     by_host = files(out)
-    assert set(by_host) == {i.host for i in dep.instances}
+    assert set(by_host) == {i.host for i in dep.processes()}
     view = Deployment.load(out / "deployment.yaml")
     assert view.checkpoint == (dep.checkpoint if name == "local" else Path("/checkpoint"))
     assert (view.dtype, view.fp8_resident, view.threads, view.experts) == (
@@ -79,13 +80,16 @@ def test_every_instance_runs_once_on_its_host_with_the_same_settings(name: str) 
         dep.threads,
         dep.experts,
     )
-    for inst in dep.instances:
-        homes = [h for h, f in by_host.items() if inst.name in f["services"]]
+    for inst in dep.processes():
+        homes = [h for h, f in by_host.items() if inst.process_name in f["services"]]
         assert homes == [inst.host]
-        inside = view.instance(inst.name)
+        inside = view.instance(inst.name).on_node(inst.node)
         same = ("kind", "port", "kv_blocks", "block_size", "max_running", "max_queue")
-        same += ("chunk_tokens", "max_batch_tokens", "ranks", "master_port")
+        same += ("chunk_tokens", "max_batch_tokens", "ranks", "master_port", "node")
         assert [getattr(inside, f) for f in same] == [getattr(inst, f) for f in same]
+        if inst.kind == "experts":
+            nodes = [(n.host, n.ranks, n.first_rank) for n in inst.pool_nodes()]
+            assert [(n.host, n.ranks, n.first_rank) for n in inside.pool_nodes()] == nodes
         # Co-located instances share a host in the containers' view too (CPU threads are split
         # among a host's model processes); a gateway binds every interface of its container.
         expected_address = "0.0.0.0" if inst.kind == "gateway" else inst.host
@@ -96,22 +100,24 @@ def test_every_instance_runs_once_on_its_host_with_the_same_settings(name: str) 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_a_private_network_with_only_the_gateway_published(name: str) -> None:
     dep, out, _ = layout(name)
-    several = len({i.host for i in dep.instances}) > 1
+    several = len({i.host for i in dep.processes()}) > 1
     for host, spec in files(out).items():
         internal = spec["networks"]["internal"]
         assert internal == (
             {"external": True, "name": "k2serve-internal"} if several else {"internal": True}
         )
-        here = [i for i in dep.instances if i.host == host]
+        here = [i for i in dep.processes() if i.host == host]
         pod = spec["services"].get(host)
         backends = [i for i in here if i.kind != "gateway"]
         if backends:
             assert (
                 pod["hostname"] == host and pod["networks"] == ["internal"] and "ports" not in pod
             )
-            assert sorted(map(int, pod["expose"])) == sorted(i.port for i in backends)
+            dialed = [i.port for i in backends if not i.node]  # a pool's further nodes: none
+            dialed += [i.master_port for i in backends if i.kind == "experts" and not i.node]
+            assert sorted(map(int, pod["expose"])) == sorted(dialed)
         for inst in here:
-            service = spec["services"][inst.name]
+            service = spec["services"][inst.process_name]
             if inst.kind == "gateway":
                 assert service["networks"] == ["internal", "public"]
                 assert f"{inst.port}:{inst.port}" in service["ports"]
@@ -125,14 +131,17 @@ def test_a_private_network_with_only_the_gateway_published(name: str) -> None:
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_healthchecks_restart_policies_and_environment(name: str) -> None:
     dep, out, _ = layout(name)
-    for inst in dep.instances:
+    for inst in dep.processes():
         service = service_of(dep, out, inst)
         check = service["healthcheck"]
         if inst.kind == "gateway":
             assert f"http://127.0.0.1:{inst.port}/health" in check["test"][-1]
-        else:
+        else:  # a pool's further nodes probe the pool (on its node 0) they serve in
             probe = ["python", "/opt/k2serve/deploy/health_probe.py"]
-            target = ["--target", f"{inst.host}:{inst.port}"]
+            target = [
+                "--target",
+                f"{inst.pool_nodes()[0].host if inst.node else inst.host}:{inst.port}",
+            ]
             security = ["--deployment", str(IN_CONTAINER)]  # it reads the security section
             assert check["test"] == ["CMD", *probe, *target, *security]
         assert check["retries"] >= 1 and check["start_period"].endswith("s")
@@ -157,7 +166,7 @@ def test_the_gateway_takes_its_api_keys_from_the_node_environment(name: str) -> 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_configuration_and_checkpoint_are_mounted_read_only(name: str) -> None:
     dep, out, _ = layout(name)
-    for inst in dep.instances:
+    for inst in dep.processes():
         mounts = {}
         for volume in service_of(dep, out, inst)["volumes"]:
             source, target, mode = host_path(out, volume)
@@ -183,10 +192,11 @@ def test_gpu_reservations_only_in_the_cuda_variant(name: str) -> None:
         for service_name, service in spec["services"].items():
             devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
             devices = devices.get("devices", [])
-            inst = next((i for i in dep.instances if i.name == service_name), None)
+            inst = next((i for i in dep.processes() if i.process_name == service_name), None)
             wanted = 0
             if variant == "cuda" and inst is not None:
-                wanted = {"prefill": 1, "decode": 1, "experts": inst.ranks}.get(inst.kind, 0)
+                ranks = inst.pool_nodes()[inst.node].ranks  # an expert pool's ranks on this node
+                wanted = {"prefill": 1, "decode": 1, "experts": ranks}.get(inst.kind, 0)
             assert sum(len(d["device_ids"]) for d in devices) == wanted, service_name
             for d in devices:
                 assert d["driver"] == "nvidia" and d["capabilities"] == ["gpu"]

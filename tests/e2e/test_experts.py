@@ -34,16 +34,22 @@ from tests.e2e.suite_fixtures import free_port
 PROMPTS = [[5, 17, 300, 42, 7], list(range(200, 237)), [3000, 12, 12, 12]]
 
 
-def write(path: Path, ranks: int) -> Path:
+def write(path: Path, ranks: int, nodes: int = 1) -> Path:
+    """A deployment whose pool has `ranks` ranks on each of `nodes` hosts (here all loopback)."""
+    pool = {"name": "experts-0", "port": free_port(), "master_port": free_port()}
+    hosts = {"local": "127.0.0.1"} | {f"node{k}": "127.0.0.1" for k in range(1, nodes)}
+    if nodes == 1:
+        pool["ranks"] = ranks
+    else:
+        pool["nodes"] = [{"host": h, "ranks": ranks} for h in hosts]
     spec = {
         "checkpoint": "embedded",
+        "hosts": hosts,
         "tokenizer": [{"port": free_port()}],
         "prefill": [{"port": free_port(), "kv_blocks": 64}],
         "decode": [{"port": free_port(), "kv_blocks": 64}],
         "experts": "remote",
-        "expert_pool": [
-            {"name": "experts-0", "port": free_port(), "ranks": ranks, "master_port": free_port()}
-        ],
+        "expert_pool": [pool],
     }
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -55,32 +61,35 @@ def model() -> K2Model:
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory) -> Iterator[tuple[Suite, Suite]]:
-    """experts-0 of 2 ranks + prefill-0 + decode-0, and a lone pool of 1 rank: started together,
-    so that their start-ups overlap."""
+def jobs(tmp_path_factory) -> Iterator[tuple[Suite, Suite, Suite]]:
+    """experts-0 of 2 ranks + prefill-0 + decode-0, a lone pool of 1 rank, and a pool of 1 rank
+    on each of two "nodes" (two supervisors): started together, so that their start-ups
+    overlap."""
     tmp = tmp_path_factory.mktemp("dep")
     two, one = Suite(write(tmp / "two.yaml", ranks=2)), Suite(write(tmp / "one.yaml", ranks=1))
+    nodes = Suite(write(tmp / "nodes.yaml", ranks=1, nodes=2))
     try:
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(3) as pool:
             started = [
                 pool.submit(two.start, names=["experts-0", "prefill-0", "decode-0"]),
                 pool.submit(one.start, names=["experts-0"]),
+                pool.submit(nodes.start, names=["experts-0"]),
             ]
             for future in started:
                 future.result()
-        yield two, one
+        yield two, one, nodes
     finally:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(Suite.stop, (two, one)))
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(Suite.stop, (two, one, nodes)))
 
 
 @pytest.fixture(scope="module")
-def suite(jobs: tuple[Suite, Suite]) -> Suite:
+def suite(jobs: tuple[Suite, Suite, Suite]) -> Suite:
     return jobs[0]
 
 
 @pytest.fixture(scope="module")
-def single(jobs: tuple[Suite, Suite]) -> Suite:
+def single(jobs: tuple[Suite, Suite, Suite]) -> Suite:
     return jobs[1]
 
 
@@ -120,6 +129,18 @@ def check_equal_to_in_process(target: str, model: K2Model, seed: int) -> None:
 
 def test_one_rank_equals_in_process_moe(single: Suite, model: K2Model) -> None:
     check_equal_to_in_process(pool_target(single), model, seed=1)
+
+
+def test_a_pool_on_two_nodes_equals_in_process_moe(jobs, model: K2Model) -> None:
+    """`k2serve up` of a pool spanning nodes: a supervisor per node, one job of both ranks."""
+    nodes = jobs[2]
+    assert set(nodes.procs) == {"experts-0", "experts-0-node1"}
+    assert all(len(rank_pids(p.pid)) == 1 for p in nodes.procs.values())
+    check_equal_to_in_process(pool_target(nodes), model, seed=3)
+    client = ExpertsClient(pool_target(nodes))
+    stats = client.stats()
+    client.close()
+    assert (stats.ranks, stats.experts_per_rank) == (2, 4)
 
 
 def test_two_ranks_equal_in_process_moe(suite: Suite, model: K2Model) -> None:
