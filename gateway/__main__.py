@@ -43,7 +43,7 @@ async def main() -> None:
     config = GatewayConfig.load(
         args.config, ModelShape(model.max_position_embeddings, model.vocab_size)
     )
-    pipeline = ChatPipeline(deployment)
+    pipeline = ChatPipeline(deployment, request_timeout_s=config.limits.request_timeout_s)
     decodes = [(i.name, i.target) for i in deployment.of_kind("decode")]
     stats = grpc_decode_stats(decodes, security=deployment.security)
     app = create_app(config, pipeline, decode_stats=stats)

@@ -39,6 +39,9 @@ class Limits:
     max_tool_schema_bytes: int = 64 * 1024  # all tools' parameter schemas, as compact JSON
     max_tool_schema_depth: int = 16  # nesting of objects/arrays in one schema
     max_concurrent_requests: int = 256  # generation requests in flight; more are answered 429
+    # Seconds one request may take across the backends; past it, it ends with a clean timeout
+    # error (504, or an error event mid-stream) and its sequence is cancelled everywhere.
+    request_timeout_s: int = 600
 
 
 @dataclass(frozen=True)

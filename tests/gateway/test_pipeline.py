@@ -27,7 +27,7 @@ from k2model.text import chat_tokens as tok
 from k2model.text.chat_format import render
 from k2model.text.messages import Message, Tool, ToolCall
 from k2model.text.tokenizer import Tokenizer
-from services.common.errors import InvalidArgument, OutOfRange, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidArgument, OutOfRange, Unavailable
 from services.common.server import RunningServer, ServerOptions, start_server
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.prefill_client import PrefillPool
@@ -287,6 +287,26 @@ def test_closing_the_stream_frees_the_decode_kv(stack) -> None:
         raise AssertionError(f"decode still holds the request: {stats}")
 
     stack.call(start_then_close())
+
+
+def test_past_the_request_timeout_the_stream_ends_and_frees_the_decode_kv(stack) -> None:
+    """The gateway's limits.request_timeout_s bounds every backend call of a request."""
+    stack.pipeline.timeout_s = 0.1
+    try:
+        with pytest.raises(DeadlineExceeded):
+            stack.chat(req(max_tokens=DECODE_BLOCKS * BLOCK_SIZE - 64, thinking=False))
+    finally:
+        stack.pipeline.timeout_s = 600.0
+
+    async def idle() -> None:
+        for _ in range(200):
+            stats = stack.decode.stats()
+            if stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"decode still holds the request: {stats}")
+
+    stack.call(idle())
 
 
 @pytest.mark.parametrize(

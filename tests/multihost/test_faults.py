@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import yaml
 
 from bench.load import StreamResult, chat_body, measured_load, stream_chat
 from tests.e2e.client import decode_stats, generate
@@ -58,12 +59,15 @@ SPEC = {
             "name": "gateway-0",
             "host": "front",
             "port": 8000,
-            "config": str(ROOT / "deploy" / "gateway.yaml"),
+            "config": "gateway.yaml",  # deploy/gateway.yaml with a timeout inside DEADLINE_S
         }
     ],
 }
 NAMES = ["tokenizer-0", "prefill-0", "prefill-1", "decode-0", "decode-1", "gateway-0"]
 DEADLINE_S = 60.0  # every client call's own deadline
+# The gateway's own bound: a stream stalled by retransmissions (30% loss) ends with a clean
+# timeout error well before the client would give up on it.
+REQUEST_TIMEOUT_S = 30.0
 LONG = 160  # tokens: a stream that is still running when a fault hits it
 # Decode marks a prefill it cannot reach unhealthy within a Stats poll (1 s timeout) and then
 # tries it last; sooner, a call to it waits for keepalive (~15 s) before going elsewhere.
@@ -81,7 +85,11 @@ def ref() -> Reference:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     net = build_network(HOSTS)
     try:
-        c = Cluster.write(net, tmp_path_factory.mktemp("hosts"), SPEC)
+        folder = tmp_path_factory.mktemp("hosts")
+        gateway = yaml.safe_load((ROOT / "deploy" / "gateway.yaml").read_text())
+        gateway["limits"]["request_timeout_s"] = int(REQUEST_TIMEOUT_S)
+        (folder / "gateway.yaml").write_text(yaml.safe_dump(gateway))
+        c = Cluster.write(net, folder, SPEC)
         c.start(NAMES)
         yield c
     finally:
