@@ -71,13 +71,53 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(*mapped)
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request's bytes decode to when they are not the method's message."""
+
+    reason: str
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, returning _Undecodable instead of raising: grpc would answer a
+    raising deserializer with INTERNAL, but bad bytes are the caller's error."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return decode
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(
+            f"the request bytes are not this method's message ({request.reason})"
+        )
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
 def _guard(
-    behavior: Callable[..., Any], method: str, draining: Callable[[], bool]
+    behavior: Callable[..., Any],
+    method: str,
+    draining: Callable[[], bool],
+    request_stream: bool = False,
 ) -> Callable[..., Any]:
-    """Wrap one handler so every exception leaves as a mapped status. AbortError (the handler
-    called context.abort itself) and CancelledError (a BaseException) pass through untouched.
-    Synchronous handlers (only the generated base classes' UNIMPLEMENTED stubs: every servicer in
-    this suite is async) are returned as they are, so they keep running off the event loop."""
+    """Wrap one handler so every exception leaves as a mapped status, and undecodable request
+    bytes as INVALID_ARGUMENT. AbortError (the handler called context.abort itself) and
+    CancelledError (a BaseException) pass through untouched. Synchronous handlers (only the
+    generated base classes' UNIMPLEMENTED stubs: every servicer in this suite is async) are
+    returned as they are, so they keep running off the event loop."""
+    decoded = _decoded_stream if request_stream else _decoded
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -85,7 +125,7 @@ def _guard(
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
             try:
                 # aclosing: when grpc closes this wrapper, the handler's own `finally` runs now.
-                async with contextlib.aclosing(behavior(request, context)) as responses:
+                async with contextlib.aclosing(behavior(decoded(request), context)) as responses:
                     async for response in responses:
                         yield response
             except grpc.aio.AbortError:
@@ -100,7 +140,7 @@ def _guard(
             if draining():
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
             try:
-                return await behavior(request, context)
+                return await behavior(decoded(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -132,7 +172,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         codecs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
@@ -145,10 +185,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _guard(handler.stream_unary, method, self._is_draining), **codecs
+                _guard(handler.stream_unary, method, self._is_draining, True), **codecs
             )
         return grpc.stream_stream_rpc_method_handler(
-            _guard(handler.stream_stream, method, self._is_draining), **codecs
+            _guard(handler.stream_stream, method, self._is_draining, True), **codecs
         )
 
 

@@ -415,3 +415,37 @@ def test_main_serves_until_sigterm(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_undecodable_bytes_in_a_request_stream_are_invalid_argument() -> None:
+    """A streamed request whose second message is not a DetokenizeInput (server-side decoding)."""
+
+    async def main() -> grpc.aio.AioRpcError:
+        running = await start_server(
+            "tokenizer",
+            [lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(SERVICER, s)],
+            [SERVICE_NAME],
+            ServerOptions(),
+        )
+        running.set_serving()
+
+        async def requests() -> AsyncIterator[bytes]:
+            yield pb.DetokenizeInput(start=pb.DetokenizeStart()).SerializeToString()
+            yield b"\xff\xff\xff\xff"
+
+        try:
+            async with grpc.aio.insecure_channel(running.address) as channel:
+                rpc = channel.stream_stream(  # raw bytes on the wire: no client-side encoding
+                    "/k2.v1.Tokenizer/Detokenize",
+                    request_serializer=bytes,
+                    response_deserializer=bytes,
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    [_ async for _ in rpc(requests(), timeout=10)]
+                return info.value
+        finally:
+            await running.drain(0)
+
+    error = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not this method's message" in error.details()
