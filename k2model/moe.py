@@ -118,7 +118,8 @@ class LocalExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if dispatch.kernel_path(x):  # align + grouped GEMM kernels over the stacked experts
             return dispatch.routed_experts(x, ids, weights, self.stacked())
-        if self.fp8 is None and self.gate_up.dtype == torch.bfloat16 and cpu_ext.takes(x):
+        held = self.gate_up.dtype in (torch.bfloat16, torch.float32)
+        if self.fp8 is None and held and self.gate_up.shape[0] and cpu_ext.takes(x):
             out = torch.empty(x.shape, dtype=x.dtype)  # the whole layer in one C++ call
             x, ids, weights = x.contiguous(), ids.contiguous(), as_f32(weights).contiguous()
             cpu_ext.extension().routed_experts(x, ids, weights, self.gate_up, self.down, out)

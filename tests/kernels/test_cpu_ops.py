@@ -37,18 +37,22 @@ def test_rms_norm(rows: int, dim: int, gen: torch.Generator, monkeypatch) -> Non
     assert_near(out, norm.reference(x), TOL)
 
 
-def _experts(n: int, dim: int, inter: int, gen: torch.Generator) -> LocalExperts:
+def _experts(
+    n: int, dim: int, inter: int, gen: torch.Generator, held: torch.dtype = torch.bfloat16
+) -> LocalExperts:
     ex = LocalExperts(n, dim, inter, torch.float32)
-    ex.hold(torch.bfloat16)
+    ex.hold(held)
     ex.gate_up.copy_(torch.randn(ex.gate_up.shape, generator=gen) * 0.2)
     ex.down.copy_(torch.randn(ex.down.shape, generator=gen) * 0.2)
     return ex
 
 
+@pytest.mark.parametrize("held", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("tokens", "k"), [(1, 1), (1, 4), (5, 2), (33, 3), (70, 8)])
-def test_routed_experts(tokens: int, k: int, gen: torch.Generator, monkeypatch) -> None:
-    """Every expert id and none; ragged groups; experts with no rows at all."""
-    ex = _experts(9, 40, 24, gen)
+def test_routed_experts(tokens: int, k: int, held, gen: torch.Generator, monkeypatch) -> None:
+    """Every expert id and none; ragged groups; experts with no rows at all; bf16-resident
+    stacks and fp32 ones (fp32 and dequantised-fp8 checkpoints)."""
+    ex = _experts(9, 40, 24, gen, held)
     x = torch.randn(tokens, 40, generator=gen)
     ids = torch.stack([torch.randperm(9, generator=gen)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=gen)

@@ -95,22 +95,26 @@ inline const uint16_t* bf16_bits(const at::Tensor& w) {
 
 void check_out(const at::Tensor& out, at::IntArrayRef shape);
 
-// y[m, n] = x[m, :] . w[n, :] for fp32 x and bf16 w, split over blocks of n on torch's threads.
+// y[m, n] = x[m, :] . w[n, :] for fp32 x and W = bf16 (its bits, uint16_t) or fp32 w, split
+// over blocks of n on torch's threads (serially inside another parallel region).
 // Strides: x row m at x + m * ldx, w row n at w + n * ldw, y[m, n] at y + m * ldy + n; for
 // heads > 1, head h adds h * (x_h, w_h, y_h) to each.
+template <typename W>
 struct Gemm {
   const float* x;
   int64_t ldx, x_h;
-  const uint16_t* w;
+  const W* w;
   int64_t ldw, w_h;
   float* y;
   int64_t ldy, y_h;
   int64_t heads, m, n, k;
 };
-void gemm_bf16(const Gemm& g);
+template <typename W>
+void gemm(const Gemm<W>& g);
 // The same for weight rows n0 .. n1 - 1 only (heads = 1), on the calling thread.
-void gemm_bf16_rows(const Gemm& g, int64_t n0, int64_t n1);
-constexpr int64_t kGemmBlock = 64;  // weight rows per task of gemm_bf16
+template <typename W>
+void gemm_rows(const Gemm<W>& g, int64_t n0, int64_t n1);
+constexpr int64_t kGemmBlock = 64;  // weight rows per task of gemm
 
 void linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);
 void head_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);

@@ -1,4 +1,4 @@
-// One MoE layer's routed experts over bf16-resident stacks, fp32 compute:
+// One MoE layer's routed experts over bf16-resident (or fp32) stacks, fp32 compute:
 //   out[t] = sum_j weights[t, j] * down_e @ (silu(gate_e @ x[t]) * (up_e @ x[t])),  e = ids[t, j]
 // with gate_up [E, 2I, D] (gate rows then up rows) and down [E, D, I]. Assignments are grouped by
 // expert (a counting sort, stable), and each active expert runs two GEMMs over its rows: the whole
@@ -14,10 +14,12 @@ void routed_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
                     const at::Tensor& gate_up, const at::Tensor& down, at::Tensor& out) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "routed_experts: x must be a contiguous [T, D] float32 tensor");
-  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && down.scalar_type() == at::kBFloat16 &&
+  const auto held = gate_up.scalar_type();
+  TORCH_CHECK((held == at::kBFloat16 || held == at::kFloat) && down.scalar_type() == held &&
                   gate_up.is_contiguous() && down.is_contiguous() && gate_up.dim() == 3 &&
                   down.dim() == 3,
-              "routed_experts: gate_up and down must be contiguous 3-d bfloat16 stacks");
+              "routed_experts: gate_up and down must be contiguous 3-d stacks, both bfloat16 or "
+              "both float32");
   const int64_t t = x.size(0), d = x.size(1), e = gate_up.size(0), inter = down.size(2);
   TORCH_CHECK(gate_up.size(1) == 2 * inter && gate_up.size(2) == d && down.size(0) == e &&
                   down.size(1) == d,
@@ -45,8 +47,6 @@ void routed_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   const int64_t k = ids.size(1), i2 = 2 * inter;
   const float* xp = x.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
-  const uint16_t* gu = bf16_bits(gate_up);
-  const uint16_t* dn = bf16_bits(down);
   std::vector<int64_t> active, position(pairs);  // experts with rows; sorted row of assignment a
   for (int64_t ex = 0; ex < e; ++ex)
     if (start[ex + 1] > start[ex]) active.push_back(ex);
@@ -61,28 +61,36 @@ void routed_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
     for (int64_t i = begin; i < end; ++i)
       std::memcpy(rows.data() + i * d, xp + (order[i] / k) * d, d * sizeof(float));
   });
-  const auto phase = [&](const uint16_t* stack, int64_t n_out, int64_t n_in, const float* in,
-                         float* out_rows) {
+  const auto phase = [&]<typename W>(const W* stack, int64_t n_out, int64_t n_in, const float* in,
+                                     float* out_rows) {
     const int64_t blocks = (n_out + kGemmBlock - 1) / kGemmBlock;
     const int64_t tasks = static_cast<int64_t>(active.size()) * blocks;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t ex = active[task / blocks], n0 = (task % blocks) * kGemmBlock;
         const int64_t first = start[ex], n = start[ex + 1] - first;
-        gemm_bf16_rows({in + first * n_in, n_in, 0, stack + ex * n_out * n_in, n_in, 0,
-                        out_rows + first * n_out, n_out, 0, 1, n, n_out, n_in},
-                       n0, std::min(n_out, n0 + kGemmBlock));
+        gemm_rows<W>({in + first * n_in, n_in, 0, stack + ex * n_out * n_in, n_in, 0,
+                      out_rows + first * n_out, n_out, 0, 1, n, n_out, n_in},
+                     n0, std::min(n_out, n0 + kGemmBlock));
       }
     });
   };
-  phase(gu, i2, d, rows.data(), hidden.data());
+  if (held == at::kBFloat16) {
+    phase(bf16_bits(gate_up), i2, d, rows.data(), hidden.data());
+  } else {
+    phase(gate_up.data_ptr<float>(), i2, d, rows.data(), hidden.data());
+  }
   at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, inter)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       silu_mul(hidden.data() + i * i2, hidden.data() + i * i2 + inter, act.data() + i * inter,
                inter);
   });
-  phase(dn, d, inter, act.data(), y.data());
+  if (held == at::kBFloat16) {
+    phase(bf16_bits(down), d, inter, act.data(), y.data());
+  } else {
+    phase(down.data_ptr<float>(), d, inter, act.data(), y.data());
+  }
   float* op = out.data_ptr<float>();
   at::parallel_for(0, t, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * d)),
                    [&](int64_t begin, int64_t end) {
