@@ -274,17 +274,21 @@ def test_logprobs_are_the_reference_models(stack, tokenizer) -> None:
         )
 
 
+async def decode_idle(stack: Stack) -> None:
+    for _ in range(200):
+        stats = stack.decode.stats()
+        if stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"decode still holds the request: {stats}")
+
+
 def test_closing_the_stream_frees_the_decode_kv(stack) -> None:
     async def start_then_close() -> None:
         stream = stack.pipeline.chat(req(max_tokens=200, thinking=False))
         async with contextlib.aclosing(stream):
             await anext(stream)
-        for _ in range(200):
-            stats = stack.decode.stats()
-            if stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"decode still holds the request: {stats}")
+        await decode_idle(stack)
 
     stack.call(start_then_close())
 
@@ -297,16 +301,7 @@ def test_past_the_request_timeout_the_stream_ends_and_frees_the_decode_kv(stack)
             stack.chat(req(max_tokens=DECODE_BLOCKS * BLOCK_SIZE - 64, thinking=False))
     finally:
         stack.pipeline.timeout_s = 600.0
-
-    async def idle() -> None:
-        for _ in range(200):
-            stats = stack.decode.stats()
-            if stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"decode still holds the request: {stats}")
-
-    stack.call(idle())
+    stack.call(decode_idle(stack))
 
 
 @pytest.mark.parametrize(

@@ -12,35 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
-from services.pb.k2.v1 import decode_pb2_grpc
 from tests.e2e.client import generate
-from tests.e2e.test_faults import decode_idle, long_prompt, outcome, prefill_idle, request
+from tests.e2e.test_faults import long_prompt
 from tests.multihost.cluster import Cluster, build_network
 from tests.multihost.reference import Reference
-from tests.multihost.test_expert_rank import DEADLINE_S, FAILED_STEP, RESTART_S
+from tests.multihost.test_expert_rank import DEADLINE_S, kill_a_rank_mid_stream_then_recover
+from tests.multihost.test_expert_rank import SPEC as RANK_SPEC
 
-SPEC = {
-    "checkpoint": "embedded",
-    "model": {"threads": 1},
-    "tokenizer": [{"name": "tokenizer-0", "host": "decode-a", "port": 50051}],  # not started
-    "prefill": [{"name": "prefill-0", "host": "prefill-a", "port": 50061, "kv_blocks": 256}],
-    "decode": [{"name": "decode-0", "host": "decode-a", "port": 50071, "kv_blocks": 256}],
-    "experts": "remote",
-    "expert_pool": [
-        {
-            "name": "experts-0",
-            "port": 50081,
-            "master_port": 29500,
-            "nodes": [{"host": "experts-a", "ranks": 1}, {"host": "experts-b", "ranks": 1}],
-        }
-    ],
-}
+# test_expert_rank's deployment with its 2-rank pool split over two hosts (host: the first's).
+NODES = [{"host": "experts-a", "ranks": 1}, {"host": "experts-b", "ranks": 1}]
+POOL = {k: v for k, v in RANK_SPEC["expert_pool"][0].items() if k != "host"} | {"nodes": NODES}
+SPEC = RANK_SPEC | {"expert_pool": [POOL]}
 
 
 @pytest.fixture(scope="module")
@@ -63,39 +49,12 @@ def test_served_tokens_with_the_experts_split_across_hosts(cluster: Cluster) -> 
 
 
 def test_a_killed_rank_on_the_second_host_restarts_the_job_on_both(cluster: Cluster) -> None:
-    ref = Reference.embedded()
-    decode, prefill = cluster.target("decode-0"), cluster.target("prefill-0")
-    prompt = long_prompt(5, 24)
-    expected = ref.ids(prompt, 200)
     before = cluster.children("experts-0") + cluster.children("experts-0-node1")
 
-    async def killed_mid_stream() -> tuple[list[int], grpc.StatusCode, float]:
-        async with grpc.aio.insecure_channel(decode) as channel:
-            start = time.monotonic()
-            call = decode_pb2_grpc.DecodeStub(channel).Generate(
-                request(prompt, 200), timeout=DEADLINE_S
-            )
-            first = await anext(aiter(call))
-            os.kill(cluster.children("experts-0-node1")[0], 9)
-            rest, code = await outcome(call)
-            return [t.token_id for t in first.tokens] + rest, code, time.monotonic() - start
+    def kill() -> None:
+        os.kill(cluster.children("experts-0-node1")[0], 9)
 
-    tokens, code, took = asyncio.run(killed_mid_stream())
-    assert code in FAILED_STEP and took < DEADLINE_S
-    assert 0 < len(tokens) < len(expected) and tokens == expected[: len(tokens)]
-    asyncio.run(decode_idle(decode))
-    asyncio.run(prefill_idle(prefill))
-
-    deadline = time.monotonic() + RESTART_S
-    while True:  # UNAVAILABLE while the job restarts, then served
-        try:
-            served = asyncio.run(generate(decode, prompt, 40, timeout=DEADLINE_S))[0]
-            break
-        except grpc.aio.AioRpcError as e:
-            assert e.code() in FAILED_STEP, e
-            assert time.monotonic() < deadline, "the expert job did not come back"
-            time.sleep(0.5)
-    assert served == expected[:40]
+    kill_a_rank_mid_stream_then_recover(cluster, kill)
     for name in ("experts-0", "experts-0-node1"):  # the same supervisors, new ranks on both
         assert cluster.procs[name].poll() is None
         assert cluster.children(name) and set(cluster.children(name)).isdisjoint(before)
