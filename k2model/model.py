@@ -89,6 +89,6 @@ class K2Model(nn.Module):
             h = layer(h, rot, meta, cache, form)
             if on_layer is not None:
                 on_layer(i)
-        if not all_logits:
+        if not all_logits and not meta.decode:  # decode rows are already one per sequence
             h = h[meta.last_rows]
         return as_f32(bf16_weights.linear(self.norm(h), self.lm_head))

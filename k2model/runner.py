@@ -58,7 +58,8 @@ class ModelRunner:
         wanted = [k for k, i in enumerate(inputs) if i.row is not None]
         out: list[Sampled | None] = [None] * len(inputs)
         if wanted:
-            result = sample(logits[wanted], [inputs[k].row for k in wanted]).cpu()
+            rows = logits if len(wanted) == len(inputs) else logits[wanted]  # no copy when all
+            result = sample(rows, [inputs[k].row for k in wanted]).cpu()
             for j, k in enumerate(wanted):
                 out[k] = result.row(j)
         return out
