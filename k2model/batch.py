@@ -28,6 +28,7 @@ class BatchMeta:
     q_valid: torch.Tensor  # [B, Q] bool
     ctx_slots: torch.Tensor  # [B, L] cache slots of each sequence's whole context (0 for padding)
     mask: torch.Tensor  # [B, 1, Q, L] bool, True = may attend (causal, in-context)
+    ctx_lens: torch.Tensor  # [B] tokens in each sequence's context, the new ones included
     last_rows: torch.Tensor  # [B] row in T of each sequence's last new token
     decode: bool  # one new token per sequence: rows are already the [B, 1] query view
 
@@ -70,6 +71,7 @@ def build_batch(
         q_valid=q_valid,
         ctx_slots=ctx_slots,
         mask=mask[:, None],
+        ctx_lens=ctx_len,
         last_rows=first_row + n_new - 1,
         decode=q_len == 1,
     )

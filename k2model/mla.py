@@ -131,9 +131,8 @@ class MLA(nn.Module):
         (kernels/mla_decode.py). q_nope [B, H, d_n], q_pe [B, H, d_r] -> [B, H, d_v]."""
         w_uk_t, w_uv = self.absorbed_weights()
         q = torch.cat((bf16_weights.head_linear(q_nope, w_uk_t), q_pe), -1)  # [B, H, r + d_r]
-        lengths = meta.mask[:, 0, 0].sum(-1)  # [B]: a decode row attends to a context prefix
-        kv = cache.data[self.layer]  # [slots, r + d_r]
-        o_lat = dispatch.mla_decode(q, kv, meta.ctx_slots, lengths, self.scale, self.r)  # [B, H, r]
+        kv = cache.data[self.layer]  # [slots, r + d_r]; a decode row attends to its whole context
+        o_lat = dispatch.mla_decode(q, kv, meta.ctx_slots, meta.ctx_lens, self.scale, self.r)
         return bf16_weights.head_linear(o_lat, w_uv)  # [B, H, d_v]
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

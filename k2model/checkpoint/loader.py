@@ -141,17 +141,21 @@ class _Filler:
     def is_fp8(self, name: str) -> bool:
         return self.ckpt.dtype(name) == torch.float8_e4m3fn
 
-    def held_dtype(self, name: str) -> torch.dtype:
-        """The dtype `dense(name)` returns."""
+    def held_dtype(self, name: str, compute: torch.dtype | None = None) -> torch.dtype:
+        """The dtype `dense(name, compute)` returns."""
+        compute = compute or self.dtype
         stored = self.ckpt.dtype(name)
-        return bf16_weights.held_dtype(stored, self.dtype) if self.bf16_resident else self.dtype
+        return bf16_weights.held_dtype(stored, compute) if self.bf16_resident else compute
 
-    def dense(self, name: str) -> torch.Tensor:
+    def dense(self, name: str, compute: torch.dtype | None = None) -> torch.Tensor:
+        """`name` for a layer computing in `compute` (default: the model's dtype)."""
         t = self.ckpt.get(name)
         self.bar.update(1)
         if t.dtype == torch.float8_e4m3fn:
-            return dequantize_block_fp8(t, self.ckpt.get(name + SCALE_SUFFIX), self.dtype)
-        return t.to(self.held_dtype(name))
+            return dequantize_block_fp8(
+                t, self.ckpt.get(name + SCALE_SUFFIX), compute or self.dtype
+            )
+        return t.to(self.held_dtype(name, compute))
 
     def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         self.bar.update(1)
@@ -225,7 +229,7 @@ def _fill(model: K2Model, f: _Filler) -> None:
 
 
 def _fill_moe(moe: MoE, m: str, f: _Filler) -> None:
-    moe.router.weight = bf16_weights.hold(f.dense(m + "gate.weight"), torch.float32)
+    moe.router.weight = f.dense(m + "gate.weight", torch.float32)  # the router runs in fp32
     moe.router.bias.copy_(f.ckpt.get(m + "gate.e_score_correction_bias").float())
     f.bar.update(1)
     if moe.experts.gate_up.shape[0]:

@@ -24,15 +24,10 @@ from k2model.kernels import cpu_ext
 MAX_ROWS = 96
 
 
-def available() -> bool:
-    """Whether fp32-compute models on this CPU can hold their bf16 weights as bf16."""
-    return cpu_ext.available()
-
-
 def held_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
     """The dtype a model computing in `compute` holds a `stored` weight in: bf16 stays bf16 under
     an fp32 compute where the kernel is available; anything else becomes `compute`."""
-    if stored == torch.bfloat16 and compute == torch.float32 and available():
+    if stored == torch.bfloat16 and compute == torch.float32 and cpu_ext.available():
         return stored
     return compute
 

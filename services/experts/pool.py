@@ -72,11 +72,8 @@ class ExpertPool:
         group), load this rank's slice, wait for every rank to have loaded. The long load
         timeout covers rendezvous and the barrier; rounds then run under the short collective
         timeout."""
-        backend, timeout = (
-            "nccl" if device.type == "cuda" else "gloo",
-            timedelta(seconds=load_timeout_s),
-        )
-        env = os.environ
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout, env = timedelta(seconds=load_timeout_s), os.environ
         store = job_store(
             env["MASTER_ADDR"], int(env["MASTER_PORT"]), env[GENERATION_ENV], load_timeout_s
         )

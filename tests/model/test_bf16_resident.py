@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from k2model.checkpoint.loader import load_expert_slice, load_model
-from k2model.kernels import bf16_weights, cpu_ext
+from k2model.kernels import cpu_ext
 from k2model.model import K2Model
 from tests.model.helpers import Runner, rel_err
 
 pytestmark = pytest.mark.skipif(
-    not bf16_weights.available(), reason="no AVX2 CPU or C++ compiler for the bf16-weight kernel"
+    not cpu_ext.available(), reason="no AVX2 CPU or C++ compiler for the bf16-weight kernel"
 )
 
 
@@ -33,6 +33,11 @@ def test_matrices_are_held_in_bf16(pair: tuple[K2Model, K2Model]) -> None:
     assert all(m.experts.gate_up.dtype == torch.bfloat16 for m in held.moe_layers().values())
     assert held.layers[0].attn_norm.weight.dtype == torch.float32  # vectors are widened
     assert widened.layers[0].attn.kv_b.weight.dtype == torch.float32
+    routers = [
+        (m.router.weight.dtype, w.router.weight.dtype)
+        for m, w in zip(held.moe_layers().values(), widened.moe_layers().values(), strict=True)
+    ]
+    assert routers and set(routers) == {(torch.bfloat16, torch.float32)}  # fp32 compute either way
     held_bytes = sum(b.numel() * b.element_size() for b in held.buffers())
     widened_bytes = sum(b.numel() * b.element_size() for b in widened.buffers())
     assert held_bytes < 0.6 * widened_bytes
