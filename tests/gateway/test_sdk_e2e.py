@@ -23,11 +23,12 @@ import yaml
 
 from tests.e2e.client import decode_stats
 from tests.e2e.suite_fixtures import free_port, start_suite, write_deployment
+from tests.gateway.rest_fakes import ENTERPRISE_KEY, ORDINARY_KEY, config_dict
 from tests.gateway.rest_server import HTTP
 
-KEY = "sk-e2e-enterprise-key"
+KEY = ENTERPRISE_KEY
 GRPC_PORT = free_port()  # the gateway's gRPC Chat API
-ORDINARY = "sk-e2e-ordinary-key"
+ORDINARY = ORDINARY_KEY
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -41,22 +42,7 @@ WEATHER_TOOL = {
     },
 }
 
-GATEWAY_CONFIG = {
-    "keys": [
-        {"name": "enterprise", "key": KEY, "profile": "enterprise"},
-        {"name": "ordinary", "key": ORDINARY, "profile": "ordinary"},
-    ],
-    "profiles": {
-        "ordinary": {"models": ["kimi-k2-instruct"], "default_model": "kimi-k2-instruct"},
-        "enterprise": {"models": ["*"], "default_model": "kimi-k2-thinking"},
-    },
-    "registry": {
-        "models": [
-            {"id": "kimi-k2-instruct", "local": {"thinking": False}},
-            {"id": "kimi-k2-thinking", "local": {"thinking": True}},
-        ]
-    },
-}
+GATEWAY_CONFIG = config_dict()  # the REST tests' keys, profiles and registry
 
 
 def wait_healthy(proc: subprocess.Popen, base: str, timeout_s: float = 180) -> None:

@@ -25,6 +25,7 @@ from services.common.errors import (
 )
 from services.decode.engine import DecodeEngine, DecodeLimits, Prefiller
 from services.decode.scheduler import Seq
+from tests.services.engine_idle import until_idle
 
 GREEDY = SamplingParams(temperature=0.0)
 WAIT_S = 30.0  # a guard against hangs, never reached when the engine works
@@ -73,15 +74,6 @@ async def tokens_of(engine: DecodeEngine, seq: Seq) -> tuple[list[int], str | No
         out += [t[0] for t in batch.tokens]
         reason = batch.finish_reason
     return out, reason
-
-
-async def until_idle(engine: DecodeEngine) -> dict[str, int]:
-    while True:
-        stats = engine.stats()
-        free = stats["kv_blocks_free"] == stats["kv_blocks_total"]
-        if free and stats["running"] == stats["queued"] == 0:
-            return stats
-        await asyncio.sleep(0.01)
 
 
 def submit(

@@ -17,6 +17,7 @@ from k2model.model import K2Model
 from k2model.runner import ModelRunner, StepInput
 from services.common.errors import InvalidArgument, OutOfRange, ResourceExhausted, ServiceError
 from services.prefill.engine import KvPart, PrefillEngine, PrefillJob, PrefillLimits
+from tests.services.engine_idle import until_idle
 
 GREEDY = SamplingParams(temperature=0.0)
 WAIT_S = 30.0  # a guard against hangs, never reached when the engine works
@@ -50,15 +51,6 @@ async def drain(job: PrefillJob) -> tuple[list[KvPart], object]:
         if not isinstance(item, KvPart):
             return parts, item
         parts.append(item)
-
-
-async def until_idle(engine: PrefillEngine) -> dict[str, int]:
-    while True:
-        stats = engine.stats()
-        free = stats["kv_blocks_free"] == stats["kv_blocks_total"]
-        if free and stats["running"] == stats["queued"] == 0:
-            return stats
-        await asyncio.sleep(0.01)
 
 
 def one_shot_latents(model: K2Model, ids: list[int]) -> list[torch.Tensor]:
