@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from k2model.text.chat_format import Flavor, control_tokens, render, render_text  # noqa: E402
-from k2model.text.jinja_template import JinjaChatTemplate, split_control  # noqa: E402
+from k2model.text.jinja_template import JinjaChatTemplate  # noqa: E402
 from k2model.text.messages import Message, TextPart, Tool, ToolCall  # noqa: E402
+from k2model.text.opaque import split_control  # noqa: E402
 from k2model.text.stream_parser import StreamParser  # noqa: E402
 
 EMBEDDED = ROOT / "k2model" / "embedded"

@@ -62,7 +62,7 @@ async def main() -> None:
     if grpc_port:
         services = registry_services(config.registry, pipeline)
         bind = f"{args.host or config.host}:{grpc_port}"
-        chat = await start_chat_server(services, model.vocab_size, bind)
+        chat = await start_chat_server(services, model.vocab_size, config.keyring(), bind)
     try:
         await server.serve()
     finally:

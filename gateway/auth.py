@@ -52,24 +52,36 @@ class KeyRing:
     def __init__(self, keys: tuple[ApiKey, ...]) -> None:
         self._keys = tuple((_digest(k.secret), k) for k in keys)
 
-    def authenticate(self, presented: str | None) -> ApiKey:
-        """The key's record, or 401. Every configured key is compared, match or not."""
+    def find(self, presented: str | None) -> ApiKey | None:
+        """The key's record, or None. Every configured key is compared, match or not."""
         digest = _digest(presented or "")
         found: ApiKey | None = None
         for expected, key in self._keys:
             if hmac.compare_digest(digest, expected) and presented:
                 found = key
+        return found
+
+    def authenticate(self, presented: str | None) -> ApiKey:
+        """The key's record, or 401."""
+        found = self.find(presented)
         if found is None:
             raise errors.invalid_api_key()
         return found
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value; None for any other scheme."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def presented_key(request: Request) -> str | None:
     """`Authorization: Bearer <key>` (OpenAI, Moonshot) or `x-api-key: <key>` (Anthropic)."""
     auth = request.headers.get("authorization")
     if auth is not None:
-        scheme, _, token = auth.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else None
+        return bearer_token(auth)
     return request.headers.get("x-api-key")
 
 

@@ -3,6 +3,13 @@
 proto -> ChatRequest (chat_codec.py) -> edge checks (below) -> ChatService.chat -> proto events.
 Errors are domain errors, mapped to status codes by the shared ErrorInterceptor
 (services/common/server.py): a bad request is INVALID_ARGUMENT, an unknown model NOT_FOUND.
+
+Every call presents one of the gateway's API keys as REST does, in the metadata
+`authorization: Bearer <key>`, and gets the same profile: a missing or wrong key is
+UNAUTHENTICATED (compared in constant time, gateway/auth.py), a model outside the key's profile
+PERMISSION_DENIED, an empty `model` the profile's default, and ListModels lists only what the key
+may use, its default first. The port is meant to be reachable by internal clients; it is as
+protected as the REST port, not more.
 When the client cancels, grpc cancels this handler, which closes the pipeline's iterator and so
 cancels the decode calls beneath it.
 
@@ -22,11 +29,12 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from gateway.auth import ApiKey, KeyRing, bearer_token
 from gateway.chat_codec import event_to_proto, request_from_proto
 from gateway.chat_types import ChatEvent, ChatRequest, ChatService
 from gateway.registry import LocalModel, Registry
 from k2model.text.messages import ImagePart
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from services.common.server import RunningServer, ServerOptions, start_server
 from services.pb.k2.v1 import chat_pb2, chat_pb2_grpc
 
@@ -76,22 +84,41 @@ def _check_tools(request: ChatRequest) -> None:
         raise InvalidArgument(f"tools: parameter schemas exceed {MAX_SCHEMA_BYTES} bytes")
 
 
-class ChatServicer(chat_pb2_grpc.ChatServicer):
-    def __init__(self, services: Mapping[str, ChatService], vocab_size: int) -> None:
-        self.services, self.vocab_size = dict(services), vocab_size
+def _caller(keyring: KeyRing, context: grpc.aio.ServicerContext) -> ApiKey:
+    """The call's API key (`authorization: Bearer <key>` metadata), or UNAUTHENTICATED."""
+    metadata = dict(context.invocation_metadata() or ())
+    key = keyring.find(bearer_token(metadata.get("authorization")))
+    if key is None:
+        raise Unauthenticated(
+            "missing or incorrect API key: send metadata 'authorization: Bearer <key>'"
+        )
+    return key
 
-    def _resolve(self, msg: chat_pb2.ChatRequest) -> tuple[ChatService, ChatRequest]:
-        service = self.services.get(msg.model)
+
+class ChatServicer(chat_pb2_grpc.ChatServicer):
+    def __init__(
+        self, services: Mapping[str, ChatService], vocab_size: int, keyring: KeyRing
+    ) -> None:
+        self.services, self.vocab_size, self.keyring = dict(services), vocab_size, keyring
+
+    def _resolve(
+        self, msg: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[ChatService, ChatRequest]:
+        key = _caller(self.keyring, context)
+        model = msg.model or key.profile.default_model
+        if not key.profile.allows(model):
+            raise PermissionDenied(f"model: this API key may not use {_shown(model)}")
+        service = self.services.get(model)
         if service is None:
-            raise NotFound(f"model {msg.model!r} is not served here")
-        request = request_from_proto(msg)
+            raise NotFound(f"model {_shown(model)} is not served here")
+        request = replace(request_from_proto(msg), model=model)
         check_request(request, self.vocab_size)
         return service, request
 
     async def Chat(
         self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        service, chat_request = self._resolve(request)
+        service, chat_request = self._resolve(request, context)
         async with contextlib.aclosing(service.chat(chat_request)) as events:
             async for event in events:
                 yield event_to_proto(event)
@@ -99,13 +126,21 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     async def CountTokens(
         self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.TokenCount:
-        service, chat_request = self._resolve(request)
+        service, chat_request = self._resolve(request, context)
         return chat_pb2.TokenCount(prompt_tokens=await service.count_tokens(chat_request))
 
     async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ModelList:
-        return chat_pb2.ModelList(models=sorted(self.services))
+        profile = _caller(self.keyring, context).profile
+        allowed = sorted(m for m in self.services if profile.allows(m))
+        allowed.sort(key=lambda m: m != profile.default_model)
+        return chat_pb2.ModelList(models=allowed)
+
+
+def _shown(text: str, limit: int = 128) -> str:
+    """A caller-supplied name as an error message shows it: quoted, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 @dataclass(frozen=True)
@@ -136,10 +171,14 @@ def registry_services(registry: Registry, pipeline: ChatService) -> dict[str, Ch
 
 
 async def start_chat_server(
-    services: Mapping[str, ChatService], vocab_size: int, bind: str = "127.0.0.1:0"
+    services: Mapping[str, ChatService],
+    vocab_size: int,
+    keyring: KeyRing,
+    bind: str = "127.0.0.1:0",
 ) -> RunningServer:
-    """The Chat API on its own grpc.aio server (health, reflection, error mapping), serving."""
-    servicer = ChatServicer(services, vocab_size)
+    """The Chat API on its own grpc.aio server (health, reflection, error mapping), serving;
+    every call must present one of `keyring`'s keys."""
+    servicer = ChatServicer(services, vocab_size, keyring)
     running = await start_server(
         "chat",
         [lambda s: chat_pb2_grpc.add_ChatServicer_to_server(servicer, s)],

@@ -14,14 +14,15 @@ or recursion stops early. Python recursion errors become TemplateLimitError too.
 single expression that joins one big value with `~` many times over (at most source-size times).
 Every failure is a jinja2 TemplateError.
 
-Jinja output carries control tokens inline; `split_control` turns it into the same
-(text, is_control) segments that chat_format.render produces.
+Jinja output carries control tokens inline, and so would a user who typed their names. `render`
+passes every request string through the template as an opaque placeholder (k2model/text/opaque.py)
+so that only the template's own markup becomes control segments, the same (text, is_control)
+segments that chat_format.render produces; `render_text` is the plain HF rendering.
 """
 
 import json
-import re
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,9 +38,9 @@ from jinja2.utils import Namespace
 
 from k2model.text.chat_tokens import IM_END
 from k2model.text.messages import Message, Tool, message_to_dict, validate_messages
+from k2model.text.opaque import OpaqueText, Segment
 from k2model.text.tool_ids import normalize_tool_ids
 
-Segment = tuple[str, bool]
 _ITER_GUARD = "__k2_guarded_iter"
 
 
@@ -194,17 +195,6 @@ def _make_environment() -> _BudgetedSandbox:
     return env
 
 
-def split_control(text: str, control_names: Collection[str]) -> list[Segment]:
-    """Cuts rendered text at every occurrence of a control name (longest name first at a
-    position), the way HF's added-token trie does; the text between is merged plain text."""
-    if not control_names:
-        return [(text, False)] if text else []
-    names = sorted(control_names, key=len, reverse=True)
-    pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
-    controls = frozenset(control_names)
-    return [(piece, piece in controls) for piece in pattern.split(text) if piece]
-
-
 def load_checkpoint_template(directory: str | Path) -> str | None:
     """The template a checkpoint ships: chat_template.jinja, else tokenizer_config.json's
     `chat_template` (a string, or a list of {name, template} of which "default" is used)."""
@@ -220,6 +210,33 @@ def load_checkpoint_template(directory: str | Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
+
+
+def sorts_tool_keys(directory: str | Path) -> bool:
+    """Whether HF's tokenizer of this checkpoint sorts tool keys before rendering. That is the
+    tokenizer class's doing (tokenization_kimi.py's `deep_sort_dict`, added after the July 2025
+    K2-Instruct release), not the template's: the file is read as text, never run. A checkpoint
+    without the file gets the current Kimi tokenizers' behaviour (sorted)."""
+    code = Path(directory) / "tokenization_kimi.py"
+    if not code.is_file():
+        return True
+    return "deep_sort_dict" in code.read_text(encoding="utf-8", errors="replace")
+
+
+def _wrap_message(message: dict[str, Any], wrap: Callable[[Any], Any]) -> dict[str, Any]:
+    """Every request string of a message wrapped; the role and part / call types, which
+    templates compare against their own literals, left as they are."""
+    out: dict[str, Any] = {}
+    for key, value in message.items():
+        if key == "role":
+            out[key] = value
+        elif key == "content" and isinstance(value, list):
+            out[key] = [{k: v if k == "type" else wrap(v) for k, v in p.items()} for p in value]
+        elif key == "tool_calls":
+            out[key] = [{**c, "id": wrap(c["id"]), "function": wrap(c["function"])} for c in value]
+        else:
+            out[key] = wrap(value)
+    return out
 
 
 def _deep_sort(value: Any) -> Any:
@@ -255,8 +272,11 @@ class JinjaChatTemplate:
         *,
         add_generation_prompt: bool = True,
     ) -> list[Segment]:
-        text = self.render_text(messages, tools, add_generation_prompt=add_generation_prompt)
-        return split_control(text, self._controls)
+        """Segments in which only the template's own markup is control: every request string
+        comes back as ordinary text, whatever it spells."""
+        opaque = OpaqueText()
+        text = self._render(messages, tools, add_generation_prompt, opaque.wrap_tree)
+        return opaque.segments(text, self._controls)
 
     def render_text(
         self,
@@ -265,13 +285,25 @@ class JinjaChatTemplate:
         *,
         add_generation_prompt: bool = True,
     ) -> str:
+        """The text HF's apply_chat_template(tokenize=False) gives."""
+        return self._render(messages, tools, add_generation_prompt, lambda value: value)
+
+    def _render(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Tool] | None,
+        add_generation_prompt: bool,
+        wrap: Callable[[Any], Any],
+    ) -> str:
         validate_messages(messages)
         messages = normalize_tool_ids(messages)
         partial = bool(messages) and messages[-1].partial
         tool_dicts = [t.to_dict() for t in tools or ()]
+        if self._sort_tool_keys:
+            tool_dicts = _deep_sort(tool_dicts)
         context = {
-            "messages": [message_to_dict(m) for m in messages],
-            "tools": (_deep_sort(tool_dicts) if self._sort_tool_keys else tool_dicts) or None,
+            "messages": [_wrap_message(message_to_dict(m), wrap) for m in messages],
+            "tools": [{**t, "function": wrap(t["function"])} for t in tool_dicts] or None,
             "add_generation_prompt": add_generation_prompt and not partial,
         }
         text = self._generate(context)

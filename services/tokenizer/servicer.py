@@ -25,7 +25,11 @@ from jinja2 import TemplateError
 
 from k2model.text import chat_tokens
 from k2model.text.chat_format import Flavor, Segment, control_tokens, render
-from k2model.text.jinja_template import JinjaChatTemplate, load_checkpoint_template
+from k2model.text.jinja_template import (
+    JinjaChatTemplate,
+    load_checkpoint_template,
+    sorts_tool_keys,
+)
 from k2model.text.messages import ChatFormatError, Message, Tool
 from k2model.text.tokenizer import Tokenizer
 from services.common.errors import InvalidArgument
@@ -55,13 +59,18 @@ def native_flavor(tokenizer: Tokenizer) -> Flavor:
     return "k2-thinking"
 
 
-def _make_renderer(chat_format: ChatFormat, template: str | None, tokenizer: Tokenizer) -> Renderer:
+def _make_renderer(chat_format: ChatFormat, checkpoint: Path, tokenizer: Tokenizer) -> Renderer:
     if chat_format != "checkpoint":
         native = functools.partial(render, flavor=chat_format)
         return lambda messages, tools, gen: native(messages, tools, add_generation_prompt=gen)
+    template = load_checkpoint_template(checkpoint)
     if template is None:
         raise ValueError("chat_format 'checkpoint': the checkpoint ships no chat template")
-    jinja = JinjaChatTemplate(template, control_tokens=control_tokens(native_flavor(tokenizer)))
+    jinja = JinjaChatTemplate(
+        template,
+        control_tokens=control_tokens(native_flavor(tokenizer)),
+        sort_tool_keys=sorts_tool_keys(checkpoint),
+    )
     return lambda messages, tools, gen: jinja.render(messages, tools, add_generation_prompt=gen)
 
 
@@ -70,11 +79,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         if chat_format is not None and chat_format not in CHAT_FORMATS:
             raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, got {chat_format!r}")
         self._tokenizer = Tokenizer.from_dir(checkpoint)
-        template = load_checkpoint_template(checkpoint)
         if chat_format is None:
-            chat_format = "checkpoint" if template is not None else native_flavor(self._tokenizer)
+            shipped = load_checkpoint_template(checkpoint) is not None
+            chat_format = "checkpoint" if shipped else native_flavor(self._tokenizer)
         self.chat_format: ChatFormat = chat_format
-        self._render = _make_renderer(chat_format, template, self._tokenizer)
+        self._render = _make_renderer(chat_format, Path(checkpoint), self._tokenizer)
         self._stop_ids = sorted(self._tokenizer.stop_ids)
 
     async def Render(
@@ -83,10 +92,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         messages = messages_from_proto(request.messages)
         tools = tools_from_proto(request.tools)
         return await asyncio.to_thread(
-            self._render_reply, messages, tools, request.add_generation_prompt
+            self.render_reply, messages, tools, request.add_generation_prompt
         )
 
-    def _render_reply(
+    def render_reply(
         self, messages: Sequence[Message], tools: Sequence[Tool], add_generation_prompt: bool
     ) -> tokenizer_pb2.RenderReply:
         try:

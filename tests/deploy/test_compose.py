@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +275,27 @@ def test_docker_compose_config_accepts_every_file(name: str) -> None:
             timeout=120,
         )
         assert done.returncode == 0, f"{file}: {done.stderr}"
+
+
+def test_no_committed_compose_set_publishes_an_unauthenticated_port() -> None:
+    """Regression (issue 12, item 1): the gateway's gRPC Chat port was published on 0.0.0.0 with
+    no authentication. Every port a committed compose file publishes must be a gateway's REST or
+    gRPC Chat port (both check an API key on every call, tests/gateway/test_grpc_chat_auth.py),
+    behind a configuration that holds keys."""
+    sets = sorted(p for p in (DEPLOY / "compose").iterdir() if p.is_dir())
+    assert {p.name for p in sets} >= set(LAYOUTS)
+    for out in sets:
+        dep = Deployment.load(out / "deployment.yaml")
+        gateways = {i.process_name: i for i in dep.of_kind("gateway")}
+        for file in sorted(out.glob("compose.*.yaml")):
+            for name, service in yaml.safe_load(file.read_text())["services"].items():
+                published = [str(p).split(":")[-1] for p in service.get("ports", [])]
+                if not published:
+                    continue
+                assert name in gateways, f"{file.name}: {name} publishes {published}"
+                inst = gateways[name]
+                mounts = {t: src for src, t, _ in map(partial(host_path, out), service["volumes"])}
+                raw = yaml.safe_load(mounts[str(inst.config)].read_text())
+                assert raw["keys"], f"{file.name}: {name} has no API keys"
+                allowed = {inst.port, int(raw["listen"].get("grpc_port", 0))} - {0}
+                assert {int(p) for p in published} <= allowed, f"{file.name}: {name}"

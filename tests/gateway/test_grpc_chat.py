@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway.auth import ApiKey, KeyRing, Profile
 from gateway.grpc_chat import start_chat_server
 from gateway.pipeline import ChatPipeline
 from k2model import EMBEDDED_CHECKPOINT, generate_ids, load_model
@@ -42,6 +43,8 @@ WEATHER_SCHEMA = {
 }
 WEATHER = chat_types_pb2.Tool(name="get_weather", parameters_json=json.dumps(WEATHER_SCHEMA))
 FUNCTION = chat_pb2.ToolChoice.FUNCTION
+KEY = "sk-test-grpc-chat-0001"
+AUTH = (("authorization", f"Bearer {KEY}"),)
 
 
 class ChatServer:
@@ -60,7 +63,8 @@ class ChatServer:
 
     async def _start(self, deployment: Any) -> tuple[ChatPipeline, Any]:
         pipeline = ChatPipeline(deployment)
-        return pipeline, await start_chat_server({MODEL: pipeline}, vocab_size=4096)
+        keyring = KeyRing((ApiKey("test", KEY, Profile("all", ("*",), MODEL)),))
+        return pipeline, await start_chat_server({MODEL: pipeline}, 4096, keyring)
 
     async def _stop(self) -> None:
         await self.running.server.stop(None)
@@ -104,7 +108,7 @@ def request(**kw: Any) -> chat_pb2.ChatRequest:
 
 
 def run(chat: ChatServer, req: chat_pb2.ChatRequest) -> list[chat_pb2.ChatEvent]:
-    return list(chat.stub.Chat(req, timeout=120))
+    return list(chat.stub.Chat(req, metadata=AUTH, timeout=120))
 
 
 def aggregate(events: list[chat_pb2.ChatEvent], choice: int = 0) -> dict[str, Any]:
@@ -188,7 +192,7 @@ def test_tool_call_loop_completes(chat, suite) -> None:
     follow = request(messages=messages, tools=[WEATHER], max_tokens=12, thinking=False)
     events = run(chat, follow)
     assert aggregate(events)["finish"] in ("stop", "length", "tool_calls")
-    count = chat.stub.CountTokens(follow, timeout=30).prompt_tokens
+    count = chat.stub.CountTokens(follow, metadata=AUTH, timeout=30).prompt_tokens
     assert (
         events[-1].usage.prompt_tokens == count == len(rendered.prompt_ids) + 2
     )  # <think></think>
@@ -218,7 +222,7 @@ def test_n_choices_stop_strings_logprobs_and_usage(chat) -> None:
 
 def test_cancelled_call_frees_decode_kv(chat, suite) -> None:
     target = suite.deployment.of_kind("decode")[0].target
-    call = chat.stub.Chat(request(max_tokens=2000, thinking=False), timeout=120)
+    call = chat.stub.Chat(request(max_tokens=2000, thinking=False), metadata=AUTH, timeout=120)
     next(call)
     next(call)
     assert asyncio.run(decode_stats(target)).running == 1
@@ -270,5 +274,5 @@ def test_unknown_model_context_overflow_and_model_list(chat) -> None:
     with pytest.raises(grpc.RpcError) as info:
         run(chat, request(max_tokens=8190, messages=[user("x " * 50)]))
     assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    listed = chat.stub.ListModels(chat_pb2.ListModelsRequest(), timeout=10)
+    listed = chat.stub.ListModels(chat_pb2.ListModelsRequest(), metadata=AUTH, timeout=10)
     assert list(listed.models) == [MODEL]

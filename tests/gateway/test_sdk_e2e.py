@@ -349,9 +349,10 @@ def test_grpc_chat_api_beside_rest_gives_the_same_text(suite) -> None:
     )
 
     async def over_grpc() -> tuple[list[str], str, str]:
+        auth = (("authorization", f"Bearer {KEY}"),)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
             stub = chat_pb2_grpc.ChatStub(channel)
-            models = await stub.ListModels(chat_pb2.ListModelsRequest(), timeout=30)
+            models = await stub.ListModels(chat_pb2.ListModelsRequest(), metadata=auth, timeout=30)
             request = chat_pb2.ChatRequest(
                 model="kimi-k2-instruct",
                 messages=[chat_types_pb2.ChatMessage(role="user", text="Say hi.")],
@@ -359,7 +360,7 @@ def test_grpc_chat_api_beside_rest_gives_the_same_text(suite) -> None:
                 sampling=common_pb2.SamplingParams(temperature=0.0),
             )
             text, reason = "", ""
-            async for event in stub.Chat(request, timeout=60):
+            async for event in stub.Chat(request, metadata=auth, timeout=60):
                 text += event.content
                 reason = event.finish_reason or reason
             return list(models.models), text, reason

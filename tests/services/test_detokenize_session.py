@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from k2model import EMBEDDED_CHECKPOINT
 from k2model.text.chat_format import control_tokens
-from k2model.text.jinja_template import split_control
+from k2model.text.opaque import split_control
 from k2model.text.tokenizer import Tokenizer
 from k2model.text.tool_parser import markers_for, parse_output
 from services.common.errors import InvalidArgument

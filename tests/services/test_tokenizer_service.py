@@ -19,8 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2model import EMBEDDED_CHECKPOINT
 from k2model.text.chat_format import control_tokens, render
-from k2model.text.jinja_template import JinjaChatTemplate, split_control
+from k2model.text.jinja_template import JinjaChatTemplate
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
+from k2model.text.opaque import split_control
 from k2model.text.tokenizer import Tokenizer
 from services.common.server import ServerOptions, start_server
 from services.pb.k2.v1 import chat_types_pb2 as chat

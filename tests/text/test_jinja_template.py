@@ -17,7 +17,6 @@ from k2model.text.jinja_template import (
     TemplateLimitError,
     TemplateLimits,
     load_checkpoint_template,
-    split_control,
 )
 from k2model.text.messages import (
     ChatFormatError,
@@ -29,6 +28,7 @@ from k2model.text.messages import (
     message_to_dict,
     parse_tools,
 )
+from k2model.text.opaque import split_control
 from k2model.text.tool_ids import normalize_tool_ids
 
 jinja2 = pytest.importorskip("jinja2")

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class ChatStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries one of the gateway's API keys as metadata `authorization: Bearer <key>`
+    (UNAUTHENTICATED without one) and gets that key's profile, as on REST: a model outside it is
+    PERMISSION_DENIED, an empty model is the profile's default, ListModels lists what it allows.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +55,10 @@ class ChatStub:
 
 
 class ChatServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries one of the gateway's API keys as metadata `authorization: Bearer <key>`
+    (UNAUTHENTICATED without one) and gets that key's profile, as on REST: a model outside it is
+    PERMISSION_DENIED, an empty model is the profile's default, ListModels lists what it allows.
+    """
 
     def Chat(self, request, context):
         """Stream one response: deltas of every choice (content, reasoning, structured tool calls,
@@ -107,7 +113,10 @@ def add_ChatServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Chat:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries one of the gateway's API keys as metadata `authorization: Bearer <key>`
+    (UNAUTHENTICATED without one) and gets that key's profile, as on REST: a model outside it is
+    PERMISSION_DENIED, an empty model is the profile's default, ListModels lists what it allows.
+    """
 
     @staticmethod
     def Chat(request,
