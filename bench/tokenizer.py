@@ -20,7 +20,6 @@ Every number is the median of the repeats after one warm-up run.
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import random
 import statistics
@@ -39,7 +38,10 @@ from k2model.text.chat_format import Flavor, control_tokens, render, render_text
 from k2model.text.jinja_template import JinjaChatTemplate  # noqa: E402
 from k2model.text.messages import Message, TextPart, Tool, ToolCall  # noqa: E402
 from k2model.text.opaque import split_control  # noqa: E402
+from k2model.text.pieces import Piece, PieceDecoder, marker_ids, text_of  # noqa: E402
 from k2model.text.stream_parser import StreamParser  # noqa: E402
+from k2model.text.tokenizer import Tokenizer  # noqa: E402
+from k2model.text.tool_parser import markers_for  # noqa: E402
 
 EMBEDDED = ROOT / "k2model" / "embedded"
 OUR_TEMPLATE = ROOT / "k2model" / "text" / "templates" / "k2_instruct.jinja"
@@ -212,28 +214,24 @@ def model_output(rng: random.Random) -> str:
     )
 
 
-def token_deltas(text: str) -> tuple[list[str], str]:
-    try:
-        from k2model.text.tokenizer import Tokenizer
-    except ImportError:
-        return [text[i : i + 4] for i in range(0, len(text), 4)], "4-char chunks"
+def token_deltas(text: str) -> tuple[list[list[Piece]], str]:
+    """The output's pieces one token at a time, as the Detokenize stream decodes them."""
     tok = Tokenizer.from_dir(EMBEDDED)
     # Markers are single tokens in a real vocabulary; keep them whole here too.
     ids = tok.encode_segments(split_control(text, control_tokens("k2-thinking")))
-    # A detokenizer holds back incomplete UTF-8, so some tokens yield an empty delta.
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    return [utf8.decode(tok.decode_bytes([i])) for i in ids], "embedded tokenizer tokens"
+    decoder = PieceDecoder(tok, marker_ids(tok, markers_for(True)))
+    return [decoder.push([i]) for i in ids], "embedded tokenizer tokens"
 
 
 def bench_stream(repeats: int) -> list[dict[str, Any]]:
     text = model_output(random.Random(3))
     deltas, unit = token_deltas(text)
-    assert "".join(deltas) == text
+    assert text_of(p for d in deltas for p in d) == text
 
     def concat() -> str:
         out = ""
         for d in deltas:
-            out += d
+            out += text_of(d)
         return out
 
     def parse(reasoning: bool) -> None:

@@ -2,38 +2,46 @@
 
 K2-Thinking's prompt ends at `<|im_assistant|>assistant<|im_middle|>`; the model writes
 `<think>` itself, then its reasoning, then `</think>` and the answer (K2_SPEC 5.1-4, 6.2).
-Rules, as vLLM's `kimi_k2` reasoning parser (the streaming twin is stream_parser.py):
+Rules, as vLLM's `kimi_k2` reasoning parser (the streaming twin is stream_parser.py), over the
+output's pieces (pieces.py: markers are control ids, never text that spells them):
 - the output starts in reasoning, with or without the opening <think>;
 - reasoning ends at the first </think> (consumed) or, if a tool-call section or call begins
   first, right there (the marker stays with the rest: implicit end of reasoning);
 - an output that never ends its reasoning is all reasoning;
 - other markers inside reasoning (<think>, stray section end / argument / call end) are
-  dropped, so no raw marker reaches reasoning_content.
+  dropped, so no marker reaches reasoning_content; text that merely spells one is reasoning.
 """
 
-import re
+from collections.abc import Sequence
 
 from k2model.text import chat_tokens as tok
+from k2model.text.pieces import Piece
 
 THINK_MARKERS = frozenset({tok.THINK_BEGIN, tok.THINK_END})
-# What ends reasoning, besides </think>: the start of tool calling.
-REASONING_ENDS = (tok.THINK_END, tok.SECTION_BEGIN, tok.SECTION_BEGIN_SINGULAR, tok.CALL_BEGIN)
-_DROPPED = (
-    tok.THINK_BEGIN,
-    tok.SECTION_END,
-    tok.SECTION_END_SINGULAR,
-    tok.ARG_BEGIN,
-    tok.CALL_END,
-)
-# One pass, leftmost match: no K2 marker can overlap another (each holds "<" only at its start).
-_DROPPED_RE = re.compile("|".join(re.escape(m) for m in _DROPPED))
+# What ends reasoning, besides </think>: the start of tool calling (the marker stays).
+CALLING_BEGINS = frozenset({tok.SECTION_BEGIN, tok.CALL_BEGIN})
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """(reasoning, rest): rest is what follows </think>, or starts at the tool-call marker."""
-    found = [(pos, m) for m in REASONING_ENDS if (pos := text.find(m)) >= 0]
-    if not found:
-        return _DROPPED_RE.sub("", text), ""
-    pos, marker = min(found)
-    rest = text[pos + len(marker) :] if marker == tok.THINK_END else text[pos:]
-    return _DROPPED_RE.sub("", text[:pos]), rest
+def strip_singular_begin(text: str) -> str:
+    """Text before a call or section begin, less a trailing singular section begin the model
+    spelled as text (K2_SPEC 6.2; only white space between it and the control token)."""
+    kept = text.rstrip()
+    if kept.endswith(tok.SECTION_BEGIN_SINGULAR):
+        return kept[: -len(tok.SECTION_BEGIN_SINGULAR)]
+    return text
+
+
+def split_reasoning(pieces: Sequence[Piece]) -> tuple[str, list[Piece]]:
+    """(reasoning, rest): rest is what follows </think>, or starts at the tool-call marker.
+    `pieces` must have adjacent text merged (pieces.merge)."""
+    thought: list[str] = []
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, str):
+            thought.append(piece)
+        elif piece.name == tok.THINK_END:
+            return "".join(thought), list(pieces[i + 1 :])
+        elif piece.name in CALLING_BEGINS:
+            if i and isinstance(pieces[i - 1], str):
+                thought[-1] = strip_singular_begin(thought[-1])
+            return "".join(thought), list(pieces[i:])
+    return "".join(thought), []

@@ -1,27 +1,27 @@
-"""Incremental tool-call / reasoning parsing of a K2 output fed as text deltas.
+"""Incremental tool-call / reasoning parsing of a K2 output fed as pieces (pieces.py).
 
-Deltas come from a detokenizer, so a marker can be split across any number of them. Text that
-could still become a marker (a suffix of the buffer that is a prefix of one) is held back until
-it can be decided, so no part of a raw marker is ever emitted as content or reasoning. Events
-follow OpenAI's streaming shape: a call's start (index, id, name) once its id is complete, then
+Markers arrive as whole pieces, one per control id, so structure never waits on text. Only the
+singular section markers the model may spell as text (tool_parser.py) are looked for in text:
+content or reasoning that could still be a singular begin directly before a call is held back
+until the next piece decides, and so is a possible singular end between calls. Events follow
+OpenAI's streaming shape: a call's start (index, id, name) once its id is complete, then
 argument fragments, then Done or an error.
 
 The grammar is tool_parser.py's; the contract, tested over every way of splitting an output, is
-`aggregate(all events) == parse_output(full text)`. A ToolCallError may follow a
+`aggregate(all events) == parse_output(all pieces)`. A ToolCallError may follow a
 ToolCallStart and argument deltas (the arguments turn out not to be JSON, or the call is cut
 short): such a call is not valid and the consumer must not present it as one. Calls whose id
 is malformed or undeclared get no start, only the error.
 """
 
-import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum, auto
 
 from k2model.text import chat_tokens as tok
+from k2model.text.pieces import Piece, as_text_unless
+from k2model.text.reasoning import CALLING_BEGINS, strip_singular_begin
 from k2model.text.tool_parser import (
-    SECTION_BEGINS,
-    SECTION_ENDS,
     ParsedOutput,
     ParsedToolCall,
     ToolCallError,
@@ -92,31 +92,27 @@ class StreamParser:
         history_calls: int = 0,
     ):
         self._markers = markers_for(reasoning)
-        self._marker_re = re.compile("|".join(re.escape(m) for m in sorted(self._markers)))
-        self._max_marker = max(len(m) for m in self._markers)
         self._declared = declared
         self._history_calls = history_calls
         self._mode = _Mode.REASONING if reasoning else _Mode.CONTENT
-        self._buf = ""
+        self._buf = ""  # text that may still be a singular section marker
         self._call: _Call | None = None
         self._n_calls = 0
         self._events: list[Event] = []
 
-    def feed(self, delta: str) -> list[Event]:
-        self._buf += delta
-        while match := self._marker_re.search(self._buf):
-            self._text(self._buf[: match.start()])
-            self._buf = self._buf[match.end() :]
-            self._marker(match.group())
-        hold = self._held_prefix_start()
-        self._text(self._buf[:hold])
-        self._buf = self._buf[hold:]
+    def feed(self, pieces: Iterable[Piece]) -> list[Event]:
+        for piece in as_text_unless(self._markers, pieces):
+            if isinstance(piece, str):
+                self._buf += piece
+                self._scan()
+            else:
+                self._release(before=piece.name)
+                self._marker(piece.name)
         return self._take()
 
     def finish(self) -> list[Event]:
         """Flushes held text (it cannot become a marker any more) and ends an open call."""
-        self._text(self._buf)
-        self._buf = ""
+        self._release(before=None)
         if self._call is not None:
             self._end_call(terminated=False)
         return self._take()
@@ -125,14 +121,27 @@ class StreamParser:
         events, self._events = self._events, []
         return events
 
-    def _held_prefix_start(self) -> int:
-        # Every marker holds "<" only at its start, so only a suffix from the last "<" can be
-        # the beginning of a marker.
-        start = self._buf.rfind("<")
-        if start < 0 or len(self._buf) - start >= self._max_marker:
-            return len(self._buf)
-        tail = self._buf[start:]
-        return start if any(m.startswith(tail) for m in self._markers) else len(self._buf)
+    def _scan(self) -> None:
+        if self._mode is _Mode.SECTION:
+            end = self._buf.find(tok.SECTION_END_SINGULAR)
+            if end < 0:  # dropped, but for what may begin a singular end
+                self._buf = self._buf[_held_from(self._buf, tok.SECTION_END_SINGULAR) :]
+                return
+            self._buf = self._buf[end + len(tok.SECTION_END_SINGULAR) :]
+            self._mode = _Mode.CONTENT
+        if self._mode in (_Mode.REASONING, _Mode.CONTENT):
+            hold = _held_from(self._buf, tok.SECTION_BEGIN_SINGULAR, trailing_space=True)
+        else:
+            hold = len(self._buf)
+        self._text(self._buf[:hold])
+        self._buf = self._buf[hold:]
+
+    def _release(self, *, before: str | None) -> None:
+        """Held text, decided by what comes next: a marker (its name) or the end (None)."""
+        held, self._buf = self._buf, ""
+        if self._mode is _Mode.SECTION:
+            return
+        self._text(strip_singular_begin(held) if before in CALLING_BEGINS else held)
 
     def _text(self, text: str) -> None:
         if not text:
@@ -181,9 +190,9 @@ class StreamParser:
             self._call = _Call(self._n_calls)
             self._n_calls += 1
             self._mode = _Mode.CALL_ID
-        elif marker in SECTION_BEGINS:
+        elif marker == tok.SECTION_BEGIN:
             self._mode = _Mode.SECTION
-        elif (marker in SECTION_ENDS and self._mode is _Mode.SECTION) or (
+        elif (marker == tok.SECTION_END and self._mode is _Mode.SECTION) or (
             marker == tok.THINK_END and self._mode is _Mode.REASONING
         ):
             self._mode = _Mode.CONTENT
@@ -210,6 +219,21 @@ class StreamParser:
         self._events.append(ToolCallDone(result) if isinstance(result, ParsedToolCall) else result)
         self._call = None
         self._mode = _Mode.SECTION
+
+
+def _held_from(text: str, name: str, *, trailing_space: bool = False) -> int:
+    """Where the suffix of `text` that may still become `name` starts (len(text): none). The
+    name holds "<" only at its start; with trailing_space, the whole name followed by white
+    space is held too (it is decided by the piece after it)."""
+    start = text.rfind("<")
+    if start < 0:
+        return len(text)
+    tail = text[start:]
+    if name.startswith(tail):
+        return start
+    if trailing_space and tail.startswith(name) and not tail[len(name) :].strip():
+        return start
+    return len(text)
 
 
 def aggregate(events: Iterable[Event], *, reasoning: bool) -> ParsedOutput:

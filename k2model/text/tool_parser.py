@@ -1,20 +1,23 @@
-"""Tool calls (and, for Thinking models, reasoning) in a complete K2 output text.
+"""Tool calls (and, for Thinking models, reasoning) in a complete K2 output.
 
-The text is a skip-special decode, so tool-call markers and <think> / </think> are still there
-(K2_SPEC 6.1):
+The output comes as pieces (pieces.py): text, and markers that stand for control ids. Structure
+is decided by the markers alone; text that spells a marker's name is text (K2_SPEC 6.1):
 
-    content <|tool_calls_section_begin|>
-      <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}<|tool_call_end|> ...
-    <|tool_calls_section_end|>
+    content [SECTION_BEGIN]
+      [CALL_BEGIN]functions.NAME:IDX[ARG_BEGIN]{json}[CALL_END] ...
+    [SECTION_END]
 
 Grammar, shared with the streaming parser (stream_parser.py), which must agree exactly:
-- Outside a call, text is content. A section begin (plural or the singular variant the model
-  sometimes writes) opens a section; a call begin opens a call even without a section. Text
-  inside a section but between calls is dropped; a section end returns to content (so text
-  after the section is content too). Stray markers are dropped, never shown as content.
+- Outside a call, text is content. A section begin opens a section; a call begin opens a call
+  even without a section. Text inside a section but between calls is dropped; a section end
+  returns to content (so text after the section is content too). Stray markers are dropped.
+- The singular section markers the model sometimes writes are not tokens of any K2 vocabulary,
+  so they can only be text (K2_SPEC 6.2). Two places read them anyway, where no other reading
+  makes sense: a singular begin (then only white space) right before a section or call begin is
+  dropped from the content, and a singular end between calls ends the section.
 - In a call, text before the argument marker is the id, after it the arguments. The call ends
-  at <|tool_call_end|>; any other marker (or the end of the text) cuts it short: the call is an
-  error and the marker is then read as between calls.
+  at CALL_END; any other marker (or the end of the output) cuts it short: the call is an error
+  and the marker is then read as between calls.
 - Id and arguments are whitespace-stripped. A well-formed id `functions.NAME:IDX` is kept (NAME
   = text up to the last colon); otherwise the name is recovered leniently (optional "functions."
   prefix, optional ":IDX" suffix) and the id is re-issued as functions.NAME:{history_calls +
@@ -22,22 +25,28 @@ Grammar, shared with the streaming parser (stream_parser.py), which must agree e
 - A call is valid only if terminated, its name is declared (when a declared set is given) and
   its arguments are a JSON object; anything else is a ToolCallError, never a call.
 - `index` counts call attempts (valid or not) in this output, from 0.
-With reasoning=True the text first goes through reasoning.split_reasoning, and <think> /
+With reasoning=True the output first goes through reasoning.split_reasoning, and <think> /
 </think> are markers everywhere (dropped outside calls, cutting a call short inside one).
 """
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from k2model.text import chat_tokens as tok
-from k2model.text.reasoning import THINK_MARKERS, split_reasoning
+from k2model.text.pieces import Marker, Piece, as_text_unless, merge
+from k2model.text.reasoning import (
+    CALLING_BEGINS,
+    THINK_MARKERS,
+    split_reasoning,
+    strip_singular_begin,
+)
 from k2model.text.tool_ids import canonical_id
 
-SECTION_BEGINS = frozenset({tok.SECTION_BEGIN, tok.SECTION_BEGIN_SINGULAR})
-SECTION_ENDS = frozenset({tok.SECTION_END, tok.SECTION_END_SINGULAR})
-TOOL_MARKERS = SECTION_BEGINS | SECTION_ENDS | {tok.CALL_BEGIN, tok.ARG_BEGIN, tok.CALL_END}
+TOOL_MARKERS = frozenset(
+    {tok.SECTION_BEGIN, tok.SECTION_END, tok.CALL_BEGIN, tok.ARG_BEGIN, tok.CALL_END}
+)
 
 
 def markers_for(reasoning: bool) -> frozenset[str]:
@@ -146,17 +155,16 @@ class _Call:
 
 
 def parse_output(
-    text: str,
+    pieces: Sequence[Piece],
     *,
     reasoning: bool = False,
     declared: Collection[str] | None = None,
     history_calls: int = 0,
 ) -> ParsedOutput:
+    pieces = merge(as_text_unless(markers_for(reasoning), pieces))
     reasoning_text = None
     if reasoning:
-        reasoning_text, text = split_reasoning(text)
-    markers = markers_for(reasoning)
-    pattern = "(" + "|".join(re.escape(m) for m in sorted(markers)) + ")"
+        reasoning_text, pieces = split_reasoning(pieces)
     content: list[str] = []
     results: list[ParsedToolCall | ToolCallError] = []
     in_section = False
@@ -175,35 +183,44 @@ def parse_output(
             )
         )
 
-    for piece in re.split(pattern, text):
-        is_marker = piece in markers
-        if call is not None:
-            if not is_marker:
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, str):
+            if call is not None:
                 call.raw += piece
                 if call.args_text is None:
                     call.id_text += piece
                 else:
                     call.args_text += piece
                 continue
-            if piece == tok.ARG_BEGIN and call.args_text is None:
-                call.raw += piece
+            if in_section:  # text between calls is dropped, up to a singular section end
+                end = piece.find(tok.SECTION_END_SINGULAR)
+                if end < 0:
+                    continue
+                in_section = False
+                piece = piece[end + len(tok.SECTION_END_SINGULAR) :]
+            following = pieces[i + 1] if i + 1 < len(pieces) else None
+            opens = isinstance(following, Marker) and following.name in CALLING_BEGINS
+            content.append(strip_singular_begin(piece) if opens else piece)
+            continue
+        marker = piece.name
+        if call is not None:
+            if marker == tok.ARG_BEGIN and call.args_text is None:
+                call.raw += marker
                 call.args_text = ""
                 continue
-            if piece == tok.CALL_END:
-                call.raw += piece
+            if marker == tok.CALL_END:
+                call.raw += marker
                 end_call(call, terminated=True)
                 call, in_section = None, True
                 continue
             end_call(call, terminated=False)  # any other marker cuts the call short
             call, in_section = None, True
-        if piece == tok.CALL_BEGIN:
+        if marker == tok.CALL_BEGIN:
             call = _Call(len(results))
-        elif piece in SECTION_BEGINS:
+        elif marker == tok.SECTION_BEGIN:
             in_section = True
-        elif piece in SECTION_ENDS:
+        elif marker == tok.SECTION_END:
             in_section = False
-        elif not is_marker and not in_section:
-            content.append(piece)
     if call is not None:
         end_call(call, terminated=False)
     return ParsedOutput(

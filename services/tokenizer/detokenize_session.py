@@ -1,7 +1,9 @@
 """One Detokenize stream's state: generated ids in, text that is safe to show out. No grpc here.
 
-Per push: IncrementalDetokenizer (complete UTF-8 only) -> StreamParser (reasoning and tool-call
-markers become structured events; only when a parse option is on) -> StopMatcher over content.
+Per push, with a parse option on: PieceDecoder (complete UTF-8 text, and a marker for each
+tool-call or reasoning control id; the same characters written with ordinary tokens stay text)
+-> StreamParser (structured events) -> StopMatcher over content. With neither option: the plain
+IncrementalDetokenizer -> StopMatcher.
 
 Stop strings are matched in the content only, the answer text the client shows. They are not
 matched inside reasoning (a thinking model's scratchpad would otherwise end the answer before it
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from k2model.text.detokenizer import IncrementalDetokenizer
+from k2model.text.pieces import PieceDecoder, marker_ids
 from k2model.text.stops import StopMatcher
 from k2model.text.stream_parser import (
     ContentDelta,
@@ -39,6 +42,7 @@ from k2model.text.stream_parser import (
     ToolCallStart,
 )
 from k2model.text.tokenizer import Tokenizer
+from k2model.text.tool_parser import markers_for
 from services.common.errors import InvalidArgument
 
 
@@ -115,29 +119,35 @@ def _append(deltas: list[ToolCallDelta], delta: ToolCallDelta) -> None:
 class DetokenizeSession:
     def __init__(self, tokenizer: Tokenizer, options: DetokenizeOptions):
         self._stops = _check_options(options)
-        self._detokenizer = IncrementalDetokenizer(tokenizer, options.skip_special_tokens)
         self._parser = _make_parser(options)
+        skip = options.skip_special_tokens
+        self._detokenizer = IncrementalDetokenizer(tokenizer, skip)
+        markers = marker_ids(tokenizer, markers_for(options.parse_reasoning))
+        self._pieces = PieceDecoder(tokenizer, markers, skip)
         self._stopped = False
 
     def push(self, ids: Sequence[int]) -> Output:
         if self._stopped:
             return Output(stopped=True)
         try:
-            text = self._detokenizer.push(ids)
+            decoded = (
+                self._detokenizer.push(ids) if self._parser is None else self._pieces.push(ids)
+            )
         except ValueError as e:  # an id outside the vocabulary
             raise InvalidArgument(f"ids: {e}") from None
-        events = [ContentDelta(text)] if self._parser is None else self._parser.feed(text)
-        return self._route(events, final=False)
+        if isinstance(decoded, str):
+            return self._route([ContentDelta(decoded)], final=False)
+        assert self._parser is not None
+        return self._route(self._parser.feed(decoded), final=False)
 
     def finish(self) -> Output:
         """End of the id stream: releases everything held back and ends an open tool call."""
         if self._stopped:
             return Output(stopped=True)
-        text = self._detokenizer.flush()
         if self._parser is None:
-            events: list[Event] = [ContentDelta(text)]
+            events: list[Event] = [ContentDelta(self._detokenizer.flush())]
         else:
-            events = self._parser.feed(text) + self._parser.finish()
+            events = self._parser.feed(self._pieces.flush()) + self._parser.finish()
         return self._route(events, final=True)
 
     def _route(self, events: list[Event], *, final: bool) -> Output:

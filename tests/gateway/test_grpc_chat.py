@@ -21,8 +21,9 @@ from gateway.pipeline import ChatPipeline
 from k2model import EMBEDDED_CHECKPOINT, generate_ids, load_model
 from k2model.text.chat_format import render
 from k2model.text.messages import Message
+from k2model.text.pieces import decode_pieces, split_markers
 from k2model.text.tokenizer import Tokenizer
-from k2model.text.tool_parser import parse_output
+from k2model.text.tool_parser import markers_for, parse_output
 from services.pb.k2.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -135,7 +136,7 @@ def test_greedy_text_equals_in_process_generate(chat, tokenizer) -> None:
     messages = [Message("user", "Tell me about the sea.")]
     prompt = tokenizer.encode_segments(render(messages, flavor="k2-thinking"))
     ids = generate_ids(load_model(EMBEDDED_CHECKPOINT), [prompt], 24, stop_ids=tokenizer.stop_ids)
-    expected = parse_output(tokenizer.decode(ids[0], skip_special_tokens=True), reasoning=True)
+    expected = parse_output(decode_pieces(tokenizer, ids[0], markers_for(True)), reasoning=True)
     events = run(chat, request(messages=[user("Tell me about the sea.")], max_tokens=24))
     got = aggregate(events)
     assert (got["reasoning"], got["content"]) == (expected.reasoning_content, expected.content)
@@ -149,7 +150,8 @@ def test_forced_call_stream_aggregates_to_the_non_streaming_parse(chat) -> None:
     events = run(chat, request(tools=[WEATHER], tool_choice=tool_choice, sampling=sampling))
     got = aggregate(events)
     raw = b"".join(lp.bytes for lp in got["logprobs"]).decode()
-    parsed = parse_output(raw, declared={"get_weather"})
+    # The constraint writes every marker as its control id, and a logprob's bytes spell it.
+    parsed = parse_output(split_markers(raw, markers_for(False)), declared={"get_weather"})
     [call] = parsed.tool_calls
     assert got["calls"] == [
         {"id": call.id, "name": call.name, "arguments": call.arguments, "error": ""}

@@ -28,8 +28,9 @@ from k2model.json_schema_grammar import SchemaGrammar
 from k2model.sampling import sample
 from k2model.sampling_params import SamplingParams, SamplingRow
 from k2model.text import chat_tokens as tok
+from k2model.text.pieces import decode_pieces
 from k2model.text.tokenizer import Tokenizer
-from k2model.text.tool_parser import parse_output
+from k2model.text.tool_parser import markers_for, parse_output
 
 MODEL_VOCAB = 4096
 MAX_CALL_TOKENS = 2000  # a bound no walk comes near: the grammar's language is finite
@@ -94,8 +95,10 @@ def test_forced_call_always_parses_to_a_schema_valid_call(compiler, tokenizer, s
     spec = forced(("get_weather", WEATHER), ("search", SEARCH), ("ping", None), index=3)
     ids = random_walk(compiler, spec, seed)
     assert ids[-1] == tokenizer.special_id(tok.IM_END)
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    parsed = parse_output(text, declared={"get_weather", "search", "ping"})
+    parsed = parse_output(
+        decode_pieces(tokenizer, ids, markers_for(False)),
+        declared={"get_weather", "search", "ping"},
+    )
     assert parsed.errors == () and parsed.content == ""
     [call] = parsed.tool_calls
     assert call.id == f"functions.{call.name}:3"
@@ -108,8 +111,8 @@ def test_forced_call_always_parses_to_a_schema_valid_call(compiler, tokenizer, s
 def test_named_tool_is_the_only_one_called(compiler, tokenizer) -> None:
     spec = forced(("search", SEARCH))
     for seed in range(5):
-        text = tokenizer.decode(random_walk(compiler, spec, seed), skip_special_tokens=True)
-        [call] = parse_output(text, declared={"search"}).tool_calls
+        pieces = decode_pieces(tokenizer, random_walk(compiler, spec, seed), markers_for(False))
+        [call] = parse_output(pieces, declared={"search"}).tool_calls
         assert call.name == "search" and isinstance(json.loads(call.arguments)["query"], str)
 
 

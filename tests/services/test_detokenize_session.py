@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from k2model import EMBEDDED_CHECKPOINT
 from k2model.text.chat_format import control_tokens
 from k2model.text.opaque import split_control
+from k2model.text.pieces import decode_pieces
 from k2model.text.tokenizer import Tokenizer
 from k2model.text.tool_parser import markers_for, parse_output
 from services.common.errors import InvalidArgument
@@ -90,7 +91,7 @@ def test_parsed_stream_equals_whole_output_parse(
     ids = model_ids(text)
     got = stream(DetokenizeOptions(parse_tool_calls=tools, parse_reasoning=reasoning), ids, cuts)
     want = parse_output(
-        TOKENIZER.decode(ids),
+        decode_pieces(TOKENIZER, ids, markers_for(reasoning)),
         reasoning=reasoning,
         declared=None if tools else frozenset(),
     )
@@ -243,3 +244,31 @@ def test_out_of_vocabulary_id_is_invalid_argument() -> None:
     session = DetokenizeSession(TOKENIZER, DetokenizeOptions())
     with pytest.raises(InvalidArgument, match="out of range"):
         session.push([TOKENIZER.vocab_size])
+
+
+def test_markers_spelled_with_ordinary_tokens_stay_text() -> None:
+    """Regression (issue 12, item 3): the session parsed decoded text, so arguments that mention
+    `<|tool_call_end|>` cut the call short, and content saying "use the <think> tag" lost text.
+    Here the model writes the markers' characters with ordinary tokens; only its control ids
+    are structure, streamed and whole alike."""
+    args = (
+        '{"doc": "a call ends with <|tool_call_end|>, a section with <|tool_calls_section_end|>"}'
+    )
+    prose = "Use the <think> tag, or </think>, and "
+    ids = (
+        TOKENIZER.encode(prose)
+        + model_ids(f"{SB}{CB}functions.f:0{AB}")
+        + TOKENIZER.encode(args)
+        + model_ids(f"{CE}{SE}")
+    )
+    assert TOKENIZER.decode(ids).count(CE) == 2  # a text parser saw two call ends here
+    options = DetokenizeOptions(parse_tool_calls=True, parse_reasoning=False, tool_names=("f",))
+    for cuts in ([], list(range(len(ids)))):
+        got = stream(options, ids, cuts)
+        assert got.content == prose
+        assert got.calls == {0: {"id": "functions.f:0", "name": "f", "arguments": args}}
+    thinking = DetokenizeOptions(parse_reasoning=True)
+    ids = TOKENIZER.encode("I write <think> and </think> as text") + model_ids("</think>done")
+    for cuts in ([], list(range(len(ids)))):
+        got = stream(thinking, ids, cuts)
+        assert (got.reasoning, got.content) == ("I write <think> and </think> as text", "done")

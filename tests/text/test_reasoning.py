@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from k2model.text.reasoning import split_reasoning
 from k2model.text.stream_parser import ReasoningDelta, StreamParser, aggregate
-from k2model.text.tool_parser import parse_output
+from tests.text.pieces_helpers import P, cut, parse
 
 SB, SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL = '<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"a": 1}<|tool_call_end|>'
@@ -27,13 +27,11 @@ CALL = '<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"a": 1}<|to
     ],
 )
 def test_split_reasoning(text: str, reasoning: str, rest: str) -> None:
-    assert split_reasoning(text) == (reasoning, rest)
+    assert split_reasoning(P(text)) == (reasoning, P(rest))
 
 
 def test_parse_output_with_reasoning_and_tool_call() -> None:
-    out = parse_output(
-        "<think>weather needs a tool</think>Checking." + SB + CALL + SE, reasoning=True
-    )
+    out = parse("<think>weather needs a tool</think>Checking." + SB + CALL + SE, reasoning=True)
     assert out.reasoning_content == "weather needs a tool"
     assert out.content == "Checking."
     assert [c.name for c in out.tool_calls] == ["f"]
@@ -42,7 +40,7 @@ def test_parse_output_with_reasoning_and_tool_call() -> None:
 
 def test_tool_call_without_closing_think_is_not_swallowed() -> None:
     """vLLM PR #32216: a call emitted before </think> was lost inside the reasoning."""
-    out = parse_output("<think>I will call f" + SB + CALL + SE + "</think>", reasoning=True)
+    out = parse("<think>I will call f" + SB + CALL + SE + "</think>", reasoning=True)
     assert out.reasoning_content == "I will call f"
     assert len(out.tool_calls) == 1
     assert out.content == ""  # the late </think> is a stray marker, dropped
@@ -50,9 +48,9 @@ def test_tool_call_without_closing_think_is_not_swallowed() -> None:
 
 def test_stream_reasoning_deltas_before_close() -> None:
     parser = StreamParser(reasoning=True)
-    assert parser.feed("<think>step one, ") == [ReasoningDelta("step one, ")]
-    assert parser.feed("step two</th") == [ReasoningDelta("step two")]
-    events = parser.feed("ink>done") + parser.finish()
+    assert parser.feed(P("<think>step one, ")) == [ReasoningDelta("step one, ")]
+    assert parser.feed(P("step two")) == [ReasoningDelta("step two")]
+    events = parser.feed(P("</think>done")) + parser.finish()
     out = aggregate(events, reasoning=True)
     assert (out.reasoning_content, out.content) == ("", "done")
 
@@ -66,9 +64,8 @@ def test_stream_reasoning_deltas_before_close() -> None:
     ).map("".join),
     st.integers(min_value=0, max_value=200),
 )
-def test_split_reasoning_matches_stream(text: str, cut: int) -> None:
-    cut %= len(text) + 1
+def test_split_reasoning_matches_stream(text: str, at: int) -> None:
     parser = StreamParser(reasoning=True)
-    events = parser.feed(text[:cut]) + parser.feed(text[cut:]) + parser.finish()
-    reasoning, _ = split_reasoning(text)
+    events = [e for chunk in cut(text, [at]) for e in parser.feed(chunk)] + parser.finish()
+    reasoning, _ = split_reasoning(P(text))
     assert aggregate(events, reasoning=True).reasoning_content == reasoning

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from k2model.text.pieces import Marker
 from k2model.text.tool_parser import ParsedToolCall, ToolCallError, parse_output
+from tests.text.pieces_helpers import parse
 
 SB, SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CB, AB, CE = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
@@ -17,7 +19,7 @@ def tool_call(call_id: str, args: str) -> str:
 
 
 def test_plain_content() -> None:
-    out = parse_output("Hello there.\n")
+    out = parse("Hello there.\n")
     assert (out.content, out.tool_calls, out.errors) == ("Hello there.\n", (), ())
     assert out.finish_reason == "stop"
     assert out.reasoning_content is None
@@ -31,7 +33,7 @@ def test_content_then_two_calls() -> None:
         + tool_call("functions.search:1", '{"q": "天气"}')
         + SE
     )
-    out = parse_output(text)
+    out = parse(text)
     assert out.content == "Let me check."
     assert out.tool_calls == (
         ParsedToolCall("functions.get_weather:0", "get_weather", '{"city": "Beijing"}', 0),
@@ -47,7 +49,7 @@ def test_singular_section_markers_and_whitespace() -> None:
         + tool_call(" functions.get_weather:3 \n", '\n {"city": "Rome"}  \n')
         + "\n<|tool_call_section_end|>"
     )
-    out = parse_output(text)
+    out = parse(text)
     assert out.content == ""
     assert out.tool_calls == (
         ParsedToolCall("functions.get_weather:3", "get_weather", '{"city": "Rome"}', 0),
@@ -55,7 +57,7 @@ def test_singular_section_markers_and_whitespace() -> None:
 
 
 def test_name_is_text_up_to_last_colon() -> None:
-    out = parse_output(SB + tool_call("functions.ns.tool:v2:7", "{}") + SE)
+    out = parse(SB + tool_call("functions.ns.tool:v2:7", "{}") + SE)
     assert out.tool_calls[0].name == "ns.tool:v2"
     assert out.tool_calls[0].id == "functions.ns.tool:v2:7"
 
@@ -70,14 +72,14 @@ def test_name_is_text_up_to_last_colon() -> None:
 )
 def test_malformed_ids_are_reissued_with_global_index(model_id: str, name: str) -> None:
     text = SB + tool_call("functions.a:5", "{}") + tool_call(model_id, "{}") + SE
-    out = parse_output(text, history_calls=5)
+    out = parse(text, history_calls=5)
     assert [c.id for c in out.tool_calls] == ["functions.a:5", f"functions.{name}:6"]
     assert out.tool_calls[1].name == name
 
 
 @pytest.mark.parametrize("model_id", ["", "functions.:0", "two words:1", ":3"])
 def test_unrecoverable_ids_are_errors(model_id: str) -> None:
-    out = parse_output(SB + tool_call(model_id, "{}") + SE)
+    out = parse(SB + tool_call(model_id, "{}") + SE)
     assert out.tool_calls == ()
     assert out.errors[0].reason.startswith("malformed tool-call id")
     assert out.finish_reason == "stop"
@@ -96,7 +98,7 @@ def test_unrecoverable_ids_are_errors(model_id: str) -> None:
 def test_bad_arguments_are_reported_not_passed_off(args: str, reason: str) -> None:
     call = tool_call("functions.f:0", args)
     good = tool_call("functions.g:1", '{"ok": true}')
-    out = parse_output(SB + call + good + SE)
+    out = parse(SB + call + good + SE)
     assert out.errors == (ToolCallError(0, call, out.errors[0].reason),)
     assert reason in out.errors[0].reason
     assert [c.name for c in out.tool_calls] == ["g"]
@@ -105,17 +107,17 @@ def test_bad_arguments_are_reported_not_passed_off(args: str, reason: str) -> No
 
 def test_undeclared_tool_is_an_error_only_with_a_declared_set() -> None:
     text = SB + tool_call("functions.rm_rf:0", "{}") + tool_call("functions.ls:1", "{}") + SE
-    declared = parse_output(text, declared={"ls"})
+    declared = parse(text, declared={"ls"})
     assert [c.name for c in declared.tool_calls] == ["ls"]
     assert declared.errors[0].reason == "undeclared tool 'rm_rf'"
-    assert len(parse_output(text).tool_calls) == 2
+    assert len(parse(text).tool_calls) == 2
 
 
 def test_cut_short_calls() -> None:
     missing_args = f"{CB}functions.f:0{CE}"
     interrupted = f"{CB}functions.g:1{AB}" + '{"a": 1}'
     unterminated = f"{CB}functions.h:2{AB}" + '{"b": 2}'
-    out = parse_output(SB + missing_args + interrupted + SE + "after" + SB + unterminated)
+    out = parse(SB + missing_args + interrupted + SE + "after" + SB + unterminated)
     assert [(e.index, e.raw) for e in out.errors] == [
         (0, missing_args),
         (1, interrupted),
@@ -129,24 +131,24 @@ def test_cut_short_calls() -> None:
 
 def test_call_without_section_and_stray_markers() -> None:
     text = f"a{SE}b{AB}c{CE}d" + tool_call("functions.f:0", "{}") + "junk between" + SE + "tail"
-    out = parse_output(text)
+    out = parse(text)
     assert out.content == "abcdtail"
     assert [c.id for c in out.tool_calls] == ["functions.f:0"]
 
 
 def test_arguments_keep_model_text() -> None:
     args = '{\n  "b": [1, 2],\n  "a": "ü"\n}'
-    out = parse_output(SB + tool_call("functions.f:0", args) + SE)
+    out = parse(SB + tool_call("functions.f:0", args) + SE)
     assert out.tool_calls[0].arguments == args
     assert json.loads(out.tool_calls[0].arguments) == {"b": [1, 2], "a": "ü"}
 
 
 def test_think_tags_are_text_without_reasoning() -> None:
-    assert parse_output("<think>x</think>y").content == "<think>x</think>y"
+    assert parse("<think>x</think>y").content == "<think>x</think>y"
 
 
 def test_think_tag_inside_call_cuts_it_with_reasoning() -> None:
-    out = parse_output("</think>" + SB + f"{CB}functions.f:0{AB}{{}}<think>" + SE, reasoning=True)
+    out = parse("</think>" + SB + f"{CB}functions.f:0{AB}{{}}<think>" + SE, reasoning=True)
     assert out.errors[0].reason.startswith("unterminated")
     assert out.content == ""
 
@@ -162,9 +164,50 @@ def test_think_tag_inside_call_cuts_it_with_reasoning() -> None:
     st.none() | st.frozensets(st.sampled_from(["f", "g"])),
 )
 def test_parse_never_raises(text: str, reasoning: bool, declared: frozenset[str] | None) -> None:
-    out = parse_output(text, reasoning=reasoning, declared=declared)
+    out = parse(text, reasoning=reasoning, declared=declared)
     for call in out.tool_calls:
         assert isinstance(json.loads(call.arguments), dict)
         assert declared is None or call.name in declared
     indices = sorted([c.index for c in out.tool_calls] + [e.index for e in out.errors])
     assert indices == list(range(len(indices)))
+
+
+def test_marker_text_written_with_ordinary_tokens_is_text() -> None:
+    """Regression (issue 12, item 3): markers were found in decoded text, so a model writing
+    about `<|tool_call_end|>` inside JSON arguments cut its call short, and "use the <think>
+    tag" lost content. Only control ids (Marker pieces) are structure."""
+    args = '{"note": "ends with <|tool_call_end|> and <|tool_calls_section_end|>"}'
+    pieces = [
+        "Use the <think> tag, then ",
+        Marker(SB),
+        Marker(CB),
+        "functions.f:0",
+        Marker(AB),
+        args,
+        Marker(CE),
+        Marker(SE),
+        " and </think> too.",
+    ]
+    out = parse_output(pieces, reasoning=False)
+    assert out.content == "Use the <think> tag, then  and </think> too."
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [("f", args)]
+    thinking = parse_output(
+        ["I said <think> and </think> in text", Marker("</think>"), "ok"], reasoning=True
+    )
+    assert (thinking.reasoning_content, thinking.content) == (
+        "I said <think> and </think> in text",
+        "ok",
+    )
+    spelled = parse_output([SB + CB + "functions.f:0" + AB + "{}" + CE + SE])
+    assert spelled.content == SB + CB + "functions.f:0" + AB + "{}" + CE + SE
+    assert spelled.tool_calls == ()
+
+
+def test_singular_markers_are_read_only_next_to_structure() -> None:
+    """The singular section markers are text in every vocabulary; a singular begin is dropped
+    only right before a call, a singular end only between calls."""
+    prose = "The docs call it <|tool_call_section_begin|> sometimes."
+    assert parse_output([prose]).content == prose
+    assert (
+        parse_output(["x <|tool_call_section_begin|>"]).content == "x <|tool_call_section_begin|>"
+    )
