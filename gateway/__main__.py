@@ -1,5 +1,5 @@
 """`python -m gateway --config deploy/gateway.yaml --deployment deploy/local.yaml`: the REST
-gateway on uvicorn (uvloop, httptools) in front of the deployment's chat pipeline.
+gateway on uvicorn (uvloop; h11 with a bounded request head, gateway/http_server.py) in front of the deployment's chat pipeline.
 
 The local models' context length and vocabulary come from the deployment's checkpoint config;
 the pipeline and its gRPC channels are created inside the server's event loop. SIGTERM or
@@ -16,6 +16,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.grpc_chat import registry_services, start_chat_server
+from gateway.http_server import server_config
 from gateway.metrics import grpc_decode_stats
 from gateway.pipeline import ChatPipeline
 from gateway.registry import ModelShape
@@ -48,11 +49,11 @@ async def main() -> None:
     stats = grpc_decode_stats(decodes, security=deployment.security)
     app = create_app(config, pipeline, decode_stats=stats)
     server = uvicorn.Server(
-        uvicorn.Config(
+        server_config(
             app,
-            host=args.host or config.host,
-            port=args.port or config.port,
-            http="httptools",
+            args.host or config.host,
+            args.port or config.port,
+            config.limits,
             timeout_graceful_shutdown=10,
             log_level="info",
         )

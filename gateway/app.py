@@ -52,7 +52,9 @@ PAGE_HEADERS = {
 
 class SizeGuard:
     """413 for a body over max_body_bytes (declared or actually sent, chunked included), 431 for
-    headers over max_header_bytes. The body is read here, bounded, and replayed to the app."""
+    more than max_header_count headers or over max_header_bytes of them (the server protocol,
+    gateway/http_server.py, already stops a longer head on the wire). The body is read here,
+    bounded, and replayed to the app."""
 
     def __init__(self, app: ASGIApp, limits: Limits) -> None:
         self.app = app
@@ -63,7 +65,9 @@ class SizeGuard:
             await self.app(scope, receive, send)
             return
         limit = self.limits.max_body_bytes
-        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.limits.max_header_bytes:
+        headers = scope["headers"]
+        too_many = len(headers) > self.limits.max_header_count
+        if too_many or sum(len(k) + len(v) for k, v in headers) > self.limits.max_header_bytes:
             await errors.headers_too_large(self.limits.max_header_bytes).response(scope["path"])(
                 scope, receive, send
             )

@@ -33,7 +33,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 4 * 1024 * 1024
-    max_header_bytes: int = 16 * 1024
+    max_header_bytes: int = 16 * 1024  # request line and headers, checked as they arrive
+    max_header_count: int = 100
+    read_timeout_s: int = 30  # from a request's first byte until its head and body are in
     max_n: int = 8  # choices per request; each is a sequence in the decode batch
     max_stop_chars: int = 64  # per stop string
     max_tool_schema_bytes: int = 64 * 1024  # all tools' parameter schemas, as compact JSON

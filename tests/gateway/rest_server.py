@@ -16,7 +16,8 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.chat_types import ChatService
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, Limits
+from gateway.http_server import server_config
 from tests.gateway.rest_fakes import ScriptedChat, Switch, make_config
 
 # One client for every test: creating one (its TLS context) costs ~0.1 s.
@@ -30,10 +31,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Yields the base URL (http://127.0.0.1:PORT) while the server runs."""
+def serve(app: FastAPI, limits: Limits | None = None) -> Iterator[str]:
+    """Yields the base URL (http://127.0.0.1:PORT) while the server runs, on the gateway's own
+    server protocol (gateway/http_server.py)."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = server_config(
+        app, "127.0.0.1", port, limits or Limits(), log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -54,8 +58,9 @@ def running(
     service: ChatService, config: GatewayConfig | None = None, **kwargs: Any
 ) -> Iterator[str]:
     """A gateway over `service` (default config: rest_fakes.make_config()) on a real server."""
-    app = create_app(config or make_config(), service, **kwargs)
-    with serve(app) as base:
+    config = config or make_config()
+    app = create_app(config, service, **kwargs)
+    with serve(app, config.limits) as base:
         yield base
 
 
