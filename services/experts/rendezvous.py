@@ -6,6 +6,11 @@ initialises torch.distributed under a key prefix of its generation, so the ranks
 and of its successor never mix. The supervisors of the other nodes follow the generation: they
 start their ranks into each new one and end them when it is replaced (a joint restart), which is
 how a pool spanning nodes restarts as one job.
+
+Who can reach it: torch.distributed's store (like its gloo and NCCL collectives) has no
+authentication, so it is bound to node 0's pool address only (torch's TCPStore would listen on
+every interface: it is handed a socket bound here instead) and must sit on the deployment's
+private network. The compose files never publish it (README, "Threat model").
 """
 
 from __future__ import annotations
@@ -29,10 +34,23 @@ class Rendezvous:
         self._token, self._count = uuid.uuid4().hex[:12], 0
 
     @classmethod
-    def host(cls, port: int) -> Rendezvous:
-        """Node 0: serve the store on `port` (every interface)."""
+    def host(cls, address: str, port: int) -> Rendezvous:
+        """Node 0: serve the store on `address:port` (node 0's pool address) and nowhere else."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((socket.gethostbyname(address), port))
+            listener.listen(1024)
+        except OSError:
+            listener.close()
+            raise
         store = dist.TCPStore(
-            "0.0.0.0", port, is_master=True, wait_for_workers=False, timeout=_s(CONNECT_S)
+            address,
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=_s(CONNECT_S),
+            master_listen_fd=listener.detach(),  # the store owns the socket from here on
         )
         return cls(store, hosting=True)
 

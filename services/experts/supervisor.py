@@ -102,7 +102,7 @@ class Supervisor:
         spent (1)."""
         if not self.job.leads:
             return self._follow()
-        rendezvous = Rendezvous.host(self.job.master_port)
+        rendezvous = Rendezvous.host(self.job.master_addr, self.job.master_port)
         failures = 0
         while True:
             started = time.monotonic()
