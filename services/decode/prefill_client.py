@@ -3,13 +3,17 @@
 Prefill addresses come from the deployment configuration only. A handoff is complete only when
 every layer holds every prompt token and the first token has arrived; anything short of that is a
 failure, and the request is retried on another instance (its blocks are rewritten from scratch)
-or failed with UNAVAILABLE - never decoded from a partial cache.
+or failed with UNAVAILABLE - never decoded from a partial cache. What a prefill sends is checked
+as untrusted input: KV must be finite, and the first token (and its top logprob ids) inside the
+vocabulary with a logprob that is a number. A bad handoff fails that request alone; the decode
+batch it would have joined never sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -135,7 +139,7 @@ class PrefillPool:
                 if chunk.HasField("first_token"):
                     if any(c != n_tokens for c in covered):
                         raise Unavailable("prefill sent the first token before the whole KV")
-                    return sampled_token_from_proto(chunk.first_token)
+                    return _checked(sampled_token_from_proto(chunk.first_token), self.cfg)
                 kv = chunk.kv
                 if not 0 <= kv.layer < n_layers or kv.token_start != covered[kv.layer]:
                     raise Unavailable(
@@ -146,8 +150,23 @@ class PrefillPool:
                 )
                 if kv.token_start + latent.shape[0] > n_tokens:
                     raise Unavailable("prefill sent KV past the end of the prompt")
+                if not bool(torch.isfinite(latent).all()):
+                    raise Unavailable(f"prefill sent non-finite KV (layer {kv.layer})")
                 write(kv.layer, kv.token_start, latent)
                 covered[kv.layer] += latent.shape[0]
         finally:
             call.cancel()
         raise Unavailable("prefill stream ended before the KV was complete")
+
+
+def _checked(first: Sampled, cfg: K2Config) -> Sampled:
+    """The first token, if it is one this model can have sampled."""
+    token_id, logprob, top = first
+    ids = [token_id, *(t for t, _ in top)]
+    if not all(0 <= t < cfg.vocab_size for t in ids):
+        raise Unavailable(f"prefill sent a token id outside the vocabulary: {ids[:4]}")
+    if any(
+        math.isnan(lp) for lp in [*(lp for _, lp in top), *([] if logprob is None else [logprob])]
+    ):
+        raise Unavailable("prefill sent a NaN logprob")
+    return first

@@ -191,7 +191,13 @@ def kv(layer: int, start: int, n: int, **tweak: Any) -> prefill_pb2.PrefillChunk
     )
 
 
-FIRST = prefill_pb2.PrefillChunk(first_token=common_pb2.SampledToken(token_id=1))
+def first(token_id: int = 1, **fields: Any) -> prefill_pb2.PrefillChunk:
+    return prefill_pb2.PrefillChunk(
+        first_token=common_pb2.SampledToken(token_id=token_id, **fields)
+    )
+
+
+FIRST = first()
 
 
 def every_layer(n: int, but: int = -1) -> list[prefill_pb2.PrefillChunk]:
@@ -199,6 +205,7 @@ def every_layer(n: int, but: int = -1) -> list[prefill_pb2.PrefillChunk]:
 
 
 N = len(PROMPT)
+NAN = torch.full((N, KV_DIM), float("nan"))
 BAD_STREAMS: dict[str, list[prefill_pb2.PrefillChunk]] = {
     "wrong dtype": [kv(0, 0, N, tensor=torch.zeros(N, KV_DIM, dtype=torch.float16))],
     "unknown dtype": [kv(0, 0, N, dtype="pickle")],
@@ -217,6 +224,19 @@ BAD_STREAMS: dict[str, list[prefill_pb2.PrefillChunk]] = {
         kv(1, 0, N - 1, tensor=torch.zeros(N - 1, KV_DIM)),
         FIRST,
     ],
+    # Regression (issue 12, item 6): decode trusted these. An id of 1e9 raised IndexError in the
+    # decode step and failed unrelated streams sharing it; -1 was wrapped by the embedding
+    # lookup; NaN / Inf KV was decoded into garbage.
+    "token id past the vocabulary": [*every_layer(N), first(10**9)],
+    "token id just past the vocabulary": [*every_layer(N), first(VOCAB)],
+    "negative token id": [*every_layer(N), first(-1)],
+    "top logprob id outside": [
+        *every_layer(N),
+        first(1, logprob=-0.5, top_logprobs=[common_pb2.TokenLogprob(token_id=VOCAB, logprob=-1)]),
+    ],
+    "NaN logprob": [*every_layer(N), first(1, logprob=float("nan"))],
+    "NaN KV": [*every_layer(N, but=0), kv(0, 0, N, tensor=NAN), FIRST],
+    "Inf KV": [kv(0, 0, N, tensor=torch.full((N, KV_DIM), float("inf"))), *every_layer(N, but=0)],
 }
 
 
@@ -410,3 +430,40 @@ def test_a_prefill_that_comes_back_serves_the_next_request_at_once(
 
     assert asyncio.run(body()) == 1
     assert sorted(written) == list(range(LAYERS))
+
+
+def test_a_bad_first_token_fails_only_its_own_request(model: K2Model) -> None:
+    """Regression (issue 12, item 6): a first token id of 1e9 made the decode step raise and
+    failed the unrelated streams sharing it with INTERNAL. One prefill serves two requests: the
+    good one is real, the other's first token is outside the vocabulary."""
+    engine = PrefillEngine(model, PrefillLimits(num_blocks=16, block_size=16, chunk_tokens=4))
+    real = PrefillServicer(engine)
+    bad_prompt = [9, *PROMPT[1:]]
+
+    class Selective(ScriptedPrefill):
+        async def Prefill(
+            self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[prefill_pb2.PrefillChunk]:
+            if list(request.prompt_ids) == bad_prompt:
+                for chunk in [*every_layer(N), first(10**9)]:
+                    yield chunk
+                return
+            async for chunk in real.Prefill(request, context):
+                yield chunk
+
+    async def body() -> list[int]:
+        prefill_task = asyncio.create_task(engine.run())
+        try:
+            async with decode_over(model, [Selective([])]) as target:
+                good = asyncio.create_task(generate(target, PROMPT, 24, timeout=RPC_S))
+                await asyncio.sleep(0.2)
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await generate(target, bad_prompt, 4, timeout=RPC_S)
+                assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+                tokens, _ = await good
+                await all_free(target)
+                return tokens
+        finally:
+            prefill_task.cancel()
+
+    assert asyncio.run(body()) == generate_ids(model, [PROMPT], 24)[0]
