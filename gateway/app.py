@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import anthropic, errors, openai_routes
 from gateway.chat_types import ChatService
 from gateway.config import GatewayConfig, Limits
+from gateway.json_text import lone_surrogate
 from gateway.metrics import GatewayMetrics, RequestCounter, StatsSource
 from gateway.registry import UpstreamModel
 from gateway.serving import Gateway
@@ -86,6 +87,10 @@ class SizeGuard:
             more = more and not too_large
         if too_large:
             await errors.request_too_large(limit).response(scope["path"])(scope, receive, send)
+            return
+        surrogate = lone_surrogate(body)
+        if surrogate is not None:
+            await surrogate.response(scope["path"])(scope, receive, send)
             return
         replayed = False
 
@@ -167,9 +172,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        if exc.status_code in (404, 405):
+        if exc.status_code == 404:
+            return respond(request, errors.route_not_found(request.method, request.url.path))
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
             return respond(
-                request, errors.route_not_found(request.method, request.url.path, exc.status_code)
+                request, errors.method_not_allowed(request.method, request.url.path, allow)
             )
         return respond(request, errors.invalid_request(str(exc.detail), exc.status_code))
 

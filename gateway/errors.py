@@ -45,9 +45,16 @@ class ApiError(Exception):
     param: str | None = None
     anthropic_type: str = "invalid_request_error"
     retry_after: int | None = None
+    allow: str | None = None  # a 405's Allow header
+
+    def __post_init__(self) -> None:
+        self.message = svc.capped(self.message)  # it may quote the request
+        if self.param is not None:
+            self.param = svc.capped(self.param)
 
     def headers(self) -> dict[str, str]:
-        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        out = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        return out if self.allow is None else {**out, "Allow": self.allow}
 
     def openai_body(self) -> dict[str, Any]:
         return {
@@ -98,7 +105,7 @@ def invalid_api_key() -> ApiError:
 def permission_denied(model: str) -> ApiError:
     return ApiError(
         403,
-        f"This API key may not use the model {model!r}",
+        f"This API key may not use the model {svc.shown(model)}",
         type="permission_denied",
         code="permission_denied",
         param="model",
@@ -109,15 +116,26 @@ def permission_denied(model: str) -> ApiError:
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,
-        f"The model {model!r} does not exist",
+        f"The model {svc.shown(model)} does not exist",
         code="model_not_found",
         param="model",
         anthropic_type="not_found_error",
     )
 
 
-def route_not_found(method: str, path: str, status: int = 404) -> ApiError:
-    return ApiError(status, f"Invalid URL ({method} {path})", anthropic_type="not_found_error")
+def route_not_found(method: str, path: str) -> ApiError:
+    return ApiError(
+        404, f"Invalid URL ({method} {svc.shown(path, 256)})", anthropic_type="not_found_error"
+    )
+
+
+def method_not_allowed(method: str, path: str, allow: str) -> ApiError:
+    return ApiError(
+        405,
+        f"Method {method} is not allowed for {svc.shown(path, 256)}; allowed: {allow}",
+        code="method_not_allowed",
+        allow=allow,
+    )
 
 
 def request_too_large(limit: int, what: str = "body") -> ApiError:

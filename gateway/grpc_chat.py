@@ -34,7 +34,13 @@ from gateway.chat_codec import event_to_proto, request_from_proto
 from gateway.chat_types import ChatEvent, ChatRequest, ChatService
 from gateway.registry import LocalModel, Registry
 from k2model.text.messages import ImagePart
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from services.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    shown,
+)
 from services.common.server import RunningServer, ServerOptions, start_server
 from services.pb.k2.v1 import chat_pb2, chat_pb2_grpc
 
@@ -107,10 +113,10 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         key = _caller(self.keyring, context)
         model = msg.model or key.profile.default_model
         if not key.profile.allows(model):
-            raise PermissionDenied(f"model: this API key may not use {_shown(model)}")
+            raise PermissionDenied(f"model: this API key may not use {shown(model)}")
         service = self.services.get(model)
         if service is None:
-            raise NotFound(f"model {_shown(model)} is not served here")
+            raise NotFound(f"model {shown(model)} is not served here")
         request = replace(request_from_proto(msg), model=model)
         check_request(request, self.vocab_size)
         return service, request
@@ -136,11 +142,6 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         allowed = sorted(m for m in self.services if profile.allows(m))
         allowed.sort(key=lambda m: m != profile.default_model)
         return chat_pb2.ModelList(models=allowed)
-
-
-def _shown(text: str, limit: int = 128) -> str:
-    """A caller-supplied name as an error message shows it: quoted, cut to `limit` characters."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,12 @@ class Gateway:
     in_flight: int = 0
 
     def resolve(self, key: ApiKey, requested: str | None) -> Model:
-        model_id = requested or key.profile.default_model
+        """No model: the key's default; an empty name is a mistake, not a request for it."""
+        if requested == "":
+            raise errors.invalid_value(
+                "model: must not be empty (omit it for the default)", "model"
+            )
+        model_id = key.profile.default_model if requested is None else requested
         model = self.config.registry.get(model_id)
         if not key.profile.allows(model_id):
             raise errors.permission_denied(model_id)

@@ -8,11 +8,27 @@ internals (paths, tracebacks, peer addresses).
 
 from __future__ import annotations
 
+MAX_MESSAGE_CHARS = 2048  # a message longer than this is cut: it may quote the caller's input
+
+
+def shown(text: str, limit: int = 128) -> str:
+    """A caller-supplied value as a message quotes it: repr, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def capped(message: str) -> str:
+    """A message bounded to MAX_MESSAGE_CHARS, whatever it quotes."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 3] + "..."
+
 
 class ServiceError(Exception):
-    """Base of the errors a caller is allowed to see. `message` is the caller-safe text."""
+    """Base of the errors a caller is allowed to see. `message` is the caller-safe text, bounded
+    (`capped`): it becomes gRPC status details, which a client's metadata limit bounds too."""
 
     def __init__(self, message: str) -> None:
+        message = capped(message)
         super().__init__(message)
         self.message = message
 

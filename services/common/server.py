@@ -56,7 +56,8 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     for cls in type(exc).__mro__:
         code = _STATUS.get(cls)
         if code is not None:
-            return code, exc.message if isinstance(exc, errors.ServiceError) else str(exc)
+            details = exc.message if isinstance(exc, errors.ServiceError) else str(exc)
+            return code, errors.capped(details)
     return None
 
 
