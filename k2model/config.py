@@ -28,8 +28,12 @@ class YarnScaling:
     original_max_position_embeddings: int
     beta_fast: float
     beta_slow: float
-    mscale: float
-    mscale_all_dim: float
+    # The cos/sin multiplier: the config's attention_factor, else (as transformers infers it)
+    # mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are given and non-zero,
+    # else mscale(factor, 1).
+    attention_factor: float
+    mscale_all_dim: float  # also scales the softmax (by its mscale squared) when non-zero
+    truncate: bool = True  # round the correction range outward to whole dimensions
 
 
 @dataclass(frozen=True)
@@ -202,13 +206,23 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     missing = [k for k in ("factor", "original_max_position_embeddings") if rope.get(k) is None]
     if missing:
         raise ConfigError(f"yarn rope scaling is missing: {', '.join(missing)}")
+    factor = float(rope["factor"])
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    attention = rope.get("attention_factor")
+    if attention is None:
+        if mscale and mscale_all_dim:
+            attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention = yarn_mscale(factor, 1.0)
     return float(theta), YarnScaling(
-        factor=float(rope["factor"]),
+        factor=factor,
         original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-        beta_fast=float(rope.get("beta_fast", 32.0)),
-        beta_slow=float(rope.get("beta_slow", 1.0)),
-        mscale=float(rope.get("mscale", 1.0)),
-        mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)),
+        # As transformers reads them: a missing or zero beta is the paper's default.
+        beta_fast=float(rope.get("beta_fast") or 32.0),
+        beta_slow=float(rope.get("beta_slow") or 1.0),
+        attention_factor=float(attention),
+        mscale_all_dim=float(mscale_all_dim or 0.0),
+        truncate=bool(rope.get("truncate", True)),
     )
 
 

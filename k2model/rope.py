@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from k2model.config import K2Config, yarn_mscale
+from k2model.config import K2Config
 from k2model.layers import as_dtype, as_f32
 
 
@@ -32,15 +32,16 @@ def yarn_inv_freq(cfg: K2Config) -> tuple[torch.Tensor, float]:
             / (2 * math.log(theta))
         )
 
-    low = max(math.floor(correction_dim(y.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(y.beta_slow)), d - 1)
+    low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
+    if y.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 keeps the original frequency, 0 interpolates by `factor`
     inv_freq = freq_inter * (1 - extrapolate) + freq_extra * extrapolate
-    scale = yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)
-    return inv_freq.float(), scale
+    return inv_freq.float(), y.attention_factor
 
 
 class RotaryTable:
