@@ -170,7 +170,9 @@ async def completion_chunks(
     usage = Usage(0, 0)
     try:
         async for e in events:
-            if e.content or e.finish_reason is not None:
+            # An event may carry only logprobs: tokens whose text is held back (an incomplete
+            # UTF-8 character, a possible stop string) still get their entries now.
+            if e.content or e.finish_reason is not None or (logprobs and e.logprobs):
                 offset = offsets.get(e.choice, 0)
                 lp = completion_logprobs(e.logprobs, offset) if logprobs else None
                 offsets[e.choice] = offset + len(e.content)
