@@ -212,7 +212,7 @@ def _server_args(options: ServerOptions) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", options.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", _MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", _MIN_CLIENT_PING_INTERVAL_MS),
         # Without this a second server could bind the same explicit port and share its traffic.
         ("grpc.so_reuseport", 0),
     ]
