@@ -46,7 +46,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key: K
     chat = body.to_chat_request(model, gw.default_thinking(model), gw.config.limits)
     kind = "chat.completion.chunk" if body.stream else "chat.completion"
     env = out.Envelope.new(kind, model.id, "chatcmpl")
-    gen = await gw.start(chat, env.id)
+    gen = await cancel_on_disconnect(request, gw.start(chat, env.id))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(
         request, gen, env, chat.n, bool(body.stream), include_usage, bool(body.logprobs)
@@ -59,7 +59,7 @@ async def completions(body: CompletionRequest, request: Request, key: Key) -> Re
     model = gw.resolve(key, body.model)
     chat = body.to_chat_request(model, gw.config.limits)
     env = out.Envelope.new("text_completion", model.id, "cmpl")
-    gen = await gw.start(chat, env.id)
+    gen = await cancel_on_disconnect(request, gw.start(chat, env.id))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(
         request, gen, env, chat.n, bool(body.stream), include_usage, body.logprobs is not None

@@ -157,3 +157,22 @@ def test_client_disconnect_while_waiting_cancels_a_non_streaming_request(serve) 
     metrics = HTTP.get(f"{base}/metrics").text
     assert fake.finished == []
     assert "k2_gateway_requests_in_flight 0.0" in metrics
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/messages"])
+def test_client_that_leaves_before_the_first_token_frees_its_place(serve, path: str) -> None:
+    """Regression (issue 12, item 15): a streaming request still queued (no first token yet)
+    kept its place when the client left: 20 clients that gave up after 2 s still cost 16
+    prefills. The gateway now watches for the disconnect while it waits."""
+    fake = ScriptedChat(delay_s=30.0)  # the first token would come after 30 s
+    base = serve(fake)
+    body = {
+        "/v1/chat/completions": {"messages": USER},
+        "/v1/completions": {"prompt": "hi"},
+        "/v1/messages": {"messages": USER, "model": "kimi-k2-instruct"},
+    }[path] | {"stream": True, "max_tokens": 8}
+    with pytest.raises(httpx.ReadTimeout):
+        HTTP.post(f"{base}{path}", json=body, headers=AUTH, timeout=0.5)
+    assert wait_for(lambda: fake.closed_early)
+    assert fake.finished == []
+    assert wait_for(lambda: "k2_gateway_requests_in_flight 0.0" in HTTP.get(f"{base}/metrics").text)
