@@ -8,6 +8,7 @@ $(STAMP): pyproject.toml
 
 .PHONY: up test lint
 up: $(STAMP)
+	$(PY) -m services.cli build
 	$(PY) -m services.cli up
 
 lint: $(STAMP)
@@ -15,4 +16,5 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: $(STAMP) lint
+	$(PY) -m services.cli build
 	$(PY) -m pytest -q

@@ -1,9 +1,12 @@
-"""`k2serve`: run the suite (`up`), write its docker compose files (`compose`), or an in-process
-generation (`demo`)."""
+"""`k2serve`: run the suite (`up`), build its C++ kernels ahead of serving (`build`), write its
+docker compose files (`compose`), or an in-process generation (`demo`)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import time
 from pathlib import Path
 
 from k2model import cli as model_cli
@@ -18,6 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     u = sub.add_parser("up", help="start every service of a deployment and wait for Ctrl-C")
     u.add_argument("--deployment", type=Path, default=DEFAULT_DEPLOYMENT)
+    b = sub.add_parser(
+        "build", help="compile k2model's C++ CPU kernels now (else the first start does, ~1 min)"
+    )
+    b.add_argument(
+        "--require", action="store_true", help="fail when they cannot be built (images use it)"
+    )
     c = sub.add_parser("compose", help="write docker compose files for a deployment")
     c.add_argument("--deployment", type=Path, default=DEFAULT_DEPLOYMENT)
     c.add_argument("--out", type=Path, required=True, help="folder for the generated files")
@@ -28,11 +37,30 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = ap.parse_known_args(argv)
     if args.command == "up":
         up(args.deployment)
+    elif args.command == "build":
+        sys.exit(build_kernels(args.require))
     elif args.command == "compose":
         for path in compose.write(args.deployment, args.out, args.variant):
             print(path)
     else:
         model_cli.main(["demo", *rest])
+
+
+def build_kernels(require: bool) -> int:
+    """Build (or find built) the CPU extension, saying what happened and how long it took."""
+    from k2model.kernels import cpu_ext
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.monotonic()
+    if cpu_ext.available():
+        print(f"k2model CPU kernels ready ({time.monotonic() - started:.0f} s)", flush=True)
+        return 0
+    print(
+        "k2model CPU kernels not built (no AVX2 CPU, no C++ compiler, or K2_CPU_KERNELS=0): "
+        "the plain-torch paths will run",
+        flush=True,
+    )
+    return 1 if require else 0
 
 
 if __name__ == "__main__":

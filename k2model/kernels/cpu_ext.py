@@ -6,10 +6,12 @@ off per-op dispatch, each with a plain-torch twin at its call site.
 - rms_norm.cpp: RMSNorm in one pass per row (layers.RMSNorm)
 - mla_decode.cpp: absorbed MLA decode attention off the paged cache (dispatch.mla_decode)
 
-Built with AVX2/FMA intrinsics by torch's extension builder on first use (~1 minute on two cores)
-and cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a changed source is
-rebuilt. Without an AVX2 CPU or a C++ compiler, or with K2_CPU_KERNELS=0, `available()` is False
-and every call site takes its twin.
+Built with AVX2/FMA intrinsics by torch's extension builder (~1 minute on two cores) into a
+folder of TORCH_EXTENSIONS_DIR named by the sources' content (ext_build.py: the same build
+serves every checkout, a killed build never blocks the next). `k2serve build` builds it ahead of
+serving (`make up` and the images run it); otherwise the first use does. Without an AVX2 CPU or
+a C++ compiler, or with K2_CPU_KERNELS=0, `available()` is False and every call site takes its
+twin.
 """
 
 from __future__ import annotations
@@ -22,10 +24,23 @@ from types import ModuleType
 
 import torch
 
+from k2model.kernels.ext_build import build
+
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("bf16_gemm.cpp", "routed_experts.cpp", "rms_norm.cpp", "mla_decode.cpp", "bindings.cpp")
+
+
+NAME = "k2_cpu_ops"
+# OpenMP: at::parallel_for is inlined here, and runs on torch's own libgomp threads.
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+
+def build_args() -> tuple[str, list[Path], list[Path], tuple[str, ...], tuple[str, ...]]:
+    """(name, sources, headers, cflags, ldflags) of the extension, as ext_build takes them."""
+    return NAME, [_CSRC / s for s in SOURCES], sorted(_CSRC.glob("*.h")), CFLAGS, LDFLAGS
 
 
 @functools.cache
@@ -36,16 +51,7 @@ def extension() -> ModuleType | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name="k2_cpu_ops",
-            sources=[str(_CSRC / s) for s in SOURCES],
-            # OpenMP: at::parallel_for is inlined here, and runs on torch's own libgomp threads.
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return build(*build_args())
     except Exception as e:  # no compiler or headers: every call site keeps its torch twin
         log.warning("k2model CPU extension unavailable, using the torch paths: %s", e)
         return None

@@ -25,6 +25,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
@@ -84,6 +85,7 @@ class ExpertPool:
             world_size=int(env["WORLD_SIZE"]),
             timeout=timeout,
         )
+        _no_shm_comm_op()
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False
         )
@@ -180,6 +182,16 @@ class ExpertPool:
         got[0] = nbytes
         dist.all_to_all_single(buf, nothing, got, [0] * ranks, group=self.group)
         return unpack(buf, rows, pairs, d, dtype)
+
+
+def _no_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op in init_distributed
+    (about a minute, under a file lock that a killed build leaves behind, stalling every later
+    start). The pool never all-reduces (rows move with all_to_all), so the op is marked
+    incompatible, which makes DeepSpeed skip it; nothing is compiled on the serving path."""
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _span(shard: ExpertShard) -> tuple[int, int]:
