@@ -10,6 +10,8 @@ closes its channels.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import uvicorn
 
@@ -19,8 +21,10 @@ from gateway.grpc_chat import registry_services, start_chat_server
 from gateway.http_server import server_config
 from gateway.metrics import grpc_decode_stats
 from gateway.pipeline import ChatPipeline
+from gateway.readiness import Readiness
 from gateway.registry import ModelShape
 from k2model.config import K2Config
+from services.common.processes import SUPERVISOR_STATE_ENV
 from services.common.server import run
 from services.deployment import Deployment
 
@@ -47,7 +51,14 @@ async def main() -> None:
     pipeline = ChatPipeline(deployment, request_timeout_s=config.limits.request_timeout_s)
     decodes = [(i.name, i.target) for i in deployment.of_kind("decode")]
     stats = grpc_decode_stats(decodes, security=deployment.security)
-    app = create_app(config, pipeline, decode_stats=stats)
+    state = os.environ.get(SUPERVISOR_STATE_ENV)
+    app = create_app(
+        config,
+        pipeline,
+        decode_stats=stats,
+        readiness=Readiness(deployment),
+        supervisor_state=Path(state) if state else None,
+    )
     server = uvicorn.Server(
         server_config(
             app,

@@ -4,7 +4,8 @@ Layers, outermost first: RequestCounter (metrics by route and status) -> SizeGua
 body limits, before any parsing) -> InternalErrors (a bug is a 500) -> routing. Every error
 leaves through `ApiError.response` in the OpenAI or Anthropic shape, whichever the path belongs
 to: validation errors are 400s naming the field path, unknown routes 404, domain errors per
-errors.py, anything else a 500 that leaks nothing. /health, /metrics, the OpenAPI document and
+errors.py, anything else a 500 that leaks nothing. /health (liveness), /health/ready (readiness:
+readiness.py), /metrics, the OpenAPI document and
 the web chat page (`/` and its files under /static, gateway/static/) need no key; every /v1 route
 (and its /anthropic twin) checks the key itself (auth.py).
 """
@@ -21,7 +22,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
@@ -32,6 +33,7 @@ from gateway.chat_types import ChatService
 from gateway.config import GatewayConfig, Limits
 from gateway.json_text import lone_surrogate
 from gateway.metrics import GatewayMetrics, RequestCounter, StatsSource
+from gateway.readiness import Readiness
 from gateway.registry import UpstreamModel
 from gateway.serving import Gateway
 from gateway.sse import ClientDisconnected
@@ -192,7 +194,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(
-    config: GatewayConfig, chat_service: ChatService, *, decode_stats: StatsSource | None = None
+    config: GatewayConfig,
+    chat_service: ChatService,
+    *,
+    decode_stats: StatsSource | None = None,
+    readiness: Readiness | None = None,
+    supervisor_state: Path | None = None,
 ) -> FastAPI:
     """The gateway serving every local registry model with `chat_service` (the pipeline) and
     every upstream one through its provider."""
@@ -201,12 +208,14 @@ def create_app(
         m.id: UpstreamChatService(m, client) if isinstance(m, UpstreamModel) else chat_service
         for m in config.registry.models
     }
-    metrics = GatewayMetrics(decode_stats) if decode_stats else GatewayMetrics()
+    metrics = GatewayMetrics(decode_stats, supervisor_state)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await client.aclose()
+        if readiness is not None:
+            await readiness.close()
 
     # strict_content_type=False: a body sent without Content-Type is still read as JSON.
     # redirect_slashes=False: `/v1/models/` is a 404, not a redirect to a route.
@@ -225,7 +234,17 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, str]:
+        """Liveness: this process answers."""
         return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        """Readiness: a request sent now would be served (readiness.py); 503 until then."""
+        if readiness is None:  # no backends of its own (tests over a fake pipeline)
+            return JSONResponse({"status": "ready", "services": {}})
+        ok, services = await readiness.check()
+        body = {"status": "ready" if ok else "not ready", "services": services}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

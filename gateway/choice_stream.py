@@ -6,13 +6,17 @@ becomes one ChatEvent, with the batch's logprobs. Both calls are cancelled whene
 ends (finished, stop string, failure, or the task cancelled because the client went away), and
 decode frees the KV of a cancelled call at once.
 
-`DecodePeers` are the decode instances of the deployment, chosen least-loaded from their Stats
-(queued + running) plus what this gateway has in flight on each.
+`DecodePeers` are the decode instances of the deployment, chosen least-loaded from their last
+polled Stats (queued + running) plus what this gateway has in flight on each. Stats are polled in
+the background, never per request: a slow reply under load (the decode loop is busy) only
+delays the next poll, it cannot fail a request. A peer whose last poll failed is left out while
+another answers; with none answering, every peer is tried and the call itself reports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -79,6 +83,9 @@ class DecodePeer:
     stub: decode_pb2_grpc.DecodeStub
     channel: grpc.aio.Channel
     inflight: int = 0
+    load: int = 0  # queued + running at the last poll
+    kv_free: int = 0
+    healthy: bool | None = None  # None: not polled yet
 
     @property
     def capacity(self) -> int:
@@ -90,41 +97,58 @@ class DecodePeers:
     def __init__(
         self,
         instances: Sequence[Instance],
-        stats_timeout_s: float = 1.0,
+        poll_interval_s: float = 0.25,
+        stats_timeout_s: float = 5.0,
         security: Security | None = None,
     ) -> None:
-        self.stats_timeout_s = stats_timeout_s
+        self.poll_interval_s, self.stats_timeout_s = poll_interval_s, stats_timeout_s
         self.peers = []
         for inst in instances:
             channel = open_channel(inst.target, security=security)
             self.peers.append(DecodePeer(inst, decode_pb2_grpc.DecodeStub(channel), channel))
+        self._poller: asyncio.Task | None = None
+        self._first_poll: asyncio.Event | None = None
 
     async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         for peer in self.peers:
             await peer.channel.close()
 
-    async def assign(self, n: int) -> list[DecodePeer]:
-        """n picks, each the least loaded counting the picks before it; Unavailable if no
-        instance answers Stats."""
-        replies = await asyncio.gather(
-            *(
-                p.stub.Stats(common_pb2.StatsRequest(), timeout=self.stats_timeout_s)
-                for p in self.peers
-            ),
-            return_exceptions=True,
-        )
-        loads = {}
-        for peer, reply in zip(self.peers, replies, strict=True):
-            if isinstance(reply, decode_pb2.DecodeStats):
-                loads[peer] = [reply.queued + reply.running + peer.inflight, -reply.kv_blocks_free]
-        if not loads:
-            raise errors.Unavailable("no decode instance is reachable")
+    async def assign(self, n: int, wait_s: float) -> list[DecodePeer]:
+        """n picks, each the least loaded counting the picks before it. The first call waits
+        (up to wait_s, the request's own budget) for the first round of Stats."""
+        if self._poller is None:  # started here: grpc.aio channels live in the serving loop
+            self._first_poll = asyncio.Event()
+            self._poller = asyncio.create_task(self._poll())
+        assert self._first_poll is not None
+        if not self._first_poll.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_poll.wait(), wait_s)
+        candidates = [p for p in self.peers if p.healthy] or self.peers
+        loads = {p: [p.load + p.inflight, -p.kv_free] for p in candidates}
         picks = []
         for _ in range(n):
             peer = min(loads, key=lambda p: loads[p])
             loads[peer][0] += 1
             picks.append(peer)
         return picks
+
+    async def _poll(self) -> None:
+        assert self._first_poll is not None
+        while True:
+            await asyncio.gather(*(self._poll_one(p) for p in self.peers))
+            self._first_poll.set()
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _poll_one(self, peer: DecodePeer) -> None:
+        try:
+            reply = await peer.stub.Stats(common_pb2.StatsRequest(), timeout=self.stats_timeout_s)
+        except grpc.aio.AioRpcError:
+            peer.healthy = False
+            return
+        peer.healthy, peer.load = True, reply.queued + reply.running
+        peer.kv_free = reply.kv_blocks_free
 
 
 @dataclass

@@ -9,13 +9,17 @@ Each app owns its own CollectorRegistry, so two apps in one process never share 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.chat_types import ChatEvent
@@ -49,10 +53,35 @@ async def _no_stats() -> Sequence[DecodeLoad]:
     return ()
 
 
+class ServiceRestarts(Collector):
+    """`k2_service_restarts_total{service}`: restarts by the supervisor that runs this suite
+    (`k2serve up`), read from the state file it keeps (processes.SUPERVISOR_STATE_ENV) at each
+    scrape."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "k2_service_restarts", "Restarts of each service process", labels=["service"]
+        )
+        try:
+            restarts = json.loads(self.path.read_text()).get("restarts", {})
+        except (OSError, ValueError):
+            restarts = {}
+        for name, count in sorted(restarts.items()):
+            family.add_metric([name], count)
+        yield family
+
+
 class GatewayMetrics:
-    def __init__(self, stats_source: StatsSource = _no_stats) -> None:
+    def __init__(
+        self, stats_source: StatsSource | None = None, supervisor_state: Path | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if supervisor_state is not None:
+            r.register(ServiceRestarts(supervisor_state))
         self.requests = Counter(
             "k2_gateway_requests",
             "HTTP requests by route and status",
@@ -83,7 +112,7 @@ class GatewayMetrics:
         self.kv_usage = Gauge(
             "k2_decode_kv_usage_ratio", "Used / total KV blocks", ["instance"], registry=r
         )
-        self._stats_source = stats_source
+        self._stats_source = stats_source or _no_stats
 
     async def render(self) -> bytes:
         try:

@@ -89,7 +89,7 @@ class ChatPipeline:
         if request.n < 1:
             raise InvalidArgument(f"n must be >= 1, got {request.n}")
         prepared = await self._prepare(request)
-        peers = await self.decodes.assign(request.n)
+        peers = await self.decodes.assign(request.n, wait_s=self.timeout_s)
         request_id = request.request_id or uuid.uuid4().hex
         queue: asyncio.Queue[tuple[ChatEvent, int] | BaseException] = asyncio.Queue()
         runs = [

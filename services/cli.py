@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args, rest = ap.parse_known_args(argv)
     if args.command == "up":
-        up(args.deployment)
+        sys.exit(up(args.deployment))
     elif args.command == "build":
         sys.exit(build_kernels(args.require))
     elif args.command == "compose":

@@ -11,6 +11,7 @@ import torch
 
 from k2model import K2Model, load_model
 from k2model.constraints import ConstraintCompiler, Vocabulary
+from k2model.kernels import cpu_ext
 from services.deployment import Deployment, Instance
 from services.experts.client import ExpertsClient, attach_remote_experts
 
@@ -44,6 +45,8 @@ async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClien
     the deployment says `experts: remote` (close the returned client at shutdown)."""
     threads = cpu_threads(dep, me)
     torch.set_num_threads(threads)
+    # Built (or found built) before SERVING, never inside the first request's model step.
+    await asyncio.to_thread(cpu_ext.available)
     model = await asyncio.to_thread(
         load_model,
         dep.checkpoint,

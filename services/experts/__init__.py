@@ -1,7 +1,7 @@
 """The expert service: the routed experts of every MoE layer on an expert-parallel DeepSpeed job.
 
 __main__    the job supervisor (`python -m services.experts`): starts, watches, restarts ranks
-supervisor  Supervisor / RestartPolicy / JobSpec
+supervisor  Supervisor / JobSpec
 rank        one rank process; rank 0 also serves gRPC
 pool        DeepSpeed init, the expert-parallel group, one round's collectives
 plan        a round's dispatch and combine as tensor math (split / combine / pack / unpack)

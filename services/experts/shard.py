@@ -13,6 +13,7 @@ import torch
 
 from k2model.checkpoint.loader import default_dtype, load_expert_slice
 from k2model.config import K2Config
+from k2model.kernels import cpu_ext
 from k2model.moe import LocalExperts
 from services.experts.plan import Part
 from services.experts.routed import PoolSpec
@@ -34,6 +35,8 @@ class ExpertShard:
     ) -> ExpertShard:
         spec = PoolSpec.of(K2Config.from_dir(checkpoint), ranks)
         dtype = dtype or default_dtype(device)
+        if device.type == "cpu":
+            cpu_ext.available()  # built before the pool serves, not in its first round
         _, experts = load_expert_slice(
             checkpoint, spec.first(rank), spec.per_rank, dtype, fp8_resident
         )

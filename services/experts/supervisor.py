@@ -25,24 +25,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from services.common.processes import terminate
+from services.common.processes import RestartPolicy, spawn, terminate
 from services.experts.rendezvous import GENERATION_ENV, Rendezvous
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    max_restarts: int = 5
-    backoff_s: float = 0.5
-    max_backoff_s: float = 10.0
-    healthy_after_s: float = 60.0
-
-    def delay(self, failures: int) -> float:
-        """Backoff before restart number `failures` (1, 2, ...) of a failing streak."""
-        return min(self.max_backoff_s, self.backoff_s * 2 ** (failures - 1))
 
 
 @dataclass(frozen=True)
@@ -87,8 +75,9 @@ class JobSpec:
 
 class Supervisor:
     def __init__(
-        self, job: JobSpec, policy: RestartPolicy = RestartPolicy(), grace_s: float = 15.0
+        self, job: JobSpec, policy: RestartPolicy | None = None, grace_s: float = 15.0
     ) -> None:
+        policy = policy or RestartPolicy()
         self.job, self.policy, self.grace_s = job, policy, grace_s
         self.procs: list[subprocess.Popen] = []
         self.starts = 0  # jobs started so far (1 + restarts)
@@ -152,9 +141,10 @@ class Supervisor:
 
     def _start(self, generation: str) -> None:
         self.starts += 1
+        # Each rank leads its own process group, so ending a rank ends what it started too
+        # (a compiler of a JIT build); ranks also die with this supervisor (rank.py).
         self.procs = [
-            subprocess.Popen(list(self.job.command), env=self.job.env(r, generation))
-            for r in range(self.job.ranks)
+            spawn(self.job.command, self.job.env(r, generation)) for r in range(self.job.ranks)
         ]
         log.info(
             "job %d (generation %s) started: rank pids %s",

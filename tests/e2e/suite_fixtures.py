@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from services.launcher import Suite
+from tests.timing import seconds
 
 
 def free_port() -> int:
@@ -45,5 +46,5 @@ def write_deployment(
 
 def start_suite(path: Path, names: list[str] | None = None) -> Suite:
     suite = Suite(path)
-    suite.start(names=names)
+    suite.start(timeout_s=seconds(180.0), names=names)
     return suite

@@ -34,12 +34,13 @@ from services.prefill.engine import PrefillEngine, PrefillLimits
 from services.prefill.servicer import PrefillServicer
 from tests.e2e.client import decode_stats, generate
 from tests.e2e.suite_fixtures import free_port, start_suite, write_deployment
+from tests.timing import seconds
 
 INVALID, RANGE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
 VOCAB, CONTEXT, KV_DIM, LAYERS = 4096, 8192, 80, 4  # the embedded checkpoint (K2_SPEC.md)
 PROMPT = [5, 17, 99, 1024, 3000, 42, 7, 256, 2048, 11]
 S = common_pb2.SamplingParams
-RPC_S = 30.0
+RPC_S = seconds(30.0)
 DOWN_S = 4.0  # a prefill unreachable this long (+ one failed handoff) while decode redials
 # (case, prompt, max_new_tokens, sampling, status, a word the details must contain)
 Case = tuple[str, list[int], int, common_pb2.SamplingParams | None, grpc.StatusCode, str]
@@ -255,13 +256,13 @@ class ScriptedPrefill(prefill_pb2_grpc.PrefillServicer):
         try:
             for chunk in self.chunks:
                 yield chunk
-            if self.then == "abort":
-                raise Unavailable("prefill instance broke")
             if self.then == "wait":
                 await asyncio.Event().wait()
-        except asyncio.CancelledError:  # also while suspended at a yield above
-            self.cancelled.set()
+        except BaseException:  # cancelled, also while suspended at a yield above (grpc may
+            self.cancelled.set()  # raise other than CancelledError there once the call is gone)
             raise
+        if self.then == "abort":
+            raise Unavailable("prefill instance broke")
 
     async def Stats(
         self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext

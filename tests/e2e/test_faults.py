@@ -29,12 +29,15 @@ from services.launcher import Suite
 from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from tests.e2e.client import decode_stats, generate
 from tests.e2e.suite_fixtures import free_port, start_suite
+from tests.timing import seconds
 
 T = TypeVar("T")
 Stats = decode_pb2.DecodeStats | prefill_pb2.PrefillStats
 SLOW_PREFILL = {"chunk_tokens": 16, "max_batch_tokens": 16}
-SETTLE_S = 15.0  # how long freeing may take; far less than the work a leaked request would do
-START_S = 120.0  # loading the model in a restarted instance
+SETTLE_S = seconds(
+    15.0
+)  # how long freeing may take; far less than the work a leaked request would do
+START_S = seconds(120.0)  # loading the model in a restarted instance
 
 
 def start_services(path: Path, prefills: list[dict], decodes: list[dict]) -> Suite:

@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
+import grpc
 import jsonschema
 import pytest
 
@@ -27,7 +28,7 @@ from k2model.text import chat_tokens as tok
 from k2model.text.chat_format import render
 from k2model.text.messages import Message, Tool, ToolCall
 from k2model.text.tokenizer import Tokenizer
-from services.common.errors import DeadlineExceeded, InvalidArgument, OutOfRange, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidArgument, OutOfRange
 from services.common.server import RunningServer, ServerOptions, start_server
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.prefill_client import PrefillPool
@@ -345,43 +346,62 @@ def test_parallel_tool_calls_false_keeps_only_the_first_call() -> None:
 
 
 class _StatsStub:
-    def __init__(self, stats: decode_pb2.DecodeStats | None) -> None:
-        self.stats = stats
+    def __init__(self, stats: decode_pb2.DecodeStats | None, delay_s: float = 0.0) -> None:
+        self.stats, self.delay_s = stats, delay_s
 
     async def Stats(self, request: Any, timeout: float) -> decode_pb2.DecodeStats:
+        await asyncio.sleep(self.delay_s)
         if self.stats is None:
-            raise Unavailable("down")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
+            )
         return self.stats
 
 
-def test_decode_peers_spread_choices_by_load_and_skip_dead_ones() -> None:
-    dep = Deployment.from_dict(
-        {
-            "tokenizer": [{"port": 1001}],
-            "prefill": [{"port": 1002}],
-            "decode": [{"name": f"d{i}", "port": 1010 + i} for i in range(3)],
-        }
-    )
+DECODES = Deployment.from_dict(
+    {
+        "tokenizer": [{"port": 1001}],
+        "prefill": [{"port": 1002}],
+        "decode": [{"name": f"d{i}", "port": 1010 + i} for i in range(3)],
+    }
+).of_kind("decode")
 
+
+def _stats(queued: int, running: int, free: int) -> decode_pb2.DecodeStats:
+    return decode_pb2.DecodeStats(queued=queued, running=running, kv_blocks_free=free)
+
+
+def test_decode_peers_spread_choices_by_load_and_skip_dead_ones() -> None:
     async def run() -> tuple[list[str], list[str]]:
-        peers = DecodePeers(dep.of_kind("decode"))
-        loads = [(3, 1, 10), (0, 1, 10), None]
-        for peer, load in zip(peers.peers, loads, strict=True):
-            stats = (
-                None
-                if load is None
-                else decode_pb2.DecodeStats(queued=load[0], running=load[1], kv_blocks_free=load[2])
-            )
-            peer.stub = _StatsStub(stats)  # type: ignore[assignment]
-        picked = [p.instance.name for p in await peers.assign(4)]
+        peers = DecodePeers(DECODES, poll_interval_s=0.01)
+        stubs = [_StatsStub(_stats(3, 1, 10)), _StatsStub(_stats(0, 1, 10)), _StatsStub(None)]
+        for peer, stub in zip(peers.peers, stubs, strict=True):
+            peer.stub = stub  # type: ignore[assignment]
+        picked = [p.instance.name for p in await peers.assign(4, wait_s=5)]
         for peer in peers.peers:
             peer.stub = _StatsStub(None)  # type: ignore[assignment]
-        try:
-            await peers.assign(1)
-        except Unavailable as e:
-            failed = [str(e)]
+        await asyncio.sleep(0.1)
+        # Nobody answers: every peer is still tried (the call itself then reports UNAVAILABLE).
+        none_up = [p.instance.name for p in await peers.assign(3, wait_s=5)]
         await peers.close()
-        return picked, failed
+        return picked, none_up
 
-    picked, failed = asyncio.run(run())
-    assert picked == ["d1", "d1", "d1", "d0"] and failed
+    picked, none_up = asyncio.run(run())
+    assert picked == ["d1", "d1", "d1", "d0"]
+    assert "d2" in none_up and len(none_up) == 3  # d2 never answered, yet is tried
+
+
+def test_slow_stats_under_load_never_fail_a_request() -> None:
+    """Regression (issue 12, item 14): each request probed every decode's Stats with a 1 s
+    timeout, and under load (Stats answered after >1 s) requests failed with "no decode
+    instance is reachable". Loads are polled in the background now."""
+
+    async def run() -> list[str]:
+        peers = DecodePeers(DECODES, poll_interval_s=0.01)
+        for queued, peer in zip((4, 0, 9), peers.peers, strict=True):
+            peer.stub = _StatsStub(_stats(queued, 0, 10), delay_s=1.5)  # type: ignore[assignment]
+        picked = [p.instance.name for p in await peers.assign(2, wait_s=30)]
+        await peers.close()
+        return picked
+
+    assert asyncio.run(run()) == ["d1", "d1"]

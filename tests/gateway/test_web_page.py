@@ -94,7 +94,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     proc = subprocess.Popen(up, stdout=subprocess.PIPE, text=True)
     printed = []
     try:
-        while not printed or not printed[-1].startswith("all services healthy"):
+        while not printed or not printed[-1].startswith("ready in"):
             line = proc.stdout.readline()
             assert line, f"k2serve up exited ({proc.wait()}) before the suite was up: {printed}"
             printed.append(line)

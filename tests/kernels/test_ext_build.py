@@ -41,7 +41,8 @@ def test_the_key_is_the_content_not_the_path(tmp_path: Path) -> None:
 @needs_ext
 def test_a_stale_torch_lock_file_is_removed_not_waited_on() -> None:
     stale = folder() / "lock"
-    stale.write_text("")  # what a build killed midway leaves behind
+    stale.write_text("")  # what a build killed midway leaves behind: torch's lock file,
+    (folder() / "built.ok").unlink(missing_ok=True)  # and no marker of a finished build
     code = "from k2model.kernels import cpu_ext; assert cpu_ext.available()"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
     assert not stale.exists()
@@ -60,10 +61,32 @@ def test_a_build_lock_holder_that_is_killed_does_not_block() -> None:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         holder.kill()  # a build killed while holding the lock
         holder.wait()
+        (folder() / "built.ok").unlink(missing_ok=True)  # so the next start takes the lock
         started = time.monotonic()
         code = "from k2model.kernels import cpu_ext; assert cpu_ext.available()"
         subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
         assert time.monotonic() - started < 300
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@needs_ext
+def test_a_finished_build_is_imported_without_waiting_for_the_lock() -> None:
+    """With the marker of a finished build, nothing is built or checked: a process holding the
+    build lock (a build of another process) does not delay the import."""
+    cpu_ext.available()  # built, marker written
+    lock = folder() / "build.lock"
+    hold = (
+        "import time\nfrom pathlib import Path\nfrom k2model.kernels.ext_build import _exclusive\n"
+        f"with _exclusive(Path({str(lock)!r}), 'x'):\n    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code = "from k2model.kernels import cpu_ext; assert cpu_ext.available()"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     finally:
         holder.kill()
         holder.wait()

@@ -23,8 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.deployment import Deployment, Instance
 from services.launcher import command
 from tests.multihost.netns import Network, unavailable
+from tests.timing import seconds
 
-START_S = 120.0  # a model service loading on a busy 2-core machine
+START_S = seconds(120.0)  # a model service loading on a busy 2-core machine
 
 
 def build_network(names: list[str]) -> Network:

@@ -81,6 +81,7 @@ class Network:
     switch: str
     procs: list[subprocess.Popen] = field(default_factory=list)
     _rules: list[tuple[str, list[str]]] = field(default_factory=list)
+    _throttled: list[str] = field(default_factory=list)  # namespaces with a rate limit
     _links: list[str] = field(default_factory=list)
 
     @classmethod
@@ -157,6 +158,14 @@ class Network:
         self._rule(a, ["OUTPUT", "-d", peer, *rand, "-j", "DROP"])
         self._rule(a, ["INPUT", "-s", peer, *rand, "-j", "DROP"])
 
+    def throttle(self, host: str, rate: str) -> None:
+        """Cap what `host` sends (a token bucket on its link, e.g. rate "2mbit"), so that a
+        transfer from it takes long enough for a fault to land in the middle of it."""
+        ns = self.hosts[host].ns
+        tbf = ["rate", rate, "burst", "32kbit", "latency", "2s"]
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *tbf)
+        self._throttled.append(ns)
+
     def dropped(self, host: str) -> int:
         """Packets the fault rules at this host have dropped so far."""
         table = _sh("ip", "netns", "exec", self.hosts[host].ns, "iptables", "-L", "-v", "-n", "-x")
@@ -166,6 +175,19 @@ class Network:
         while self._rules:
             ns, rule = self._rules.pop()
             _sh("ip", "netns", "exec", ns, "iptables", "-D", *rule)
+        while self._throttled:
+            _sh(
+                "ip",
+                "netns",
+                "exec",
+                self._throttled.pop(),
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                "eth0",
+                "root",
+            )
 
     def close(self, grace_s: float = 10.0) -> None:
         terminate(self.procs, grace_s)

@@ -22,6 +22,7 @@ from tests.e2e.client import generate
 from tests.e2e.test_faults import decode_idle, long_prompt, outcome, prefill_idle, request
 from tests.multihost.cluster import Cluster, build_network
 from tests.multihost.reference import Reference
+from tests.timing import seconds
 
 SPEC = {
     "checkpoint": "embedded",
@@ -34,11 +35,13 @@ SPEC = {
         {"name": "experts-0", "host": "experts", "port": 50081, "ranks": 2, "master_port": 29500}
     ],
 }
-DEADLINE_S = 60.0
+DEADLINE_S = seconds(60.0)
 # A failed expert call fails the prefill handoff (UNAVAILABLE) or the decode step it was in, which
 # the decode engine reports as INTERNAL with no details (services/decode/engine.py).
 FAILED_STEP = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
-RESTART_S = 90.0  # the supervisor's backoff plus two ranks loading on a busy 2-core machine
+RESTART_S = seconds(
+    90.0
+)  # the supervisor's backoff plus two ranks loading on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from tests.e2e.test_faults import (
 )
 from tests.multihost.cluster import Cluster, build_network
 from tests.multihost.reference import Reference
+from tests.timing import seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-k2serve-dev-key"  # deploy/gateway.yaml's dev key
@@ -64,15 +65,17 @@ SPEC = {
     ],
 }
 NAMES = ["tokenizer-0", "prefill-0", "prefill-1", "decode-0", "decode-1", "gateway-0"]
-DEADLINE_S = 60.0  # every client call's own deadline
+DEADLINE_S = seconds(60.0)  # every client call's own deadline
 # The gateway's own bound: a stream stalled by retransmissions (30% loss) ends with a clean
 # timeout error well before the client would give up on it.
-REQUEST_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = seconds(30.0)
 LONG = 160  # tokens: a stream that is still running when a fault hits it
 # Decode marks a prefill it cannot reach unhealthy within a Stats poll (1 s timeout) and then
 # tries it last; sooner, a call to it waits for keepalive (~15 s) before going elsewhere.
 POLL_S = 1.5
-REJOIN_S = 10.0  # a restarted instance is back in rotation once its callers' channels redial
+REJOIN_S = seconds(
+    10.0
+)  # a restarted instance is back in rotation once its callers' channels redial
 PROMPTS = ["Hello there, who are you?", "Tell me about the sea.", "Count to ten.", "Why?"]
 
 
@@ -255,8 +258,13 @@ def test_prefill_killed_mid_transfer_is_retried_on_the_other_host(
 
 
 def test_partition_mid_transfer_then_heal(cluster: Cluster, ref: Reference) -> None:
+    """The prefills' links are capped (~1 MB of KV then takes seconds), so the partition lands
+    mid-transfer however fast or loaded the machine: the fault is certain, not a race (once, the
+    transfer had finished in 0.39 s before the partition and no packet was dropped)."""
     prompt = long_prompt(3, 800)
     decode = cluster.target("decode-0")
+    for prefill in ("prefill-0", "prefill-1"):
+        cluster.net.throttle(cluster.instance(prefill).host, "2mbit")
 
     def cut_off(prefill: str) -> None:
         cluster.net.partition(cluster.instance(prefill).host, "decode-a")

@@ -6,12 +6,22 @@ The ranks here are tiny stand-in Python processes (no torch), so each job starts
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from services.experts.supervisor import JobSpec, RestartPolicy, Supervisor
+from services.common.processes import RestartPolicy
+from services.experts.supervisor import JobSpec, Supervisor
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 FAST = RestartPolicy(max_restarts=3, backoff_s=0.01, max_backoff_s=0.02, healthy_after_s=60)
 
@@ -48,7 +58,7 @@ def test_ranks_get_the_rendezvous_environment_and_a_crash_loop_gives_up(
         "time.sleep(30)\n"
     )
     command = rank_script(tmp_path, body)
-    sup = Supervisor(JobSpec(command, 3, "127.0.0.9", 29555), FAST, grace_s=2)
+    sup = Supervisor(JobSpec(command, 3, "127.0.0.1", free_port()), FAST, grace_s=2)
     assert sup.run() == 1  # rank 1 dies at every start: 1 start + 3 restarts, then give up
     assert sup.starts == 4
     seen = starts(tmp_path)
@@ -56,7 +66,11 @@ def test_ranks_get_the_rendezvous_environment_and_a_crash_loop_gives_up(
     assert sorted(s["RANK"] for s in seen[:3]) == ["0", "1", "2"]
     for s in seen:
         assert s["RANK"] == s["LOCAL_RANK"] and s["WORLD_SIZE"] == "3"
-        assert (s["MASTER_ADDR"], s["MASTER_PORT"], s["LOCAL_SIZE"]) == ("127.0.0.9", "29555", None)
+        assert (s["MASTER_ADDR"], s["MASTER_PORT"], s["LOCAL_SIZE"]) == (
+            "127.0.0.1",
+            str(sup.job.master_port),
+            None,
+        )
     assert all(p.poll() is not None for p in sup.procs)  # the survivors were ended each time
 
 
@@ -69,7 +83,9 @@ def test_a_dead_rank_restarts_the_whole_job(tmp_path: Path) -> None:
         "    sys.exit(9)\n"
         "time.sleep(30)\n"
     )
-    sup = Supervisor(JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", 29556), FAST, grace_s=2)
+    sup = Supervisor(
+        JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", free_port()), FAST, grace_s=2
+    )
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(sup.run()))
     thread.start()
@@ -100,7 +116,9 @@ def test_stop_is_graceful_for_rank_0(tmp_path: Path) -> None:
         "while not os.path.exists(" + repr(str(done)) + "):\n"
         "    time.sleep(0.01)\n"
     )
-    sup = Supervisor(JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", 29557), FAST, grace_s=5)
+    sup = Supervisor(
+        JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", free_port()), FAST, grace_s=5
+    )
     thread = threading.Thread(target=sup.run)
     thread.start()
     for _ in range(200):
@@ -170,3 +188,48 @@ def test_a_pool_spanning_nodes_restarts_as_one_job(tmp_path: Path) -> None:
         assert (s["MASTER_ADDR"], s["MASTER_PORT"]) == ("127.0.0.1", str(port))
     assert node1.starts >= 3 and node0.starts >= 3
     assert all(p.poll() is not None for p in node0.procs + node1.procs)
+
+
+def test_ending_a_job_ends_what_its_ranks_started(tmp_path: Path) -> None:
+    """Regression (issue 12, item 12): a killed rank's children (a JIT build's ninja and
+    compilers) survived it. Each rank leads its own process group, which the supervisor ends."""
+    children = tmp_path / "children"
+    body = (
+        "import subprocess\n"
+        "child = subprocess.Popen(['sleep', '600'])\n"
+        f"open({str(children)!r}, 'a').write(f'{{child.pid}}\\n')\n"
+        "while sum(1 for _ in open(log)) % 2:\n"
+        "    time.sleep(0.01)\n"
+        "if os.environ['RANK'] == '1' and sum(1 for _ in open(log)) == 2:\n"
+        "    sys.exit(9)\n"
+        "time.sleep(30)\n"
+    )
+    sup = Supervisor(
+        JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", free_port()), FAST, grace_s=2
+    )
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    try:
+        for _ in range(200):
+            if children.exists() and len(children.read_text().split()) >= 4:
+                break
+            time.sleep(0.05)
+        first = [int(pid) for pid in children.read_text().split()[:2]]
+        for _ in range(100):
+            if not any(alive(pid) for pid in first):
+                break
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in first), "the first job's children outlived it"
+    finally:
+        sup.request_stop()
+        thread.join(10)
+    assert not any(alive(int(pid)) for pid in children.read_text().split())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead
+        return f.read().split(") ")[-1][0] != "Z"
