@@ -18,6 +18,7 @@ from services.common.channel import open_sync_channel
 from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.security import Security
 from services.common.tensor_codec import tensor_from_proto, tensor_to_proto
+from services.experts.routed import COLLECTIVE_TIMEOUT_S
 from services.pb.k2.v1 import common_pb2, experts_pb2, experts_pb2_grpc
 
 MiB = 1024 * 1024
@@ -34,11 +35,17 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+# A call's deadline is only a backstop: the pool itself fails a round whose peers do not answer
+# within its collective timeout (UNAVAILABLE), so the caller hears the pool's own error first,
+# and a round that waited behind others under load still has room.
+CALL_TIMEOUT_S = 3 * COLLECTIVE_TIMEOUT_S
+
+
 class ExpertsClient:
     """One synchronous channel to the expert pool (thread-safe), shared by every MoE layer."""
 
     def __init__(
-        self, target: str, timeout_s: float = 10.0, security: Security | None = None
+        self, target: str, timeout_s: float = CALL_TIMEOUT_S, security: Security | None = None
     ) -> None:
         self.target, self.timeout_s = target, timeout_s
         self._channel = open_sync_channel(target, _CHANNEL_OPTIONS, security)
@@ -91,7 +98,7 @@ class RemoteExperts:
 
 
 def attach_remote_experts(
-    model: K2Model, target: str, timeout_s: float = 10.0, security: Security | None = None
+    model: K2Model, target: str, timeout_s: float = CALL_TIMEOUT_S, security: Security | None = None
 ) -> ExpertsClient:
     """Route every MoE layer of `model` to the pool at `target`; close the returned client
     when the process shuts down. (Load the model with routed_experts=False: it holds none.)"""

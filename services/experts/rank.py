@@ -27,7 +27,7 @@ from services.common.server import ServerOptions, run_until_signal, start_server
 from services.deployment import Deployment, Instance
 from services.experts.batcher import Batcher
 from services.experts.pool import ExpertPool, PoolBroken, device_for
-from services.experts.routed import PoolSpec
+from services.experts.routed import COLLECTIVE_TIMEOUT_S, PoolSpec
 from services.experts.servicer import ExpertsServicer
 from services.pb.k2.v1 import experts_pb2, experts_pb2_grpc
 
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = experts_pb2.DESCRIPTOR.services_by_name["Experts"].full_name
 LOAD_TIMEOUT_S = 600.0  # rendezvous + loading + the all-loaded barrier
-COLLECTIVE_TIMEOUT_S = 10.0  # one round's collective; a hung peer fails calls after this
 HEARTBEAT_S = 1.0  # idle leader's empty round, well inside the collective timeout
 DRAIN_S = 10.0
 _PR_SET_PDEATHSIG = 1

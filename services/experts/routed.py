@@ -14,6 +14,10 @@ import torch
 from k2model.config import K2Config
 from services.common.errors import InvalidArgument
 
+# One round's collectives on the pool: a hung or dead peer fails the round (and its callers'
+# calls, with UNAVAILABLE) after this.
+COLLECTIVE_TIMEOUT_S = 10.0
+
 ROW_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes hidden rows may travel in
 
 

@@ -158,12 +158,17 @@ class Network:
         self._rule(a, ["OUTPUT", "-d", peer, *rand, "-j", "DROP"])
         self._rule(a, ["INPUT", "-s", peer, *rand, "-j", "DROP"])
 
-    def throttle(self, host: str, rate: str) -> None:
-        """Cap what `host` sends (a token bucket on its link, e.g. rate "2mbit"), so that a
-        transfer from it takes long enough for a fault to land in the middle of it."""
-        ns = self.hosts[host].ns
-        tbf = ["rate", rate, "burst", "32kbit", "latency", "2s"]
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *tbf)
+    def throttle(self, host: str, toward: str, rate: str) -> None:
+        """Cap what `host` sends to `toward` (a token bucket for that destination alone, e.g.
+        rate "2mbit"), so a transfer between them takes long enough for a fault to land in its
+        middle while everything else `host` sends (its Stats replies) goes at full speed."""
+        ns, dev = self.hosts[host].ns, ["dev", "eth0"]
+        tc = ["ip", "netns", "exec", ns, "tc"]
+        _sh(*tc, "qdisc", "add", *dev, "root", "handle", "1:", "htb", "default", "10")
+        for classid, cap in (("1:10", "10gbit"), ("1:20", rate)):
+            _sh(*tc, "class", "add", *dev, "parent", "1:", "classid", classid, "htb", "rate", cap)
+        match = ["u32", "match", "ip", "dst", f"{self.hosts[toward].ip}/32", "flowid", "1:20"]
+        _sh(*tc, "filter", "add", *dev, "parent", "1:", "protocol", "ip", "prio", "1", *match)
         self._throttled.append(ns)
 
     def dropped(self, host: str) -> int:

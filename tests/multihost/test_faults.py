@@ -264,7 +264,7 @@ def test_partition_mid_transfer_then_heal(cluster: Cluster, ref: Reference) -> N
     prompt = long_prompt(3, 800)
     decode = cluster.target("decode-0")
     for prefill in ("prefill-0", "prefill-1"):
-        cluster.net.throttle(cluster.instance(prefill).host, "2mbit")
+        cluster.net.throttle(cluster.instance(prefill).host, "decode-a", "2mbit")
 
     def cut_off(prefill: str) -> None:
         cluster.net.partition(cluster.instance(prefill).host, "decode-a")
