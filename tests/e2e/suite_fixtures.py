@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,21 @@ from tests.timing import seconds
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no one listens on, chosen below the kernel's ephemeral range: port 0 would hand
+    out one from that range, where any outgoing connection may take it before the service that
+    was given it binds (a pool's rank, seconds later, found it in use)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = _RANDOM.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+_RANDOM = random.Random()  # its own: tests that seed the global generator must not repeat ports
 
 
 def write_deployment(

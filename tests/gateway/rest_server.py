@@ -3,7 +3,6 @@ HTTP (SDK clients, streaming, disconnects, raw paths)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,16 +17,11 @@ from gateway.app import create_app
 from gateway.chat_types import ChatService
 from gateway.config import GatewayConfig, Limits
 from gateway.http_server import server_config
+from tests.e2e.suite_fixtures import free_port
 from tests.gateway.rest_fakes import ScriptedChat, Switch, make_config
 
 # One client for every test: creating one (its TLS context) costs ~0.1 s.
 HTTP = httpx.Client(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -27,6 +27,18 @@ def folder() -> Path:
     return ext_build.folder_for(*cpu_ext.build_args())
 
 
+def hold_the_build_lock() -> subprocess.Popen:
+    """Another process that holds the build lock (as a build would) until it is killed."""
+    hold = (
+        "import time\nfrom pathlib import Path\nfrom k2model.kernels.ext_build import _exclusive\n"
+        f"with _exclusive(Path({str(folder() / 'build.lock')!r}), 'x'):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_the_key_is_the_content_not_the_path(tmp_path: Path) -> None:
     copies = []
     for source in sorted(CSRC.iterdir()):
@@ -50,15 +62,8 @@ def test_a_stale_torch_lock_file_is_removed_not_waited_on() -> None:
 
 @needs_ext
 def test_a_build_lock_holder_that_is_killed_does_not_block() -> None:
-    lock = folder() / "build.lock"
-    hold = (
-        "import time\nfrom pathlib import Path\nfrom k2model.kernels.ext_build import _exclusive\n"
-        f"with _exclusive(Path({str(lock)!r}), 'x'):\n    print('held', flush=True)\n"
-        "    time.sleep(600)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    holder = hold_the_build_lock()
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         holder.kill()  # a build killed while holding the lock
         holder.wait()
         (folder() / "built.ok").unlink(missing_ok=True)  # so the next start takes the lock
@@ -76,15 +81,8 @@ def test_a_finished_build_is_imported_without_waiting_for_the_lock() -> None:
     """With the marker of a finished build, nothing is built or checked: a process holding the
     build lock (a build of another process) does not delay the import."""
     cpu_ext.available()  # built, marker written
-    lock = folder() / "build.lock"
-    hold = (
-        "import time\nfrom pathlib import Path\nfrom k2model.kernels.ext_build import _exclusive\n"
-        f"with _exclusive(Path({str(lock)!r}), 'x'):\n    print('held', flush=True)\n"
-        "    time.sleep(600)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    holder = hold_the_build_lock()
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         code = "from k2model.kernels import cpu_ext; assert cpu_ext.available()"
         subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -15,13 +14,8 @@ from pathlib import Path
 
 from services.common.processes import RestartPolicy
 from services.experts.supervisor import JobSpec, Supervisor
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.e2e.suite_fixtures import free_port
+from tests.timing import seconds
 
 FAST = RestartPolicy(max_restarts=3, backoff_s=0.01, max_backoff_s=0.02, healthy_after_s=60)
 
@@ -39,6 +33,13 @@ def rank_script(tmp_path: Path, body: str) -> list[str]:
         + body
     )
     return [sys.executable, str(script)]
+
+
+def until(condition, limit_s: float = 30.0) -> None:
+    """Wait for condition() (the asserts after it say what was expected)."""
+    deadline = time.monotonic() + seconds(limit_s)
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def starts(tmp_path: Path) -> list[dict]:
@@ -74,31 +75,35 @@ def test_ranks_get_the_rendezvous_environment_and_a_crash_loop_gives_up(
     assert all(p.poll() is not None for p in sup.procs)  # the survivors were ended each time
 
 
-def test_a_dead_rank_restarts_the_whole_job(tmp_path: Path) -> None:
-    """Rank 1 dies once; the supervisor ends rank 0 and starts both again, then stops on request."""
-    body = (
-        "while sum(1 for _ in open(log)) % 2:\n"  # both ranks of this job have started
-        "    time.sleep(0.01)\n"
-        "if os.environ['RANK'] == '1' and sum(1 for _ in open(log)) == 2:\n"
-        "    sys.exit(9)\n"
-        "time.sleep(30)\n"
-    )
-    sup = Supervisor(
+# Two ranks; once both of the first job have started, rank 1 dies (once).
+RANK_1_DIES_ONCE = (
+    "while sum(1 for _ in open(log)) % 2:\n"  # both ranks of this job have started
+    "    time.sleep(0.01)\n"
+    "if os.environ['RANK'] == '1' and sum(1 for _ in open(log)) == 2:\n"
+    "    sys.exit(9)\n"
+    "time.sleep(30)\n"
+)
+
+
+def two_ranks(tmp_path: Path, body: str) -> Supervisor:
+    return Supervisor(
         JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", free_port()), FAST, grace_s=2
     )
+
+
+def test_a_dead_rank_restarts_the_whole_job(tmp_path: Path) -> None:
+    """Rank 1 dies once; the supervisor ends rank 0 and starts both again, then stops on request."""
+    sup = two_ranks(tmp_path, RANK_1_DIES_ONCE)
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(sup.run()))
     thread.start()
     try:
-        for _ in range(200):
-            if len(starts(tmp_path)) >= 4:
-                break
-            time.sleep(0.05)
+        until(lambda: len(starts(tmp_path)) >= 4)
         first_job = starts(tmp_path)[:2]
         assert len(starts(tmp_path)) == 4 and sup.starts == 2
     finally:
         sup.request_stop()
-        thread.join(10)
+        thread.join(seconds(30))
     assert result == [0]
     assert all(p.poll() is not None for p in sup.procs)
     assert {s["pid"] for s in first_job}.isdisjoint(p.pid for p in sup.procs)
@@ -121,12 +126,9 @@ def test_stop_is_graceful_for_rank_0(tmp_path: Path) -> None:
     )
     thread = threading.Thread(target=sup.run)
     thread.start()
-    for _ in range(200):
-        if len(starts(tmp_path)) == 2:
-            break
-        time.sleep(0.05)
+    until(lambda: len(starts(tmp_path)) == 2)
     sup.request_stop()
-    thread.join(10)
+    thread.join(seconds(30))
     assert [p.returncode for p in sup.procs] == [0, 0]  # nobody was killed
     assert sup.starts == 1
 
@@ -198,31 +200,18 @@ def test_ending_a_job_ends_what_its_ranks_started(tmp_path: Path) -> None:
         "import subprocess\n"
         "child = subprocess.Popen(['sleep', '600'])\n"
         f"open({str(children)!r}, 'a').write(f'{{child.pid}}\\n')\n"
-        "while sum(1 for _ in open(log)) % 2:\n"
-        "    time.sleep(0.01)\n"
-        "if os.environ['RANK'] == '1' and sum(1 for _ in open(log)) == 2:\n"
-        "    sys.exit(9)\n"
-        "time.sleep(30)\n"
-    )
-    sup = Supervisor(
-        JobSpec(rank_script(tmp_path, body), 2, "127.0.0.1", free_port()), FAST, grace_s=2
-    )
+    ) + RANK_1_DIES_ONCE
+    sup = two_ranks(tmp_path, body)
     thread = threading.Thread(target=sup.run)
     thread.start()
     try:
-        for _ in range(200):
-            if children.exists() and len(children.read_text().split()) >= 4:
-                break
-            time.sleep(0.05)
+        until(lambda: children.exists() and len(children.read_text().split()) >= 4)
         first = [int(pid) for pid in children.read_text().split()[:2]]
-        for _ in range(100):
-            if not any(alive(pid) for pid in first):
-                break
-            time.sleep(0.05)
+        until(lambda: not any(alive(pid) for pid in first))
         assert not any(alive(pid) for pid in first), "the first job's children outlived it"
     finally:
         sup.request_stop()
-        thread.join(10)
+        thread.join(seconds(30))
     assert not any(alive(int(pid)) for pid in children.read_text().split())
 
 

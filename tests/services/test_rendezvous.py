@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from services.experts.rendezvous import Rendezvous
+from tests.e2e.suite_fixtures import free_port
 
 
 def listening(port: int) -> set[str]:
@@ -20,12 +21,6 @@ def listening(port: int) -> set[str]:
         if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
             out.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_store_listens_on_the_pool_address_only() -> None:

@@ -4,7 +4,6 @@ own process, as under `k2serve up`."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.serve_instance import EXIT_ENGINE_DIED
+from tests.e2e.suite_fixtures import free_port
 
 SERVICE = """
 import asyncio, sys
@@ -30,12 +30,6 @@ async def main():
 
 run(main)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_engine_loop_that_dies_takes_the_service_down_to_be_restarted() -> None:
