@@ -275,9 +275,11 @@ def up(deployment_path: Path) -> int:
     def on_signal(sig: int, _frame: object) -> None:
         stop["signal"] = sig
 
+    def stopping() -> bool:
+        return bool(stop["signal"])
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping = lambda: bool(stop["signal"])  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="k2serve-") as run_dir:
         suite = Suite(deployment_path, state_file=Path(run_dir) / "supervisor.json")
         began = time.monotonic()

@@ -165,8 +165,7 @@ def _checked(first: Sampled, cfg: K2Config) -> Sampled:
     ids = [token_id, *(t for t, _ in top)]
     if not all(0 <= t < cfg.vocab_size for t in ids):
         raise Unavailable(f"prefill sent a token id outside the vocabulary: {ids[:4]}")
-    if any(
-        math.isnan(lp) for lp in [*(lp for _, lp in top), *([] if logprob is None else [logprob])]
-    ):
+    logprobs = [lp for _, lp in top] + ([] if logprob is None else [logprob])
+    if any(math.isnan(lp) for lp in logprobs):
         raise Unavailable("prefill sent a NaN logprob")
     return first
