@@ -69,7 +69,7 @@ DEADLINE_S = seconds(60.0)  # every client call's own deadline
 # The gateway's own bound: a stream stalled by retransmissions (30% loss) ends with a clean
 # timeout error well before the client would give up on it.
 REQUEST_TIMEOUT_S = seconds(30.0)
-LONG = 160  # tokens: a stream that is still running when a fault hits it
+LONG = 400  # tokens: a stream still running when a fault hits it (160 ran out under load)
 # Decode marks a prefill it cannot reach unhealthy within a Stats poll (1 s timeout) and then
 # tries it last; sooner, a call to it waits for keepalive (~15 s) before going elsewhere.
 POLL_S = 1.5
