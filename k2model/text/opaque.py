@@ -19,6 +19,7 @@ placeholder behind, which is an error, never a guess.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -103,7 +104,11 @@ def split_control(text: str, control_names: Collection[str]) -> list[Segment]:
     holds no request strings (a template's own output, or a reference rendering in tests)."""
     if not control_names:
         return [(text, False)] if text else []
-    names = sorted(control_names, key=len, reverse=True)
-    pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
     controls = frozenset(control_names)
-    return [(piece, piece in controls) for piece in pattern.split(text) if piece]
+    return [(piece, piece in controls) for piece in _pattern(controls).split(text) if piece]
+
+
+@functools.cache
+def _pattern(controls: frozenset[str]) -> re.Pattern[str]:
+    names = sorted(controls, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
