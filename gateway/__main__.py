@@ -19,7 +19,6 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.grpc_chat import registry_services, start_chat_server
 from gateway.http_server import server_config
-from gateway.metrics import grpc_decode_stats
 from gateway.pipeline import ChatPipeline
 from gateway.readiness import Readiness
 from gateway.registry import ModelShape
@@ -49,13 +48,11 @@ async def main() -> None:
         args.config, ModelShape(model.max_position_embeddings, model.vocab_size)
     )
     pipeline = ChatPipeline(deployment, request_timeout_s=config.limits.request_timeout_s)
-    decodes = [(i.name, i.target) for i in deployment.of_kind("decode")]
-    stats = grpc_decode_stats(decodes, security=deployment.security)
     state = os.environ.get(SUPERVISOR_STATE_ENV)
     app = create_app(
         config,
         pipeline,
-        decode_stats=stats,
+        decode_stats=pipeline.decodes.loads,
         readiness=Readiness(deployment),
         supervisor_state=Path(state) if state else None,
     )

@@ -24,6 +24,7 @@ import grpc
 
 from gateway.chat_codec import tool_delta_from_proto
 from gateway.chat_types import ChatEvent, TokenLogprob, ToolCallDelta
+from gateway.metrics import DecodeLoad
 from k2model.constraints import ConstraintSpec
 from k2model.sampling_params import SamplingParams
 from k2model.text.tokenizer import Tokenizer
@@ -85,6 +86,7 @@ class DecodePeer:
     inflight: int = 0
     load: int = 0  # queued + running at the last poll
     kv_free: int = 0
+    last: decode_pb2.DecodeStats | None = None  # the last Stats reply
     healthy: bool | None = None  # None: not polled yet
 
     @property
@@ -118,13 +120,7 @@ class DecodePeers:
     async def assign(self, n: int, wait_s: float) -> list[DecodePeer]:
         """n picks, each the least loaded counting the picks before it. The first call waits
         (up to wait_s, the request's own budget) for the first round of Stats."""
-        if self._poller is None:  # started here: grpc.aio channels live in the serving loop
-            self._first_poll = asyncio.Event()
-            self._poller = asyncio.create_task(self._poll())
-        assert self._first_poll is not None
-        if not self._first_poll.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._first_poll.wait(), wait_s)
+        await self._polled(wait_s)
         candidates = [p for p in self.peers if p.healthy] or self.peers
         loads = {p: [p.load + p.inflight, -p.kv_free] for p in candidates}
         picks = []
@@ -133,6 +129,32 @@ class DecodePeers:
             loads[peer][0] += 1
             picks.append(peer)
         return picks
+
+    async def loads(self) -> list[DecodeLoad]:
+        """The last polled Stats of every decode that answered (the gateway's /metrics)."""
+        await self._polled(self.stats_timeout_s)
+        return [
+            DecodeLoad(
+                p.instance.name,
+                p.last.queued,
+                p.last.running,
+                p.last.kv_blocks_total,
+                p.last.kv_blocks_free,
+            )
+            for p in self.peers
+            if p.healthy and p.last is not None
+        ]
+
+    async def _polled(self, wait_s: float) -> None:
+        """Polling runs (started on first use: grpc.aio channels live in the serving loop), and
+        its first round is in, or wait_s has passed."""
+        if self._poller is None:
+            self._first_poll = asyncio.Event()
+            self._poller = asyncio.create_task(self._poll())
+        assert self._first_poll is not None
+        if not self._first_poll.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_poll.wait(), wait_s)
 
     async def _poll(self) -> None:
         assert self._first_poll is not None
@@ -148,7 +170,7 @@ class DecodePeers:
             peer.healthy = False
             return
         peer.healthy, peer.load = True, reply.queued + reply.running
-        peer.kv_free = reply.kv_blocks_free
+        peer.kv_free, peer.last = reply.kv_blocks_free, reply
 
 
 @dataclass

@@ -2,13 +2,13 @@
 
 Names follow the serving anchors (vLLM / SGLang / Dynamo): request counts by route and status,
 time to first token, inter-token latency, requests in flight, and per decode instance the queue
-depth, running sequences and KV usage, read from each decode's `Stats` RPC at scrape time.
+depth, running sequences and KV usage: the Stats the gateway already polls for placement
+(choice_stream.DecodePeers), read at scrape time.
 Each app owns its own CollectorRegistry, so two apps in one process never share counters.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -16,16 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.chat_types import ChatEvent
-from services.common.channel import open_channel
-from services.common.security import Security
-from services.pb.k2.v1 import common_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -170,33 +166,3 @@ class RequestCounter:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, str(status["code"])).inc()
-
-
-def grpc_decode_stats(
-    instances: Sequence[tuple[str, str]],
-    timeout_s: float = 1.0,
-    security: Security | None = None,
-) -> StatsSource:
-    """A StatsSource asking each (name, target) decode instance for its Stats. Channels are
-    opened on the first scrape, inside the server's event loop (grpc.aio binds them to it)."""
-    channels: dict[str, grpc.aio.Channel] = {}
-
-    async def one(name: str, channel: grpc.aio.Channel) -> DecodeLoad | None:
-        try:
-            s = await decode_pb2_grpc.DecodeStub(channel).Stats(
-                common_pb2.StatsRequest(), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError as e:
-            log.warning("decode %s stats: %s", name, e.code().name)
-            return None
-        return DecodeLoad(name, s.queued, s.running, s.kv_blocks_total, s.kv_blocks_free)
-
-    async def source() -> Sequence[DecodeLoad]:
-        if not channels:
-            channels.update(
-                (name, open_channel(target, security=security)) for name, target in instances
-            )
-        loads = await asyncio.gather(*(one(n, c) for n, c in channels.items()))
-        return [load for load in loads if load is not None]
-
-    return source

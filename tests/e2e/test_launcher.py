@@ -141,6 +141,7 @@ def test_a_killed_service_is_restarted_while_the_rest_serves(up) -> None:
     assert reply.get("choices", [{}])[0].get("finish_reason") == "length", reply
     metrics = HTTP.get(f"{base}/metrics").text
     assert 'k2_service_restarts_total{service="prefill-0"} 1.0' in metrics
+    assert 'k2_decode_kv_usage_ratio{instance="decode-0"}' in metrics  # the placement poll's Stats
     assert running.proc.poll() is None
 
 
