@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.common import checkpoint_bench_main, format_table  # noqa: E402
 from k2model import K2Model, generate, load_model  # noqa: E402
-from k2model.generate import GenerationRequest  # noqa: E402
+from k2model.generation import GenerationRequest  # noqa: E402
 from services.deployment import Deployment  # noqa: E402
 from services.experts.client import ExpertsClient, RemoteExperts  # noqa: E402
 from services.launcher import Suite  # noqa: E402

@@ -7,7 +7,8 @@ prefill and decode processes and the gateway process (`python -m gateway`, the d
 `gateway` entry). The same prompts, greedy, MAX_TOKENS each, model kimi-k2-instruct (thinking
 off), go three ways:
 
-- direct: `ChatPipeline.chat` in this process (the gateway's own ChatService, same deployment);
+- direct: `TokenizerBackend.chat` in this process (the gateway's own ChatService: the tokenizer's
+  Chat RPC, same deployment);
 - gateway JSON: POST /v1/chat/completions over HTTP/1.1 keep-alive (httpx), stream=false;
 - gateway SSE: the same with stream=true (and include_usage), read to `data: [DONE]`.
 
@@ -48,10 +49,10 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.common import format_table, median, write_json  # noqa: E402
 from bench.pipeline import free_port  # noqa: E402
-from gateway.chat_types import ChatRequest  # noqa: E402
-from gateway.pipeline import ChatPipeline  # noqa: E402
+from gateway.backend import TokenizerBackend  # noqa: E402
 from k2model.sampling_params import SamplingParams  # noqa: E402
 from k2model.text.messages import Message  # noqa: E402
+from services.chat.types import ChatRequest  # noqa: E402
 from services.deployment import Deployment  # noqa: E402
 from services.launcher import Suite  # noqa: E402
 
@@ -109,7 +110,7 @@ def write_suite(tmp: Path, checkpoint: str) -> Path:
     return path
 
 
-async def direct(pipeline: ChatPipeline, prompt: str) -> Trace:
+async def direct(pipeline: TokenizerBackend, prompt: str) -> Trace:
     request = ChatRequest(
         model=MODEL,
         messages=(Message("user", prompt),),
@@ -201,7 +202,7 @@ def p99(values: list[float]) -> float:
 async def bench(
     deployment: Deployment, gateway_pid: int, repeats: int
 ) -> tuple[list[Row], dict[str, Any]]:
-    pipeline = ChatPipeline(deployment)
+    pipeline = TokenizerBackend([t.target for t in deployment.of_kind("tokenizer")])
     client = httpx.AsyncClient(
         base_url=f"http://{deployment.of_kind('gateway')[0].target}",
         headers={"Authorization": f"Bearer {KEY}"},

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `pyt
 from bench.common import format_table, median, timed, write_json
 from k2model.checkpoint.loader import load_model
 from k2model.checkpoint.random_init import random_weights, tiny_config, write_checkpoint
-from k2model.generate import GenerationRequest, TokenEvent, generate
+from k2model.generation import GenerationRequest, TokenEvent, generate
 from k2model.kernels import cpu_ext
 from k2model.model import K2Model
 

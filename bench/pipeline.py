@@ -9,7 +9,7 @@ in-vocabulary ids each) are generated greedily for NEW_TOKENS tokens, with no st
 
 - services: C client tasks on one gRPC channel, each streaming Decode.Generate for one prompt at
   a time until the prompts run out (C requests always in flight);
-- in-process: k2model.generate.generate over the prompts in batches of C, one batch after another,
+- in-process: k2model.generation.generate over the prompts in batches of C, one batch after another,
   on one worker thread, as the services' engines run their model steps (see `InProcess`).
 
 Per path and level: output tok/s = generated tokens / wall time of the level; TTFT = submit ->

@@ -1,10 +1,11 @@
 """`python -m gateway --config deploy/gateway.yaml --deployment deploy/local.yaml`: the REST
-gateway on uvicorn (uvloop; h11 with a bounded request head, gateway/http_server.py) in front of the deployment's chat pipeline.
+gateway on uvicorn (uvloop; h11 with a bounded request head, gateway/http_server.py) in front of
+the deployment's tokenizer instances (gateway/backend.py).
 
-The local models' context length and vocabulary come from the deployment's checkpoint config;
-the pipeline and its gRPC channels are created inside the server's event loop. SIGTERM or
-Ctrl-C: uvicorn stops accepting, finishes in-flight responses for up to 10 s, then the pipeline
-closes its channels.
+The local models' context length and vocabulary come from a tokenizer (Info), waited for up to
+STARTUP_WAIT_S; the gateway reads no checkpoint. Its gRPC channels are created inside the
+server's event loop. SIGTERM or Ctrl-C: uvicorn stops accepting, finishes in-flight responses for
+up to 10 s, then the backend closes its channels.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from pathlib import Path
 import uvicorn
 
 from gateway.app import create_app
+from gateway.backend import TokenizerBackend
 from gateway.config import GatewayConfig
 from gateway.grpc_chat import registry_services, start_chat_server
 from gateway.http_server import server_config
-from gateway.pipeline import ChatPipeline
 from gateway.readiness import Readiness
-from gateway.registry import ModelShape
-from k2model.config import K2Config
 from services.common.processes import SUPERVISOR_STATE_ENV
 from services.common.server import run
 from services.deployment import Deployment
+
+STARTUP_WAIT_S = 300.0  # a tokenizer that is still loading its vocabulary
 
 
 def _args() -> argparse.Namespace:
@@ -43,16 +44,17 @@ def _args() -> argparse.Namespace:
 async def main() -> None:
     args = _args()
     deployment = Deployment.load(args.deployment)
-    model = K2Config.from_dir(deployment.checkpoint)
-    config = GatewayConfig.load(
-        args.config, ModelShape(model.max_position_embeddings, model.vocab_size)
+    backend = TokenizerBackend(
+        [t.target for t in deployment.of_kind("tokenizer")], security=deployment.security
     )
-    pipeline = ChatPipeline(deployment, request_timeout_s=config.limits.request_timeout_s)
+    model = await backend.shape(wait_s=STARTUP_WAIT_S)
+    config = GatewayConfig.load(args.config, model)
+    backend.timeout_s = config.limits.request_timeout_s
     state = os.environ.get(SUPERVISOR_STATE_ENV)
     app = create_app(
         config,
-        pipeline,
-        decode_stats=pipeline.decodes.loads,
+        backend,
+        decode_stats=backend.decode_loads,
         readiness=Readiness(deployment),
         supervisor_state=Path(state) if state else None,
     )
@@ -69,7 +71,7 @@ async def main() -> None:
     grpc_port = config.grpc_port if args.grpc_port is None else args.grpc_port
     chat = None
     if grpc_port:
-        services = registry_services(config.registry, pipeline)
+        services = registry_services(config.registry, backend)
         bind = f"{args.host or config.host}:{grpc_port}"
         chat = await start_chat_server(services, model.vocab_size, config.keyring(), bind)
     try:
@@ -77,7 +79,7 @@ async def main() -> None:
     finally:
         if chat is not None:
             await chat.drain(grace_s=10.0)
-        await pipeline.close()
+        await backend.close()
 
 
 if __name__ == "__main__":

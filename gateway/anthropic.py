@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse, Response
 from gateway import errors
 from gateway.anthropic_models import CountTokensRequest, MessagesRequest
 from gateway.auth import Key
-from gateway.chat_types import ChatEvent, ToolCallDelta, Usage
 from gateway.events import collect
 from gateway.serving import gateway_of
 from gateway.sse import EventStream, cancel_on_disconnect, event_frame
+from services.chat.types import ChatEvent, ToolCallDelta, Usage
 
 router = APIRouter()
 

@@ -24,11 +24,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from gateway import request_checks as checks
-from gateway.chat_types import ChatRequest
 from gateway.config import Limits
 from gateway.openai_models import MAX_STOP, MAX_TOOLS, TOOL_NAME, PositiveInt, Strict
 from gateway.registry import Model
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
+from services.chat.types import ChatRequest
 
 TEMPERATURE_SCALE = 0.6
 

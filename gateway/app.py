@@ -29,7 +29,6 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import anthropic, errors, openai_routes
-from gateway.chat_types import ChatService
 from gateway.config import GatewayConfig, Limits
 from gateway.json_text import lone_surrogate
 from gateway.metrics import GatewayMetrics, RequestCounter, StatsSource
@@ -38,6 +37,7 @@ from gateway.registry import UpstreamModel
 from gateway.serving import Gateway
 from gateway.sse import ClientDisconnected
 from gateway.upstream import UpstreamChatService
+from services.chat.types import ChatService
 from services.common.errors import ServiceError
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The gateway's one error contract: every failure becomes an `ApiError`, rendered in the exact
-OpenAI or Anthropic body shape (RELIABILITY.md section 1).
+OpenAI or Anthropic body shape (docs/reliability.md section 1).
 
 | HTTP | OpenAI type / code                          | Anthropic type        | from            |
 |------|---------------------------------------------|-----------------------|-----------------|

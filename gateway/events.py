@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from gateway.chat_types import ChatEvent, TokenLogprob, ToolCallDelta, Usage
+from services.chat.types import ChatEvent, TokenLogprob, ToolCallDelta, Usage
 
 
 @dataclass

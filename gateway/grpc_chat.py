@@ -1,6 +1,7 @@
 """The k2.v1.Chat servicer: the gRPC Chat API as a thin adapter onto the chat pipeline.
 
-proto -> ChatRequest (chat_codec.py) -> edge checks (below) -> ChatService.chat -> proto events.
+proto -> ChatRequest (services/chat/codec.py) -> edge checks (below) -> ChatService.chat -> proto
+events.
 Errors are domain errors, mapped to status codes by the shared ErrorInterceptor
 (services/common/server.py): a bad request is INVALID_ARGUMENT, an unknown model NOT_FOUND.
 
@@ -13,7 +14,7 @@ protected as the REST port, not more.
 When the client cancels, grpc cancels this handler, which closes the pipeline's iterator and so
 cancels the decode calls beneath it.
 
-Edge limits (RELIABILITY.md section 2; the same numbers as the REST gateway's defaults):
+Edge limits (docs/reliability.md section 2; the same numbers as the REST gateway's defaults):
 messages >= 1, n in [1, MAX_N], up to MAX_STOP stop strings of 1..MAX_STOP_CHARS characters,
 up to MAX_TOOLS tools named [a-zA-Z0-9_-]{1,64} with at most MAX_SCHEMA_BYTES of schemas,
 max_tokens >= 1, temperature <= 2, logit_bias ids inside the vocabulary, text-only content.
@@ -30,10 +31,10 @@ from dataclasses import dataclass, replace
 import grpc
 
 from gateway.auth import ApiKey, KeyRing, bearer_token
-from gateway.chat_codec import event_to_proto, request_from_proto
-from gateway.chat_types import ChatEvent, ChatRequest, ChatService
 from gateway.registry import LocalModel, Registry
 from k2model.text.messages import ImagePart
+from services.chat.codec import event_to_proto, request_from_proto
+from services.chat.types import ChatEvent, ChatRequest, ChatService
 from services.common.errors import (
     InvalidArgument,
     NotFound,
@@ -42,7 +43,7 @@ from services.common.errors import (
     shown,
 )
 from services.common.server import RunningServer, ServerOptions, start_server
-from services.pb.k2.v1 import chat_pb2, chat_pb2_grpc
+from services.pb.k2.v1 import chat_pb2, chat_pb2_grpc, chat_types_pb2
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
 MAX_N = 8
@@ -108,7 +109,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         self.services, self.vocab_size, self.keyring = dict(services), vocab_size, keyring
 
     def _resolve(
-        self, msg: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
+        self, msg: chat_types_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> tuple[ChatService, ChatRequest]:
         key = _caller(self.keyring, context)
         model = msg.model or key.profile.default_model
@@ -122,18 +123,18 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         return service, request
 
     async def Chat(
-        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        self, request: chat_types_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_types_pb2.ChatEvent]:
         service, chat_request = self._resolve(request, context)
         async with contextlib.aclosing(service.chat(chat_request)) as events:
             async for event in events:
                 yield event_to_proto(event)
 
     async def CountTokens(
-        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> chat_pb2.TokenCount:
+        self, request: chat_types_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> chat_types_pb2.TokenCount:
         service, chat_request = self._resolve(request, context)
-        return chat_pb2.TokenCount(prompt_tokens=await service.count_tokens(chat_request))
+        return chat_types_pb2.TokenCount(prompt_tokens=await service.count_tokens(chat_request))
 
     async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

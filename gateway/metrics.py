@@ -2,8 +2,8 @@
 
 Names follow the serving anchors (vLLM / SGLang / Dynamo): request counts by route and status,
 time to first token, inter-token latency, requests in flight, and per decode instance the queue
-depth, running sequences and KV usage: the Stats the gateway already polls for placement
-(choice_stream.DecodePeers), read at scrape time.
+depth, running sequences and KV usage: the Stats a tokenizer instance already polls for
+placement (its Placement RPC, answered from memory), read at scrape time.
 Each app owns its own CollectorRegistry, so two apps in one process never share counters.
 """
 
@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.chat_types import ChatEvent
+from services.chat.types import ChatEvent
 
 log = logging.getLogger(__name__)
 

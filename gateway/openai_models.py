@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway import errors
 from gateway import request_checks as checks
-from gateway.chat_types import ChatRequest
 from gateway.config import Limits
 from gateway.registry import LocalModel, Model
 from k2model.sampling_params import SamplingParams
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
+from services.chat.types import ChatRequest
 
 MAX_N = 128
 MAX_STOP = 4

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import errors
-from gateway.chat_types import ChatEvent, TokenLogprob, ToolCallDelta, Usage
 from gateway.events import Choice
 from gateway.sse import DONE, data_frame
+from services.chat.types import ChatEvent, TokenLogprob, ToolCallDelta, Usage
 
 
 @dataclass(frozen=True)

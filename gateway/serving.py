@@ -17,11 +17,11 @@ from fastapi import Request
 
 from gateway import errors
 from gateway.auth import ApiKey, KeyRing
-from gateway.chat_types import ChatEvent, ChatRequest, ChatService
 from gateway.config import GatewayConfig
 from gateway.events import settle
 from gateway.metrics import GatewayMetrics
 from gateway.registry import LocalModel, Model
+from services.chat.types import ChatEvent, ChatRequest, ChatService
 
 
 class Generation:

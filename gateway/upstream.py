@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from gateway.chat_types import ChatEvent, ChatRequest, TokenLogprob, ToolCallDelta, Usage
 from gateway.registry import UpstreamModel
 from k2model.text.messages import message_to_dict
+from services.chat.types import ChatEvent, ChatRequest, TokenLogprob, ToolCallDelta, Usage
 from services.common import errors as svc
 
 

@@ -20,7 +20,7 @@ def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """y = w * (x / rms(x)) with the statistics in fp32, cast back before the weight (K2_SPEC 2.1)."""
+    """y = w * (x / rms(x)) with the statistics in fp32, cast back before the weight (docs/model.md, norms)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()

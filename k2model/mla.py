@@ -1,4 +1,4 @@
-"""Multi-head latent attention (K2_SPEC 2.3-2.7) over the paged latent cache.
+"""Multi-head latent attention (docs/model.md, attention) over the paged latent cache.
 
 Notation: H heads, d_n nope dims, d_r rope dims, d_v value dims, r = kv_lora_rank.
 Both forms first write the new tokens' [c_kv | k_pe] (r + d_r values) into the cache, then attend
@@ -41,7 +41,7 @@ class MLA(nn.Module):
         d, qk = cfg.hidden_size, self.h * cfg.qk_head_dim
         # x -> [c_q | c_kv | k_pe] in one projection (q_a_proj and kv_a_proj_with_mqa fused).
         self.qkv_a = Linear(d, (self.r_q or qk) + self.r + self.d_r, dtype)
-        # The checkpoint's q_a/kv_a norms have no eps in HF remote code, hence 1e-6 (K2_SPEC 2.1).
+        # The checkpoint's q_a/kv_a norms have no eps in HF remote code, hence 1e-6 (docs/model.md, norms).
         self.q_norm = RMSNorm(self.r_q, 1e-6, dtype) if self.r_q else None
         self.q_b = Linear(self.r_q, qk, dtype) if self.r_q else None
         self.kv_norm = RMSNorm(self.r, 1e-6, dtype)

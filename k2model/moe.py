@@ -1,4 +1,4 @@
-"""DeepSeek-style MoE (K2_SPEC 2.8-2.9): sigmoid router with selection bias, routed experts, shared expert.
+"""DeepSeek-style MoE (docs/model.md, mixture of experts): sigmoid router with selection bias, routed experts, shared expert.
 
 The routed experts are a pluggable `RoutedExperts` backend: `LocalExperts` here (grouped fast path
 plus its looped slow twin), a remote expert service elsewhere. Either receives the normed hidden
@@ -31,7 +31,7 @@ class Router(nn.Module):
             cfg.topk_group,
         )
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        # The router runs in fp32 (K2_SPEC 2.8): its weight is held in fp32, or as the
+        # The router runs in fp32 (docs/model.md, mixture of experts): its weight is held in fp32, or as the
         # checkpoint's bf16 where kernels/bf16_weights computes with it (the same fp32 product).
         self.weight = nn.Buffer(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.bias = nn.Buffer(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))

@@ -1,4 +1,4 @@
-"""YaRN rotary embedding on interleaved pairs (K2_SPEC 2.4-2.5).
+"""YaRN rotary embedding on interleaved pairs (docs/model.md, rotary embedding).
 
 The checkpoint's rope dims rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i]:
 viewing each pair as a complex number, x' = x * e^(i * pos * inv_freq). The output keeps the

@@ -47,6 +47,8 @@ DEPLOYMENT_FILE = "deployment.yaml"
 IN_CONTAINER = "/etc/k2serve"  # the deployment and gateway configs, read-only
 SECURITY = f"{IN_CONTAINER}/security"  # TLS files and the shared secret, read-only
 CHECKPOINT = "/checkpoint"
+# The gateway is not here: it keeps the public API only and asks a tokenizer for the model's shape.
+READS_CHECKPOINT = ("tokenizer", "prefill", "decode", "experts")
 APP = "/opt/k2serve"  # the repository's copy in the image (WORKDIR)
 OVERLAY = "k2serve-internal"
 START_PERIOD = "1200s"  # loading a full K2 checkpoint; a healthy probe ends it at once
@@ -192,7 +194,7 @@ def _service(
     gpu_ids: list[str] | None,
 ) -> dict[str, Any]:
     volumes = [f"./{DEPLOYMENT_FILE}:{IN_CONTAINER}/{DEPLOYMENT_FILE}:ro"]
-    if dep.checkpoint != EMBEDDED_CHECKPOINT:
+    if dep.checkpoint != EMBEDDED_CHECKPOINT and inst.kind in READS_CHECKPOINT:
         volumes.append(f"{_rel(dep.checkpoint, out)}:{CHECKPOINT}:ro")
     if inst.config is not None:
         volumes.append(f"{_rel(inst.config, out)}:{IN_CONTAINER}/{inst.name}.yaml:ro")

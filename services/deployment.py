@@ -29,13 +29,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from k2model import EMBEDDED_CHECKPOINT
 from services.common.security import Security
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("experts", "tokenizer", "prefill", "decode", "gateway")  # start order: experts first
 REQUIRED = ("tokenizer", "prefill", "decode")
@@ -113,7 +115,10 @@ class Deployment:
         return self.of_kind("experts")[0] if self.experts == "remote" else None
 
     def torch_dtype(self) -> torch.dtype | None:
-        """None = the model's default for the device."""
+        """None = the model's default for the device. (torch is imported here: the gateway reads
+        deployments and never loads it.)"""
+        import torch
+
         return None if self.dtype == "auto" else getattr(torch, self.dtype)
 
     def of_kind(self, kind: str) -> list[Instance]:

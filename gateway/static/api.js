@@ -1,6 +1,6 @@
 // The gateway's HTTP API as the chat page calls it: a fetch that sends the key as a Bearer token
 // and turns any non-2xx answer into an ApiError read from its body (the OpenAI error shape,
-// RELIABILITY.md 1), and the `data:` payloads of a server-sent-events body.
+// docs/reliability.md section 1), and the `data:` payloads of a server-sent-events body.
 
 export class ApiError extends Error {
   constructor(status, error) {

@@ -1,4 +1,4 @@
-"""Block-fp8 (float8_e4m3fn) quantisation of K2 / DeepSeek-V3 checkpoints (K2_SPEC 3.2).
+"""Block-fp8 (float8_e4m3fn) quantisation of K2 / DeepSeek-V3 checkpoints (docs/checkpoint.md, block fp8).
 
 Weights: one fp32 scale per 128x128 block, stored as `<name>.weight_scale_inv` with shape
 [ceil(out/128), ceil(in/128)]; despite the name, dequantisation MULTIPLIES by it. Ragged edges are

@@ -1,4 +1,4 @@
-"""Checkpoint -> K2Model: the one place that knows Hugging Face tensor names (K2_SPEC 3.1).
+"""Checkpoint -> K2Model: the one place that knows Hugging Face tensor names (docs/checkpoint.md, tensor names).
 
 Checks the whole name set first (missing, unexpected, mis-shaped, fp8 without scales) and raises a
 single CheckpointError naming every problem, then fills the model tensor by tensor from memory-mapped

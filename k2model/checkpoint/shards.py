@@ -1,7 +1,7 @@
 """Sharded safetensors checkpoint directories: validated, memory-mapped reading and writing.
 
 An HF checkpoint directory holds either `model.safetensors.index.json` plus the shard files its
-`weight_map` names, or a single `model.safetensors` (K2_SPEC 3.3). The index is authoritative:
+`weight_map` names, or a single `model.safetensors` (docs/checkpoint.md, shards). The index is authoritative:
 only the shards it names are read, and a tensor present in a shard but absent from the index is
 not part of the checkpoint. Shard headers are parsed here (not by safetensors) so that shape and
 dtype are known without touching tensor data and every defect names the tensor it concerns.

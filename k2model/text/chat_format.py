@@ -5,7 +5,7 @@ ordinary text that the tokenizer encodes with no special-token recognition, so a
 "<|im_end|>" cannot close a turn. Adjacent text is merged into one segment, because HF encodes
 the text between two added tokens as one piece and BPE merges differ at a cut.
 
-Flavors (K2_SPEC 5.1):
+Flavors (docs/text.md, chat format):
 - "k2-instruct": the current K2-Instruct / 0905 template, i.e. the K2-Thinking logic without
   <think>: header name = `name or role`, default system prompt "You are Kimi, ...", tool calls in
   a tool-call section, tool results as "## Return of {id}\\n{content}".
@@ -14,7 +14,7 @@ Flavors (K2_SPEC 5.1):
 - "k2-thinking": history / suffix split at the last assistant message without tool calls;
   history assistant turns get "<think></think>", suffix turns keep their reasoning.
 Current flavors declare tools as compact JSON with all keys sorted (what the later
-tokenization_kimi.py feeds its template, K2_SPEC 5.1-5); v1 uses json.dumps' default separators
+tokenization_kimi.py feeds its template, docs/text.md, chat format); v1 uses json.dumps' default separators
 in insertion order.
 
 Partial mode: a trailing assistant message with partial=True is rendered exactly as a normal

@@ -2,7 +2,7 @@
 
 Names only (ids belong to the tokenizer, see specials.py). The renderer emits them as control
 segments; the output parsers look for them in detokenized text, where the tool-call markers and
-<think> / </think> survive a skip-special decode (they are not flagged special, K2_SPEC 4.3).
+<think> / </think> survive a skip-special decode (they are not flagged special, docs/text.md, special tokens).
 """
 
 IM_SYSTEM = "<|im_system|>"
@@ -17,7 +17,7 @@ CALL_BEGIN = "<|tool_call_begin|>"
 ARG_BEGIN = "<|tool_call_argument_begin|>"
 CALL_END = "<|tool_call_end|>"
 
-# The model sometimes writes the section markers in the singular, as plain text (K2_SPEC 6.2).
+# The model sometimes writes the section markers in the singular, as plain text (docs/text.md, tool calls).
 SECTION_BEGIN_SINGULAR = "<|tool_call_section_begin|>"
 SECTION_END_SINGULAR = "<|tool_call_section_end|>"
 
@@ -25,7 +25,7 @@ THINK_BEGIN = "<think>"
 THINK_END = "</think>"
 
 # Image placeholder of every K2 template. "<|media_start|>" is not a token of any K2 vocabulary
-# (the token is <|media_begin|>), so it is always plain text (K2_SPEC 4.3).
+# (the token is <|media_begin|>), so it is always plain text (docs/text.md, special tokens).
 MEDIA_START = "<|media_start|>"
 MEDIA_CONTENT = "<|media_content|>"
 MEDIA_PAD = "<|media_pad|>"

@@ -7,7 +7,7 @@ parsers (tool_parser.py, stream_parser.py) never search text for markers: they t
 where a `Marker` stands for one control id and a `str` is decoded ordinary text.
 
 A name that is no token of the vocabulary (K2-Instruct has no <think>; nobody has the singular
-section markers the model sometimes writes as text, K2_SPEC 6.2) can only ever be text.
+section markers the model sometimes writes as text, docs/text.md, tool calls) can only ever be text.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reasoning in a K2-Thinking output: `<think>...</think>` split off as reasoning_content.
 
 K2-Thinking's prompt ends at `<|im_assistant|>assistant<|im_middle|>`; the model writes
-`<think>` itself, then its reasoning, then `</think>` and the answer (K2_SPEC 5.1-4, 6.2).
+`<think>` itself, then its reasoning, then `</think>` and the answer (docs/text.md, reasoning).
 Rules, as vLLM's `kimi_k2` reasoning parser (the streaming twin is stream_parser.py), over the
 output's pieces (pieces.py: markers are control ids, never text that spells them):
 - the output starts in reasoning, with or without the opening <think>;
@@ -24,7 +24,7 @@ CALLING_BEGINS = frozenset({tok.SECTION_BEGIN, tok.CALL_BEGIN})
 
 def strip_singular_begin(text: str) -> str:
     """Text before a call or section begin, less a trailing singular section begin the model
-    spelled as text (K2_SPEC 6.2; only white space between it and the control token)."""
+    spelled as text (docs/text.md, tool calls; only white space between it and the control token)."""
     kept = text.rstrip()
     if kept.endswith(tok.SECTION_BEGIN_SINGULAR):
         return kept[: -len(tok.SECTION_BEGIN_SINGULAR)]

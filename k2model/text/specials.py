@@ -34,7 +34,7 @@ class SpecialToken:
     special: bool  # stripped by decode(skip_special_tokens=True)
 
 
-# K2_SPEC 4.3, K2-Thinking's names (K2-Instruct's file lacks the media tokens and <think>s).
+# docs/text.md, special tokens, K2-Thinking's names (K2-Instruct's file lacks the media tokens and <think>s).
 K2_SPECIAL_TOKENS: tuple[SpecialToken, ...] = (
     SpecialToken(0, BOS, True),
     SpecialToken(1, EOS, True),

@@ -21,7 +21,7 @@ import tiktoken
 
 from k2model.text.specials import BOS, EOS, IM_END, PAD, SpecialTable, build_special_table
 
-# K2_SPEC 4.2, copied from tokenization_kimi.py. tiktoken's fancy-regex understands `&&`.
+# docs/text.md, tokenizer, copied from tokenization_kimi.py. tiktoken's fancy-regex understands `&&`.
 PAT_STR = "|".join(
     [
         r"""[\p{Han}]+""",
@@ -217,6 +217,9 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._table.special_ids
+
+    def has_special(self, name: str) -> bool:
+        return name in self._table.name_to_id
 
     def special_id(self, name: str) -> int:
         token_id = self._table.name_to_id.get(name)

@@ -3,7 +3,7 @@
 K2 was trained on ids of exactly that form, with `index` counting calls across the whole
 conversation (0-based, in order of appearance), and it continues that numbering when it calls
 again. Client-made ids (`call_abc123`, `search:0`, per-message restarts) make it emit malformed
-ids, which strict parsers then reject (K2_SPEC 5.2 / 6.4-3, SERVING_ANCHORS 4.1); Moonshot's own
+ids, which strict parsers then reject (docs/text.md, tool calls); Moonshot's own
 API renames history ids the same way before the model sees them.
 
 Where this runs: both renderers, `chat_format.render` and `JinjaChatTemplate.render`, call

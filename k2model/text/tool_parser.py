@@ -1,7 +1,7 @@
 """Tool calls (and, for Thinking models, reasoning) in a complete K2 output.
 
 The output comes as pieces (pieces.py): text, and markers that stand for control ids. Structure
-is decided by the markers alone; text that spells a marker's name is text (K2_SPEC 6.1):
+is decided by the markers alone; text that spells a marker's name is text (docs/text.md, tool calls):
 
     content [SECTION_BEGIN]
       [CALL_BEGIN]functions.NAME:IDX[ARG_BEGIN]{json}[CALL_END] ...
@@ -12,7 +12,7 @@ Grammar, shared with the streaming parser (stream_parser.py), which must agree e
   even without a section. Text inside a section but between calls is dropped; a section end
   returns to content (so text after the section is content too). Stray markers are dropped.
 - The singular section markers the model sometimes writes are not tokens of any K2 vocabulary,
-  so they can only be text (K2_SPEC 6.2). Two places read them anyway, where no other reading
+  so they can only be text (docs/text.md, tool calls). Two places read them anyway, where no other reading
   makes sense: a singular begin (then only white space) right before a section or call begin is
   dropped from the content, and a singular end between calls ends the section.
 - In a call, text before the argument marker is the id, after it the arguments. The call ends

@@ -1,5 +1,5 @@
 """Client side of the shared plumbing: channels with the same limits and keepalive as our servers,
-readiness and grpc.health.v1 checks.
+readiness and grpc.health.v1 checks, and a peer's status back as the domain error it stands for.
 
 Keepalive pings on an otherwise silent connection turn a network partition into a failed call
 within keepalive_time + keepalive_timeout instead of a hang until the deadline. Redials of a peer
@@ -15,10 +15,36 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import errors
 from services.common.errors import Unavailable
 from services.common.security import Security
 
 MiB = 1024 * 1024
+
+# A peer's status as the error this process reports for it. A peer's PERMISSION_DENIED or
+# UNAUTHENTICATED is our own deployment's credentials failing, not the caller's: INTERNAL.
+_FROM_STATUS: dict[grpc.StatusCode, type[errors.ServiceError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: errors.OutOfRange,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.CANCELLED: errors.Unavailable,  # a peer that went away mid-call
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+}
+
+
+class BackendError(RuntimeError):
+    """A peer failed in a way the caller cannot act on (INTERNAL for the caller)."""
+
+
+def error_from_status(e: grpc.aio.AioRpcError) -> Exception:
+    """A peer's status as the domain error reported for it, its details kept."""
+    cls = _FROM_STATUS.get(e.code())
+    if cls is None:
+        return BackendError(f"backend {e.code().name}")
+    return cls(e.details() or e.code().name.lower())
 
 
 def open_channel(

@@ -1,4 +1,4 @@
-"""Optional mutual TLS and a shared-secret check on the suite's internal gRPC (RELIABILITY.md 3).
+"""Optional mutual TLS and a shared-secret check on the suite's internal gRPC (docs/reliability.md section 3).
 
 Configured in the deployment description; paths are relative to it:
 

@@ -1,7 +1,7 @@
 """Shared grpc.aio server plumbing: error mapping, health, reflection, limits, graceful drain.
 
 Every service starts through `start_server` and runs its `__main__` through `run`, so all of them
-share one error contract (RELIABILITY.md section 1), the standard grpc.health.v1 service (NOT_SERVING
+share one error contract (docs/reliability.md section 1), the standard grpc.health.v1 service (NOT_SERVING
 until `set_serving()`), reflection, explicit message-size and keepalive limits, a loopback bind by
 default, and a SIGTERM drain that lets in-flight streams finish within a grace period.
 """

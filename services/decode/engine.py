@@ -85,6 +85,9 @@ class DecodeEngine:
         stop_ids: frozenset[int],
         constraint: ConstraintSpec | None = None,
     ) -> Seq:
+        """max_new_tokens 0: as many as the context and this instance's KV pool leave."""
+        if max_new_tokens == 0:
+            max_new_tokens = self._room(prompt)
         check_prompt(prompt, self.model.cfg, max_new_tokens)
         check_sampling(params, self.model.cfg)
         if max_new_tokens < 1:
@@ -114,6 +117,17 @@ class DecodeEngine:
         self.sched.enqueue(seq)
         self._wake.set()
         return seq
+
+    def _room(self, prompt: list[int]) -> int:
+        most = min(
+            self.model.cfg.max_position_embeddings, self.limits.num_blocks * self.limits.block_size
+        )
+        if len(prompt) >= most:
+            raise OutOfRange(
+                f"the prompt ({len(prompt)} tokens) leaves no room to generate: this decode "
+                f"instance holds {most} tokens per sequence"
+            )
+        return most - len(prompt)
 
     def _guide(
         self, constraint: ConstraintSpec | None, stop_ids: frozenset[int]

@@ -11,25 +11,24 @@ batch it would have joined never sees it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 import torch
 
 from k2model.config import K2Config
 from k2model.runner import Sampled
-from services.common.channel import open_channel, wait_ready
+from services.common.channel import wait_ready
 from services.common.constraint_codec import constraint_to_proto
 from services.common.errors import InvalidArgument, OutOfRange, ServiceError, Unavailable
+from services.common.placement import Peer, Placement
 from services.common.sampling_codec import sampled_token_from_proto, sampling_to_proto
 from services.common.security import Security
 from services.common.tensor_codec import tensor_from_proto
 from services.decode.scheduler import Seq
-from services.pb.k2.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from services.pb.k2.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +38,12 @@ _NOT_RETRIED = {
 }
 
 
-@dataclass(eq=False)
-class PrefillPeer:
-    address: str
-    stub: prefill_pb2_grpc.PrefillStub
-    channel: grpc.aio.Channel
-    load: int = 0
-    healthy: bool = True
+PrefillPeer = Peer[prefill_pb2_grpc.PrefillStub]
 
 
 class PrefillPool:
-    """Prefill instances from configuration, ordered by their last reported load."""
+    """Prefill instances from configuration, tried best-ranked first by the one placement policy
+    (services/common/placement.py: polled Stats plus the handoffs in flight from here)."""
 
     def __init__(
         self,
@@ -64,57 +58,42 @@ class PrefillPool:
         if not addresses:
             raise ValueError("decode needs at least one prefill address")
         self.cfg, self.kv_dtype = cfg, kv_dtype
-        self.poll_interval_s, self.transfer_timeout_s = poll_interval_s, transfer_timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.peers = []
-        for address in addresses:
-            channel = open_channel(address, security=security)
-            self.peers.append(PrefillPeer(address, prefill_pb2_grpc.PrefillStub(channel), channel))
-        self._poller: asyncio.Task | None = None
+        self.transfer_timeout_s, self.connect_timeout_s = transfer_timeout_s, connect_timeout_s
+        self.placement = Placement(
+            [(a, a) for a in addresses],
+            prefill_pb2_grpc.PrefillStub,
+            security=security,
+            poll_interval_s=poll_interval_s,
+            stats_timeout_s=1.0,
+        )
 
     def start(self) -> None:
-        self._poller = asyncio.create_task(self._poll())
+        self.placement.start()
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-        for peer in self.peers:
-            await peer.channel.close()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.gather(*(self._poll_one(p) for p in self.peers))
-            await asyncio.sleep(self.poll_interval_s)
-
-    async def _poll_one(self, peer: PrefillPeer) -> None:
-        try:
-            stats = await peer.stub.Stats(common_pb2.StatsRequest(), timeout=1.0)
-        except grpc.aio.AioRpcError:
-            peer.healthy = False
-            return
-        peer.healthy, peer.load = True, stats.queued + stats.running
-
-    def ranked(self) -> list[PrefillPeer]:
-        return sorted(self.peers, key=lambda p: (not p.healthy, p.load))
+        await self.placement.close()
 
     async def prefill(self, seq: Seq, write: Callable[[int, int, torch.Tensor], None]) -> Sampled:
         """Fill seq's blocks through `write(layer, token_start, latent)`; return the first token."""
         errors = []
-        for peer in self.ranked():
+        peers = self.placement.ranked()
+        for peer in peers:
             try:
-                return await self._receive(peer, seq, write)
+                with peer.busy():
+                    return await self._receive(peer, seq, write)
             except grpc.aio.AioRpcError as e:
                 if e.code() in _NOT_RETRIED:
                     raise _NOT_RETRIED[e.code()](e.details() or "prefill refused the prompt") from e
-                peer.healthy = e.code() != grpc.StatusCode.UNAVAILABLE and peer.healthy
-                errors.append(f"{peer.address}: {e.code().name}")
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    peer.healthy = False
+                errors.append(f"{peer.target}: {e.code().name}")
             except ServiceError as e:
-                errors.append(f"{peer.address}: {e}")
+                errors.append(f"{peer.target}: {e}")
             log.warning(
                 "prefill of %s failed on %s; %d peers left",
                 seq.request_id,
-                peer.address,
-                len(self.peers) - len(errors),
+                peer.target,
+                len(peers) - len(errors),
             )
         log.error("prefill of %s failed everywhere: %s", seq.request_id, "; ".join(errors))
         raise Unavailable(f"prefill failed on all {len(errors)} instance(s); try again")

@@ -1,4 +1,4 @@
-"""One Detokenize stream's state: generated ids in, text that is safe to show out. No grpc here.
+"""One choice's detokenization: generated ids in, text that is safe to show out. No grpc here.
 
 Per push, with a parse option on: PieceDecoder (complete UTF-8 text, and a marker for each
 tool-call or reasoning control id; the same characters written with ordinary tokens stay text)
@@ -22,7 +22,7 @@ Parse options:
 - parse_reasoning alone: tool-call markup is still recognised, so no raw marker reaches content,
   but no tool is declared, so each call the model writes is reported as an error delta.
 A call whose id the model wrote malformed is re-issued as functions.NAME:IDX counting from 0:
-DetokenizeStart carries no count of the conversation's earlier calls.
+the session is given no count of the conversation's earlier calls.
 """
 
 import dataclasses
@@ -43,6 +43,7 @@ from k2model.text.stream_parser import (
 )
 from k2model.text.tokenizer import Tokenizer
 from k2model.text.tool_parser import markers_for
+from services.chat.types import ToolCallDelta
 from services.common.errors import InvalidArgument
 
 
@@ -53,15 +54,6 @@ class DetokenizeOptions:
     parse_reasoning: bool = False
     tool_names: tuple[str, ...] = ()
     skip_special_tokens: bool = False
-
-
-@dataclass(frozen=True)
-class ToolCallDelta:
-    index: int
-    id: str = ""
-    name: str = ""
-    arguments: str = ""
-    error: str = ""
 
 
 @dataclass(frozen=True)

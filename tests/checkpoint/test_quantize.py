@@ -16,7 +16,7 @@ from k2model.checkpoint.shards import (
     write_sharded,
 )
 
-# Written out by hand from K2_SPEC 3.1 rather than derived from is_quantized_weight_name.
+# Written out by hand from docs/checkpoint.md, tensor names rather than derived from is_quantized_weight_name.
 QUANTIZED = {
     "model.layers.0.self_attn.q_a_proj.weight": (200, 300),
     "model.layers.0.self_attn.q_b_proj.weight": (256, 200),

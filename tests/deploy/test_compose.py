@@ -165,7 +165,9 @@ def test_the_gateway_takes_its_api_keys_from_the_node_environment(name: str) -> 
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_configuration_and_checkpoint_are_mounted_read_only(name: str) -> None:
+def test_configuration_and_checkpoint_are_mounted_read_only_and_never_into_the_gateway(
+    name: str,
+) -> None:
     dep, out, _ = layout(name)
     for inst in dep.processes():
         mounts = {}
@@ -174,15 +176,18 @@ def test_configuration_and_checkpoint_are_mounted_read_only(name: str) -> None:
             mounts[target] = (source, mode)
         assert all(mode == "ro" for _, mode in mounts.values())
         assert mounts["/etc/k2serve/deployment.yaml"][0] == out / "deployment.yaml"
-        if name != "local":  # the embedded checkpoint is in the image
+        reads = name != "local" and inst.kind != "gateway"  # the embedded one is in the image
+        if reads:
             assert mounts["/checkpoint"][0] == dep.checkpoint
+        else:  # the gateway keeps the public API only: no checkpoint, no tokenizer
+            assert "/checkpoint" not in mounts
         if inst.config is not None:
             assert mounts[f"/etc/k2serve/{inst.name}.yaml"][0] == inst.config
         files = dep.security.files() if dep.security else {}
         inside = Deployment.load(out / "deployment.yaml").security
         for key, path in files.items():  # where the containers' description says they are
             assert mounts[str(getattr(inside, key))][0] == path
-        assert len(mounts) == 1 + (name != "local") + len(files) + (inst.config is not None)
+        assert len(mounts) == 1 + reads + len(files) + (inst.config is not None)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -278,7 +283,7 @@ def test_docker_compose_config_accepts_every_file(name: str) -> None:
 
 
 def test_no_committed_compose_set_publishes_an_unauthenticated_port() -> None:
-    """Regression (issue 12, item 1): the gateway's gRPC Chat port was published on 0.0.0.0 with
+    """Regression: the gateway's gRPC Chat port was published on 0.0.0.0 with
     no authentication. Every port a committed compose file publishes must be a gateway's REST or
     gRPC Chat port (both check an API key on every call, tests/gateway/test_grpc_chat_auth.py),
     behind a configuration that holds keys."""

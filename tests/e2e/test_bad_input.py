@@ -37,7 +37,7 @@ from tests.e2e.suite_fixtures import free_port, start_suite, write_deployment
 from tests.timing import seconds
 
 INVALID, RANGE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
-VOCAB, CONTEXT, KV_DIM, LAYERS = 4096, 8192, 80, 4  # the embedded checkpoint (K2_SPEC.md)
+VOCAB, CONTEXT, KV_DIM, LAYERS = 4096, 8192, 80, 4  # the embedded checkpoint (docs/model.md)
 PROMPT = [5, 17, 99, 1024, 3000, 42, 7, 256, 2048, 11]
 S = common_pb2.SamplingParams
 RPC_S = seconds(30.0)
@@ -65,7 +65,8 @@ BAD_REQUESTS: list[Case] = [
     ("negative id", [1, -5], 4, None, INVALID, "vocabulary"),
     ("prompt over the context", [1] * (CONTEXT + 1), 1, None, RANGE, "context"),
     ("prompt + new over the context", PROMPT, CONTEXT, None, RANGE, "context"),
-    ("max_new_tokens 0", PROMPT, 0, None, INVALID, "max_new_tokens"),
+    # max_new_tokens 0 is "as many as fit": 4096 prompt tokens fill this decode's 256 x 16 slots
+    ("max_new_tokens 0 with no room", [1] * 4096, 0, None, RANGE, "no room"),
     ("max_new_tokens -1", PROMPT, -1, None, INVALID, "max_new_tokens"),
     ("top_p 0", PROMPT, 4, S(top_p=0.0), INVALID, "top_p"),
     ("temperature -1", PROMPT, 4, S(temperature=-1.0), INVALID, "temperature"),
@@ -225,7 +226,7 @@ BAD_STREAMS: dict[str, list[prefill_pb2.PrefillChunk]] = {
         kv(1, 0, N - 1, tensor=torch.zeros(N - 1, KV_DIM)),
         FIRST,
     ],
-    # Regression (issue 12, item 6): decode trusted these. An id of 1e9 raised IndexError in the
+    # Regression: decode trusted these. An id of 1e9 raised IndexError in the
     # decode step and failed unrelated streams sharing it; -1 was wrapped by the embedding
     # lookup; NaN / Inf KV was decoded into garbage.
     "token id past the vocabulary": [*every_layer(N), first(10**9)],
@@ -434,7 +435,7 @@ def test_a_prefill_that_comes_back_serves_the_next_request_at_once(
 
 
 def test_a_bad_first_token_fails_only_its_own_request(model: K2Model) -> None:
-    """Regression (issue 12, item 6): a first token id of 1e9 made the decode step raise and
+    """Regression: a first token id of 1e9 made the decode step raise and
     failed the unrelated streams sharing it with INTERNAL. One prefill serves two requests: the
     good one is real, the other's first token is outside the vocabulary."""
     engine = PrefillEngine(model, PrefillLimits(num_blocks=16, block_size=16, chunk_tokens=4))

@@ -1,4 +1,4 @@
-"""Faults against real prefill and decode processes (RELIABILITY.md sections 3 and 4).
+"""Faults against real prefill and decode processes (docs/reliability.md sections 3 and 4).
 
 Killed prefill mid-transfer (retried elsewhere with exact tokens, or failed fast), cancelled and
 expired calls, more requests than the KV pool or the queue holds, a killed decode, and a SIGTERM

@@ -1,7 +1,7 @@
 """`k2serve up` as a user runs it: a real suite (tokenizer, prefill, decode, a 2-rank expert
 pool, the gateway) as processes, driven by signals and faults.
 
-Regressions (issue 12): Ctrl-C sent SIGTERM to every service at once, so the expert pool refused
+Regressions: Ctrl-C sent SIGTERM to every service at once, so the expert pool refused
 Compute first and in-flight streams ended with "expert pool unavailable" (item 11); SIGTERM
 during start-up orphaned every service, and Ctrl-C printed tracebacks (item 12); one dead service
 took the whole suite down until someone ran `k2serve up` again (item 15); `/health` answered

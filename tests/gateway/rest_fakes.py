@@ -12,10 +12,10 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.chat_types import ChatEvent, ChatRequest, Usage
 from gateway.config import GatewayConfig
 from gateway.registry import ModelShape
 from k2model.text.messages import Message
+from services.chat.types import ChatEvent, ChatRequest, Usage
 
 ORDINARY_KEY = "sk-test-ordinary-0001"
 ENTERPRISE_KEY = "sk-test-enterprise-0002"

@@ -14,9 +14,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from gateway.app import create_app
-from gateway.chat_types import ChatService
 from gateway.config import GatewayConfig, Limits
 from gateway.http_server import server_config
+from services.chat.types import ChatService
 from tests.e2e.suite_fixtures import free_port
 from tests.gateway.rest_fakes import ScriptedChat, Switch, make_config
 

@@ -9,8 +9,8 @@ import anthropic
 import httpx2
 import pytest
 
-from gateway.chat_types import ChatEvent, ToolCallDelta, Usage
 from k2model.text.messages import TextPart
+from services.chat.types import ChatEvent, ToolCallDelta, Usage
 from services.common import errors as svc
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ScriptedChat
 from tests.gateway.rest_server import HTTP, switched

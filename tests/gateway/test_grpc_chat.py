@@ -1,5 +1,5 @@
 """The gRPC Chat API end to end: real tokenizer, prefill and decode processes on the embedded
-checkpoint, the Chat server (gateway/grpc_chat.py over gateway/pipeline.py) in this process, and
+checkpoint, the Chat server (gateway/grpc_chat.py over gateway/backend.py) in this process, and
 a plain grpc client. Greedy text equals in-process generate(); streamed deltas aggregate to the
 non-streaming parse; forced tool calls drive a complete tool-call loop; n, stop, logprobs and
 usage; a cancelled call frees decode KV; bad requests are INVALID_ARGUMENT."""
@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from gateway.auth import ApiKey, KeyRing, Profile
+from gateway.backend import TokenizerBackend
 from gateway.grpc_chat import start_chat_server
-from gateway.pipeline import ChatPipeline
 from k2model import EMBEDDED_CHECKPOINT, generate_ids, load_model
 from k2model.text.chat_format import render
 from k2model.text.messages import Message
@@ -43,7 +43,7 @@ WEATHER_SCHEMA = {
     "required": ["city"],
 }
 WEATHER = chat_types_pb2.Tool(name="get_weather", parameters_json=json.dumps(WEATHER_SCHEMA))
-FUNCTION = chat_pb2.ToolChoice.FUNCTION
+FUNCTION = chat_types_pb2.ToolChoice.FUNCTION
 KEY = "sk-test-grpc-chat-0001"
 AUTH = (("authorization", f"Bearer {KEY}"),)
 
@@ -62,8 +62,8 @@ class ChatServer:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
-    async def _start(self, deployment: Any) -> tuple[ChatPipeline, Any]:
-        pipeline = ChatPipeline(deployment)
+    async def _start(self, deployment: Any) -> tuple[TokenizerBackend, Any]:
+        pipeline = TokenizerBackend([t.target for t in deployment.of_kind("tokenizer")])
         keyring = KeyRing((ApiKey("test", KEY, Profile("all", ("*",), MODEL)),))
         return pipeline, await start_chat_server({MODEL: pipeline}, 4096, keyring)
 
@@ -102,17 +102,17 @@ def user(text: str) -> chat_types_pb2.ChatMessage:
     return chat_types_pb2.ChatMessage(role="user", text=text)
 
 
-def request(**kw: Any) -> chat_pb2.ChatRequest:
+def request(**kw: Any) -> chat_types_pb2.ChatRequest:
     fields = {"model": MODEL, "messages": [user("What is the weather in Paris?")], **kw}
     fields.setdefault("sampling", GREEDY)
-    return chat_pb2.ChatRequest(**fields)
+    return chat_types_pb2.ChatRequest(**fields)
 
 
-def run(chat: ChatServer, req: chat_pb2.ChatRequest) -> list[chat_pb2.ChatEvent]:
+def run(chat: ChatServer, req: chat_types_pb2.ChatRequest) -> list[chat_types_pb2.ChatEvent]:
     return list(chat.stub.Chat(req, metadata=AUTH, timeout=120))
 
 
-def aggregate(events: list[chat_pb2.ChatEvent], choice: int = 0) -> dict[str, Any]:
+def aggregate(events: list[chat_types_pb2.ChatEvent], choice: int = 0) -> dict[str, Any]:
     """What a non-streaming client gets: the choice's deltas joined."""
     mine = [e for e in events if e.choice == choice]
     calls: dict[int, dict[str, str]] = {}
@@ -146,7 +146,7 @@ def test_greedy_text_equals_in_process_generate(chat, tokenizer) -> None:
 
 def test_forced_call_stream_aggregates_to_the_non_streaming_parse(chat) -> None:
     sampling = common_pb2.SamplingParams(temperature=1.0, seed=3, logprobs=True)
-    tool_choice = chat_pb2.ToolChoice(mode=chat_pb2.ToolChoice.REQUIRED)
+    tool_choice = chat_types_pb2.ToolChoice(mode=chat_types_pb2.ToolChoice.REQUIRED)
     events = run(chat, request(tools=[WEATHER], tool_choice=tool_choice, sampling=sampling))
     got = aggregate(events)
     raw = b"".join(lp.bytes for lp in got["logprobs"]).decode()
@@ -163,7 +163,7 @@ def test_forced_call_stream_aggregates_to_the_non_streaming_parse(chat) -> None:
 def test_tool_call_loop_completes(chat, suite) -> None:
     """named choice -> call -> tool result -> the follow-up renders it and completes; a second
     forced call continues the conversation's numbering."""
-    choice = chat_pb2.ToolChoice(mode=FUNCTION, function="get_weather")
+    choice = chat_types_pb2.ToolChoice(mode=FUNCTION, function="get_weather")
     sampling = common_pb2.SamplingParams(temperature=0.7, seed=11)
     first = aggregate(run(chat, request(tools=[WEATHER], tool_choice=choice, sampling=sampling)))
     [call] = first["calls"]
@@ -253,8 +253,10 @@ IMAGE = chat_types_pb2.ChatMessage(
         request(stop=[""]),
         request(max_tokens=0),
         request(tools=[chat_types_pb2.Tool(name="no spaces")]),
-        request(tool_choice=chat_pb2.ToolChoice(mode=FUNCTION, function="nope"), tools=[WEATHER]),
-        request(tool_choice=chat_pb2.ToolChoice(mode=chat_pb2.ToolChoice.REQUIRED)),
+        request(
+            tool_choice=chat_types_pb2.ToolChoice(mode=FUNCTION, function="nope"), tools=[WEATHER]
+        ),
+        request(tool_choice=chat_types_pb2.ToolChoice(mode=chat_types_pb2.ToolChoice.REQUIRED)),
         request(messages=[IMAGE]),
         request(messages=[chat_types_pb2.ChatMessage(role="wizard", text="hi")]),
         request(sampling=common_pb2.SamplingParams(temperature=0.0, logit_bias={5000: 1.0})),

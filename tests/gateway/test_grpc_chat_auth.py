@@ -1,7 +1,7 @@
 """The gRPC Chat API authenticates like REST: a real grpc.aio Chat server over a scripted pipeline
 (tests/gateway/rest_fakes.py), a real grpc client.
 
-Regression (issue 12, item 1): `k2.v1.Chat` answered ListModels, Chat and CountTokens without any
+Regression: `k2.v1.Chat` answered ListModels, Chat and CountTokens without any
 key, and the compose files publish its port."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_every_rpc_without_a_valid_key_is_unauthenticated(metadata) -> None:
     the pipeline never sees the request."""
 
     async def body(stub: chat_pb2_grpc.ChatStub, pipeline: ScriptedChat) -> None:
-        request = chat_pb2.ChatRequest(model="kimi-k2-instruct", messages=HELLO)
+        request = chat_types_pb2.ChatRequest(model="kimi-k2-instruct", messages=HELLO)
         calls = [
             stub.ListModels(chat_pb2.ListModelsRequest(), metadata=metadata, timeout=10),
             stub.Chat(request, metadata=metadata, timeout=10),
@@ -90,14 +90,14 @@ def test_profiles_apply_as_on_rest() -> None:
         listed = await stub.ListModels(chat_pb2.ListModelsRequest(), metadata=enterprise)
         assert list(listed.models) == ["kimi-k2-thinking", "kimi-k2-instruct"]
 
-        thinking = chat_pb2.ChatRequest(model="kimi-k2-thinking", messages=HELLO)
+        thinking = chat_types_pb2.ChatRequest(model="kimi-k2-thinking", messages=HELLO)
         code = await _code(stub.Chat(thinking, metadata=ordinary, timeout=10))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert pipeline.requests == []
 
         events = [e async for e in stub.Chat(thinking, metadata=enterprise, timeout=10)]
         assert "".join(e.content for e in events) == "hello there"
-        default = chat_pb2.ChatRequest(messages=HELLO)
+        default = chat_types_pb2.ChatRequest(messages=HELLO)
         counted = await stub.CountTokens(default, metadata=ordinary, timeout=10)
         assert counted.prompt_tokens == 2
         assert [r.model for r in pipeline.requests] == ["kimi-k2-thinking", "kimi-k2-instruct"]
@@ -110,7 +110,7 @@ def test_unknown_model_names_are_cut_in_the_error() -> None:
     """A 1 MiB model name is NOT_FOUND with a short message (it used to be echoed whole)."""
 
     async def body(stub: chat_pb2_grpc.ChatStub, pipeline: ScriptedChat) -> None:
-        request = chat_pb2.ChatRequest(model="m" * (1 << 20), messages=HELLO)
+        request = chat_types_pb2.ChatRequest(model="m" * (1 << 20), messages=HELLO)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.CountTokens(request, metadata=bearer(ENTERPRISE_KEY), timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND

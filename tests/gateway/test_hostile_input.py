@@ -1,6 +1,6 @@
 """Hostile input at the REST edge: lone surrogates, huge names, wrong methods, an empty model.
 
-Regressions (issue 12, item 7): a lone UTF-16 surrogate ("a\\ud800b" in content, system, stop,
+Regressions: a lone UTF-16 surrogate ("a\\ud800b" in content, system, stop,
 tool text or schema keys) was a 500 on the OpenAI and Anthropic routes (UnicodeEncodeError while
 building the protobuf); error messages echoed unbounded input (100 KB came back); 405 answers
 had no Allow header and Anthropic's not_found_error type; `"model": ""` got the default model."""

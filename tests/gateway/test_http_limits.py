@@ -1,7 +1,7 @@
 """The request head and read time are bounded on the wire, before anything is buffered: raw
 sockets against the gateway on its own server protocol (gateway/http_server.py).
 
-Regression (issue 12, item 4): uvicorn's httptools parser read a header of any size before the
+Regression: uvicorn's httptools parser read a header of any size before the
 gateway's 16 KiB check ran (a 256 MiB header got its 431 after 104 s; 16 unfinished 64 MiB
 headers took the gateway from 284 MB to 1,334 MB), and a client that sent its request slowly
 held its connection forever."""

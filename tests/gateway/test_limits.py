@@ -1,4 +1,4 @@
-"""Every limit and bad input of RELIABILITY.md section 2: a 4xx in the exact OpenAI shape naming
+"""Every limit and bad input of docs/reliability.md section 2: a 4xx in the exact OpenAI shape naming
 the parameter, the pipeline never called, and the server healthy afterwards."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.chat_types import ChatEvent
+from services.chat.types import ChatEvent
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ScriptedChat, echo, make_config
 from tests.gateway.rest_server import HTTP, running
 

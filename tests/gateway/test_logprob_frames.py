@@ -1,6 +1,6 @@
 """Every generated token has exactly one logprob entry in every stream, on both OpenAI APIs.
 
-Regression (issue 12, item 10): with `/v1/completions` streams (`logprobs: 0`), some streams
+Regression: with `/v1/completions` streams (`logprobs: 0`), some streams
 listed 64-99 entries for 128 tokens. A token whose text the detokenizer holds back (the first
 bytes of a multi-byte character) produces an event with logprobs and no text, and the
 completions stream dropped such events. The events here come from the real DetokenizeSession
@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.chat_types import ChatEvent, TokenLogprob, Usage
 from gateway.events import settle
 from gateway.openai_responses import Envelope, chat_chunks, completion_chunks
 from k2model import EMBEDDED_CHECKPOINT
 from k2model.text.tokenizer import Tokenizer
+from services.chat.types import ChatEvent, TokenLogprob, Usage
 from services.tokenizer.detokenize_session import DetokenizeOptions, DetokenizeSession
 
 TOKENIZER = Tokenizer.from_dir(EMBEDDED_CHECKPOINT)

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.chat_types import ChatEvent, ChatRequest, TokenLogprob, ToolCallDelta, Usage
 from k2model.text.messages import TextPart
+from services.chat.types import ChatEvent, ChatRequest, TokenLogprob, ToolCallDelta, Usage
 from services.common import errors as svc
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ORDINARY_KEY, ScriptedChat
 from tests.gateway.rest_server import HTTP, switched

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.chat_types import ChatEvent, TokenLogprob, Usage
 from gateway.metrics import DecodeLoad
+from services.chat.types import ChatEvent, TokenLogprob, Usage
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ORDINARY_KEY, ScriptedChat, echo
 from tests.gateway.rest_server import HTTP, running, switched
 
@@ -161,7 +161,7 @@ def test_client_disconnect_while_waiting_cancels_a_non_streaming_request(serve) 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/messages"])
 def test_client_that_leaves_before_the_first_token_frees_its_place(serve, path: str) -> None:
-    """Regression (issue 12, item 15): a streaming request still queued (no first token yet)
+    """Regression: a streaming request still queued (no first token yet)
     kept its place when the client left: 20 clients that gave up after 2 s still cost 16
     prefills. The gateway now watches for the disconnect while it waits."""
     fake = ScriptedChat(delay_s=30.0)  # the first token would come after 30 s

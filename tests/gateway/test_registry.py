@@ -8,9 +8,9 @@ import time
 import openai
 import pytest
 
-from gateway.chat_types import ChatEvent
 from gateway.config import ConfigError, GatewayConfig
 from gateway.registry import LocalModel, Registry, RegistryError, UpstreamModel
+from services.chat.types import ChatEvent
 from services.common import errors as svc
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, SHAPE, ScriptedChat, config_dict, echo
 from tests.gateway.rest_server import HTTP, free_port, running, switched

@@ -353,7 +353,7 @@ def test_grpc_chat_api_beside_rest_gives_the_same_text(suite) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
             stub = chat_pb2_grpc.ChatStub(channel)
             models = await stub.ListModels(chat_pb2.ListModelsRequest(), metadata=auth, timeout=30)
-            request = chat_pb2.ChatRequest(
+            request = chat_types_pb2.ChatRequest(
                 model="kimi-k2-instruct",
                 messages=[chat_types_pb2.ChatMessage(role="user", text="Say hi.")],
                 max_tokens=12,

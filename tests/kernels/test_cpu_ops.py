@@ -104,7 +104,7 @@ def test_cpu_generation_never_imports_triton() -> None:
         "import sys\n"
         "from k2model import EMBEDDED_CHECKPOINT\n"
         "from k2model.checkpoint.loader import load_model\n"
-        "from k2model.generate import GenerationRequest, generate\n"
+        "from k2model.generation import GenerationRequest, generate\n"
         "m = load_model(EMBEDDED_CHECKPOINT)\n"
         "for _ in generate(m, [GenerationRequest([5, 6, 7], 4)]): pass\n"
         "assert 'triton' not in sys.modules, 'triton was imported'\n"

@@ -1,7 +1,7 @@
 """The CPU extension's build is keyed by source content and guarded by a lock that dies with its
 holder (k2model/kernels/ext_build.py).
 
-Regression (issue 12, item 13): torch's lock *file* outlived a build killed midway, and every
+Regression: torch's lock *file* outlived a build killed midway, and every
 later start waited on it forever with no message (a fresh clone's CI failed 14 tests this way);
 and each checkout at another path rebuilt the shared extension cache."""
 

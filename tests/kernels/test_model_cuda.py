@@ -1,4 +1,4 @@
-"""On a GPU the model runs the Triton kernels and gives the CPU's greedy tokens (issue 8's proof)."""
+"""On a GPU the model runs the Triton kernels and gives the CPU's greedy tokens."""
 
 import pytest
 import torch

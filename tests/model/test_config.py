@@ -27,7 +27,7 @@ def test_real_k2_instruct_config() -> None:
     assert (cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_attention_heads) == (61, 384, 64)
     assert cfg.kv_cache_dim == 576 and cfg.fp8_block_size == (128, 128)
     assert not cfg.is_moe_layer(0) and cfg.is_moe_layer(1) and cfg.is_moe_layer(60)
-    assert cfg.softmax_scale == pytest.approx(0.1308608, abs=1e-7)  # K2_SPEC 2.6
+    assert cfg.softmax_scale == pytest.approx(0.1308608, abs=1e-7)  # docs/model.md, softmax scale
     assert cfg.rope_scaling.beta_fast == 1.0 and cfg.rope_scaling.beta_slow == 1.0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from k2model.generate import GenerationRequest, generate, generate_ids
+from k2model.generation import GenerationRequest, generate, generate_ids
 from k2model.model import K2Model
 from k2model.sampling_params import SamplingParams
 from tests.model.helpers import Runner

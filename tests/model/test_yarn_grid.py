@@ -1,7 +1,7 @@
 """YaRN frequencies, cos/sin multiplier and softmax scale equal transformers' over a grid of
 rope configs, including configs that give only one of mscale / mscale_all_dim.
 
-Regression (issue 12, item 9): with mscale 0.707 alone, our multiplier was 1.2450 against
+Regression: with mscale 0.707 alone, our multiplier was 1.2450 against
 transformers' 1.3466 (it infers the factor from `factor` alone unless both are given)."""
 
 from __future__ import annotations

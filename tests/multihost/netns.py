@@ -1,4 +1,4 @@
-"""Several "hosts" on one machine: network namespaces joined by a bridge (RELIABILITY.md section 6).
+"""Several "hosts" on one machine: network namespaces joined by a bridge (docs/reliability.md section 6).
 
 `Network` builds, as root:
 - a switch namespace holding a bridge, and one namespace per host, each wired to the bridge with

@@ -235,8 +235,8 @@ def test_submit_refuses_bad_requests_without_reserving_anything(model: K2Model) 
         ([], 5, InvalidArgument),
         ([cfg.vocab_size], 5, InvalidArgument),
         ([-3], 5, InvalidArgument),
-        ([1, 2], 0, ValueError),
         ([1, 2], -1, InvalidArgument),
+        ([1] * 128, 0, OutOfRange),  # "as many as fit": none do
         ([1] * (context + 1), 1, OutOfRange),
         ([1] * 10, context - 9, OutOfRange),
         (
@@ -253,6 +253,15 @@ def test_submit_refuses_bad_requests_without_reserving_anything(model: K2Model) 
         submit(engine, [1, 2], 3)
     stats = engine.stats()
     assert stats["queued"] == 1 and stats["kv_blocks_free"] == 8
+
+
+def test_max_new_tokens_zero_is_what_the_pool_and_the_context_leave(model: K2Model) -> None:
+    unused: Prefiller = LocalPrefill(model)
+    small = DecodeEngine(model, DecodeLimits(num_blocks=8, block_size=16), unused)
+    assert submit(small, [1] * 100, 0).max_new_tokens == 128 - 100  # the pool's 128 slots
+    big = DecodeEngine(model, DecodeLimits(num_blocks=1024, block_size=16), unused)
+    context = model.cfg.max_position_embeddings  # 8192 < 16384 slots
+    assert submit(big, [1] * 100, 0).max_new_tokens == context - 100
 
 
 def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model: K2Model) -> None:

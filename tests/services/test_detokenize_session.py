@@ -247,7 +247,7 @@ def test_out_of_vocabulary_id_is_invalid_argument() -> None:
 
 
 def test_markers_spelled_with_ordinary_tokens_stay_text() -> None:
-    """Regression (issue 12, item 3): the session parsed decoded text, so arguments that mention
+    """Regression: the session parsed decoded text, so arguments that mention
     `<|tool_call_end|>` cut the call short, and content saying "use the <think> tag" lost text.
     Here the model writes the markers' characters with ordinary tokens; only its control ids
     are structure, streamed and whole alike."""

@@ -1,6 +1,6 @@
 """The expert pool starts without compiling DeepSpeed's shared-memory all-reduce op.
 
-Regression (issue 12, item 13): `deepspeed.init_distributed` on the CPU backend JIT-built
+Regression: `deepspeed.init_distributed` on the CPU backend JIT-built
 `deepspeed_shm_comm` under torch's file lock at every fresh start (the pool never all-reduces);
 a rank killed mid-build left the lock, and later starts waited on it forever."""
 

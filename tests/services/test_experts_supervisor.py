@@ -193,7 +193,7 @@ def test_a_pool_spanning_nodes_restarts_as_one_job(tmp_path: Path) -> None:
 
 
 def test_ending_a_job_ends_what_its_ranks_started(tmp_path: Path) -> None:
-    """Regression (issue 12, item 12): a killed rank's children (a JIT build's ninja and
+    """Regression: a killed rank's children (a JIT build's ninja and
     compilers) survived it. Each rank leads its own process group, which the supervisor ends."""
     children = tmp_path / "children"
     body = (

@@ -1,6 +1,6 @@
 """An idle channel's keepalive pings are welcome: no GOAWAY (too_many_pings) from our servers.
 
-Regression (issue 12, item 16): the servers set `grpc.http2.min_recv_ping_interval_without_data_ms`,
+Regression: the servers set `grpc.http2.min_recv_ping_interval_without_data_ms`,
 which is not a gRPC option, so the real one (`grpc.http2.min_ping_interval_without_data_ms`)
 stayed at its 5-minute default; clients ping every 10 s, and servers answered GOAWAY
 too_many_pings after two strikes (4 times in 6 minutes). Here the client pings every 1.2 s on a

@@ -127,19 +127,32 @@ def test_decode_round_trip() -> None:
 
 
 def test_tokenizer_round_trip() -> None:
-    start = tokenizer_pb2.DetokenizeInput(
-        start=tokenizer_pb2.DetokenizeStart(stop=["\n\n", "END"], parse_tool_calls=True)
+    chat = chat_types_pb2.ChatRequest(
+        stop=["\n\n", "END"],
+        tool_choice=chat_types_pb2.ToolChoice(
+            mode=chat_types_pb2.ToolChoice.FUNCTION, function="f"
+        ),
+        max_tokens=0,
     )
-    assert list(_round_trip(start).start.stop) == ["\n\n", "END"]
-    ids = tokenizer_pb2.DetokenizeInput(ids=tokenizer_pb2.TokenIds(ids=[1, 2]))
-    assert _round_trip(ids).WhichOneof("part") == "ids"
+    back = _round_trip(chat)
+    assert list(back.stop) == ["\n\n", "END"] and back.tool_choice.function == "f"
+    assert back.HasField("max_tokens") and not back.HasField("thinking")
+    load = tokenizer_pb2.PlacementReply(
+        decodes=[tokenizer_pb2.PeerLoad(name="d", stats=decode_pb2.DecodeStats(running=3))]
+    )
+    assert _round_trip(load).decodes[0].stats.running == 3
 
 
 def test_service_stubs_exist_for_every_service() -> None:
     services = [
         (decode_pb2, decode_pb2_grpc, "Decode", ["Generate", "Stats"]),
         (prefill_pb2, prefill_pb2_grpc, "Prefill", ["Prefill", "Stats"]),
-        (tokenizer_pb2, tokenizer_pb2_grpc, "Tokenizer", ["Render", "Encode", "Detokenize"]),
+        (
+            tokenizer_pb2,
+            tokenizer_pb2_grpc,
+            "Tokenizer",
+            ["Chat", "CountTokens", "Render", "Info", "Placement"],
+        ),
     ]
     for pb2, pb2_grpc, service, methods in services:
         for attr in (f"{service}Stub", f"{service}Servicer", f"add_{service}Servicer_to_server"):

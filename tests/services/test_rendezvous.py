@@ -1,6 +1,6 @@
 """The expert pool's rendezvous store listens on node 0's pool address only.
 
-Regression (issue 12, item 5): the store (torch's TCPStore, which has no authentication) was
+Regression: the store (torch's TCPStore, which has no authentication) was
 served on 0.0.0.0, every interface of node 0, whatever the deployment named."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A service whose engine loop dies goes NOT_SERVING, fails its calls fast and exits to be
-restarted (issue 12, item 15: it stayed SERVING while requests hung). The service runs in its
+restarted (it used to stay SERVING while requests hung). The service runs in its
 own process, as under `k2serve up`."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """services.common.server and channel against real grpc.aio servers on 127.0.0.1, port 0.
 
-The test servicer is the generated Tokenizer base class with handlers that raise on request; a
-generic handler adds the two RPC kinds the Tokenizer service lacks (unary-stream, stream-unary),
-so every kind is seen going through the one error interceptor.
+The test servicer is the test-only k2test.Echo service (echo_service.py) with handlers that
+raise on request; a generic handler adds the two RPC kinds Echo lacks (unary-stream,
+stream-unary), so every kind is seen going through the one error interceptor.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from services.common.server import (
     deadline_remaining,
     start_server,
 )
-from services.pb.k2.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tests.services.echo_service import SERVICE, grpc_pb, pb
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
-TOKENIZER = "k2.v1.Tokenizer"
 RPC_TIMEOUT_S = 10.0  # a guard so a broken server fails the test instead of hanging it
 
-# The contract (RELIABILITY.md section 1): which status each domain error must reach callers as.
+# The contract (docs/reliability.md section 1): which status each domain error must reach callers as.
 EXPECTED_STATUS: dict[type[Exception], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
@@ -57,7 +56,7 @@ def make_error(name: str) -> Exception:
     return RuntimeError(SECRET) if name == BUG else ERRORS[name](f"{name} says no")
 
 
-class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
+class FakeEcho(grpc_pb.EchoServicer):
     """Encode: text "raise:<Error>" raises it, "abort" aborts, "hang" waits for cancellation,
     "remaining" returns the deadline left in ms, "big:<n>" returns n ids, else [len(text)].
     Detokenize: `start.stop[0]` names an error raised after the first reply; otherwise it echoes
@@ -69,8 +68,8 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
         self.stream_closed = asyncio.Event()
 
     async def Encode(
-        self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> tokenizer_pb2.EncodeReply:
+        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EncodeReply:
         command, _, arg = request.text.partition(":")
         if command == "raise":
             raise make_error(arg)
@@ -84,23 +83,23 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
                 raise
         if command == "remaining":
             left = deadline_remaining(context)
-            return tokenizer_pb2.EncodeReply(ids=[] if left is None else [round(left * 1000)])
+            return pb.EncodeReply(ids=[] if left is None else [round(left * 1000)])
         if command == "big":
-            return tokenizer_pb2.EncodeReply(ids=[7] * int(arg))
-        return tokenizer_pb2.EncodeReply(ids=[len(request.text)])
+            return pb.EncodeReply(ids=[7] * int(arg))
+        return pb.EncodeReply(ids=[len(request.text)])
 
     async def Detokenize(
         self,
-        request_iterator: AsyncIterator[tokenizer_pb2.DetokenizeInput],
+        request_iterator: AsyncIterator[pb.DetokenizeInput],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[tokenizer_pb2.DetokenizeOutput]:
+    ) -> AsyncIterator[pb.DetokenizeOutput]:
         fail_with = ""
         try:
             async for item in request_iterator:
                 if item.HasField("start"):
                     fail_with = item.start.stop[0] if item.start.stop else ""
                     continue
-                yield tokenizer_pb2.DetokenizeOutput(content=str(list(item.ids.ids)))
+                yield pb.DetokenizeOutput(content=str(list(item.ids.ids)))
                 if fail_with:
                     raise make_error(fail_with)
                 await self.release.wait()
@@ -136,15 +135,15 @@ KINDS = grpc.method_handlers_generic_handler(
 
 @contextlib.asynccontextmanager
 async def serving(
-    servicer: FakeTokenizer, options: ServerOptions | None = None
+    servicer: FakeEcho, options: ServerOptions | None = None
 ) -> AsyncIterator[tuple[RunningServer, grpc.aio.Channel]]:
     running = await start_server(
         "test",
         [
-            lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, s),
+            lambda s: grpc_pb.add_EchoServicer_to_server(servicer, s),
             lambda s: s.add_generic_rpc_handlers((KINDS,)),
         ],
-        [TOKENIZER],
+        [SERVICE],
         options or ServerOptions(),
     )
     channel = open_channel(running.address)
@@ -155,12 +154,12 @@ async def serving(
         await running.server.stop(None)
 
 
-def detok_start(*stop: str) -> tokenizer_pb2.DetokenizeInput:
-    return tokenizer_pb2.DetokenizeInput(start=tokenizer_pb2.DetokenizeStart(stop=stop))
+def detok_start(*stop: str) -> pb.DetokenizeInput:
+    return pb.DetokenizeInput(start=pb.DetokenizeStart(stop=stop))
 
 
-def detok_ids(*ids: int) -> tokenizer_pb2.DetokenizeInput:
-    return tokenizer_pb2.DetokenizeInput(ids=tokenizer_pb2.TokenIds(ids=ids))
+def detok_ids(*ids: int) -> pb.DetokenizeInput:
+    return pb.DetokenizeInput(ids=pb.TokenIds(ids=ids))
 
 
 async def _items(*items: object) -> AsyncIterator[object]:
@@ -178,10 +177,10 @@ async def call_every_kind(
     channel: grpc.aio.Channel, error: str
 ) -> dict[str, tuple[grpc.StatusCode, str, list[object]]]:
     """Make each RPC kind raise `error`; per kind: (status, details, replies received first)."""
-    stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+    stub = grpc_pb.EchoStub(channel)
     calls = {
         "unary_unary": lambda: stub.Encode(
-            tokenizer_pb2.EncodeRequest(text=f"raise:{error}"), timeout=RPC_TIMEOUT_S
+            pb.EncodeRequest(text=f"raise:{error}"), timeout=RPC_TIMEOUT_S
         ),
         "stream_stream": lambda: stub.Detokenize(
             _items(detok_start(error), detok_ids(1)), timeout=RPC_TIMEOUT_S
@@ -213,7 +212,7 @@ async def call_every_kind(
 @pytest.mark.parametrize("error", sorted(ERRORS))
 def test_each_domain_error_maps_to_its_status_in_every_rpc_kind(error: str) -> None:
     async def body() -> None:
-        async with serving(FakeTokenizer()) as (_, channel):
+        async with serving(FakeEcho()) as (_, channel):
             outcomes = await call_every_kind(channel, error)
         for kind, (code, details, received) in outcomes.items():
             assert code == EXPECTED_STATUS[ERRORS[error]], kind
@@ -228,7 +227,7 @@ def test_unexpected_exception_is_internal_and_leaks_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def body() -> dict[str, tuple[grpc.StatusCode, str, list[object]]]:
-        async with serving(FakeTokenizer()) as (_, channel):
+        async with serving(FakeEcho()) as (_, channel):
             return await call_every_kind(channel, BUG)
 
     with caplog.at_level(logging.ERROR, logger="services.common.server"):
@@ -246,14 +245,14 @@ def test_unexpected_exception_is_internal_and_leaks_nothing(
 
 def test_handler_abort_and_unimplemented_pass_through(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        async with serving(FakeTokenizer()) as (_, channel):
-            stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+        async with serving(FakeEcho()) as (_, channel):
+            stub = grpc_pb.EchoStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as aborted:
-                await stub.Encode(tokenizer_pb2.EncodeRequest(text="abort"), timeout=RPC_TIMEOUT_S)
+                await stub.Encode(pb.EncodeRequest(text="abort"), timeout=RPC_TIMEOUT_S)
             assert aborted.value.code() == grpc.StatusCode.NOT_FOUND
             assert aborted.value.details() == "aborted by the handler"
             with pytest.raises(grpc.aio.AioRpcError) as missing:
-                await stub.Render(tokenizer_pb2.RenderRequest(), timeout=RPC_TIMEOUT_S)
+                await stub.Missing(pb.EncodeRequest(), timeout=RPC_TIMEOUT_S)
             assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
     with caplog.at_level(logging.INFO, logger="services.common.server"):
@@ -264,18 +263,18 @@ def test_handler_abort_and_unimplemented_pass_through(caplog: pytest.LogCaptureF
 
 def test_health_is_not_serving_until_set_serving() -> None:
     async def body() -> None:
-        async with serving(FakeTokenizer()) as (running, channel):
+        async with serving(FakeEcho()) as (running, channel):
             await wait_ready(channel, RPC_TIMEOUT_S)
             watch = health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(service=TOKENIZER), timeout=RPC_TIMEOUT_S
+                health_pb2.HealthCheckRequest(service=SERVICE), timeout=RPC_TIMEOUT_S
             )
             first = await watch.read()
             assert await health_status(channel) == "NOT_SERVING"
-            assert await health_status(channel, TOKENIZER) == "NOT_SERVING"
+            assert await health_status(channel, SERVICE) == "NOT_SERVING"
             assert await health_status(channel, "k2.v1.Nope") == "SERVICE_UNKNOWN"
             running.set_serving()
             assert await health_status(channel) == "SERVING"
-            assert await health_status(channel, TOKENIZER) == "SERVING"
+            assert await health_status(channel, SERVICE) == "SERVING"
             second = await watch.read()
             watch.cancel()
         serving_status = health_pb2.HealthCheckResponse
@@ -286,14 +285,14 @@ def test_health_is_not_serving_until_set_serving() -> None:
 
 def test_reflection_lists_the_services_and_serves_their_descriptors() -> None:
     async def body() -> tuple[set[str], str]:
-        async with serving(FakeTokenizer()) as (_, channel):
+        async with serving(FakeEcho()) as (_, channel):
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             replies = [
                 reply
                 async for reply in stub.ServerReflectionInfo(
                     _items(
                         reflection_pb2.ServerReflectionRequest(list_services=""),
-                        reflection_pb2.ServerReflectionRequest(file_containing_symbol=TOKENIZER),
+                        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
                     ),
                     timeout=RPC_TIMEOUT_S,
                 )
@@ -305,26 +304,24 @@ def test_reflection_lists_the_services_and_serves_their_descriptors() -> None:
         return names, file.name
 
     names, file_name = asyncio.run(body())
-    assert names == {TOKENIZER, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
-    assert file_name == "k2/v1/tokenizer.proto"
+    assert names == {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert file_name == "echo.proto"
 
 
 def test_messages_over_the_size_limit_are_refused() -> None:
     async def body() -> None:
-        async with serving(FakeTokenizer(), ServerOptions(max_message_bytes=1024)) as (_, ch):
-            stub = tokenizer_pb2_grpc.TokenizerStub(ch)
-            ok = await stub.Encode(tokenizer_pb2.EncodeRequest(text="x" * 900), timeout=10)
+        async with serving(FakeEcho(), ServerOptions(max_message_bytes=1024)) as (_, ch):
+            stub = grpc_pb.EchoStub(ch)
+            ok = await stub.Encode(pb.EncodeRequest(text="x" * 900), timeout=10)
             assert list(ok.ids) == [900]
             for text in ("x" * 2048, "big:2000"):  # request too big; reply too big to send
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub.Encode(tokenizer_pb2.EncodeRequest(text=text), timeout=10)
+                    await stub.Encode(pb.EncodeRequest(text=text), timeout=10)
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, text[:8]
-        async with serving(FakeTokenizer()) as (running, _):
+        async with serving(FakeEcho()) as (running, _):
             small = open_channel(running.address, max_message_bytes=1024)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await tokenizer_pb2_grpc.TokenizerStub(small).Encode(
-                    tokenizer_pb2.EncodeRequest(text="big:2000"), timeout=10
-                )
+                await grpc_pb.EchoStub(small).Encode(pb.EncodeRequest(text="big:2000"), timeout=10)
             await small.close()
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -333,17 +330,15 @@ def test_messages_over_the_size_limit_are_refused() -> None:
 
 def test_drain_finishes_in_flight_streams_and_refuses_new_calls() -> None:
     async def body() -> None:
-        tokenizer = FakeTokenizer()
-        async with serving(tokenizer) as (running, channel):
+        echo = FakeEcho()
+        async with serving(echo) as (running, channel):
             running.set_serving()
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT_S
             )
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-            inputs: asyncio.Queue[tokenizer_pb2.DetokenizeInput | None] = asyncio.Queue()
-            stream = tokenizer_pb2_grpc.TokenizerStub(channel).Detokenize(
-                until_none(inputs), timeout=RPC_TIMEOUT_S
-            )
+            inputs: asyncio.Queue[pb.DetokenizeInput | None] = asyncio.Queue()
+            stream = grpc_pb.EchoStub(channel).Detokenize(until_none(inputs), timeout=RPC_TIMEOUT_S)
             for item in (detok_start(), detok_ids(1)):
                 inputs.put_nowait(item)
             assert (await stream.read()).content == "[1]"  # in flight, blocked on `release`
@@ -353,13 +348,13 @@ def test_drain_finishes_in_flight_streams_and_refuses_new_calls() -> None:
             assert await watch.read() is grpc.aio.EOF  # watches end so they never hold a drain
             for fresh in (channel, open_channel(running.address)):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await tokenizer_pb2_grpc.TokenizerStub(fresh).Encode(
-                        tokenizer_pb2.EncodeRequest(text="x"), timeout=RPC_TIMEOUT_S
+                    await grpc_pb.EchoStub(fresh).Encode(
+                        pb.EncodeRequest(text="x"), timeout=RPC_TIMEOUT_S
                     )
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert not drain.done()
 
-            tokenizer.release.set()
+            echo.release.set()
             inputs.put_nowait(detok_ids(2, 3))
             inputs.put_nowait(None)
             assert (await stream.read()).content == "[2, 3]"
@@ -372,16 +367,16 @@ def test_drain_finishes_in_flight_streams_and_refuses_new_calls() -> None:
 
 def test_deadline_reaches_the_client_and_cancels_the_handler() -> None:
     async def body() -> None:
-        tokenizer = FakeTokenizer()
-        async with serving(tokenizer) as (_, channel):
-            stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+        echo = FakeEcho()
+        async with serving(echo) as (_, channel):
+            stub = grpc_pb.EchoStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as expired:
-                await stub.Encode(tokenizer_pb2.EncodeRequest(text="hang"), timeout=0.2)
+                await stub.Encode(pb.EncodeRequest(text="hang"), timeout=0.2)
             assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await asyncio.wait_for(tokenizer.cancelled.wait(), RPC_TIMEOUT_S)
+            await asyncio.wait_for(echo.cancelled.wait(), RPC_TIMEOUT_S)
 
-            none = await stub.Encode(tokenizer_pb2.EncodeRequest(text="remaining"))
-            some = await stub.Encode(tokenizer_pb2.EncodeRequest(text="remaining"), timeout=30)
+            none = await stub.Encode(pb.EncodeRequest(text="remaining"))
+            some = await stub.Encode(pb.EncodeRequest(text="remaining"), timeout=30)
             assert list(none.ids) == []
             assert 10_000 < some.ids[0] < 60_000  # the caller's 30 s (grpc rounds it up a bit)
 
@@ -390,24 +385,24 @@ def test_deadline_reaches_the_client_and_cancels_the_handler() -> None:
 
 def test_client_cancel_closes_the_streaming_handler() -> None:
     async def body() -> None:
-        tokenizer = FakeTokenizer()
-        async with serving(tokenizer) as (_, channel):
-            stream = tokenizer_pb2_grpc.TokenizerStub(channel).Detokenize(
+        echo = FakeEcho()
+        async with serving(echo) as (_, channel):
+            stream = grpc_pb.EchoStub(channel).Detokenize(
                 _items(detok_start(), detok_ids(1)), timeout=RPC_TIMEOUT_S
             )
             assert (await stream.read()).content == "[1]"
             stream.cancel()
-            await asyncio.wait_for(tokenizer.stream_closed.wait(), RPC_TIMEOUT_S)
+            await asyncio.wait_for(echo.stream_closed.wait(), RPC_TIMEOUT_S)
 
     asyncio.run(body())
 
 
 def test_default_bind_is_loopback_and_ports_are_not_shared() -> None:
     async def body() -> None:
-        async with serving(FakeTokenizer()) as (running, _):
+        async with serving(FakeEcho()) as (running, _):
             assert running.address == f"127.0.0.1:{running.port}" and running.port > 0
             with pytest.raises(OSError, match="cannot bind"):
-                await start_server("twin", [], [TOKENIZER], ServerOptions(bind=running.address))
+                await start_server("twin", [], [SERVICE], ServerOptions(bind=running.address))
 
     assert ServerOptions().bind.startswith("127.0.0.1:")
     asyncio.run(body())

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.channel import open_channel
-from services.pb.k2.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tests.services.echo_service import grpc_pb, pb
 from tests.services.test_server import REPO, detok_ids, detok_start, until_none
 
 # A service __main__ in miniature: run() + run_until_signal(), an echoing Detokenize stream.
@@ -22,19 +22,19 @@ ECHO_SERVER = """
 import asyncio
 
 from services.common.server import ServerOptions, run, run_until_signal, start_server
-from services.pb.k2.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tests.services.echo_service import SERVICE, grpc_pb, pb
 
 
-class Echo(tokenizer_pb2_grpc.TokenizerServicer):
+class Echo(grpc_pb.EchoServicer):
     async def Detokenize(self, request_iterator, context):
         async for item in request_iterator:
             if item.HasField("ids"):
-                yield tokenizer_pb2.DetokenizeOutput(content=str(list(item.ids.ids)))
+                yield pb.DetokenizeOutput(content=str(list(item.ids.ids)))
 
 
 async def main() -> None:
-    register = [lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(Echo(), s)]
-    running = await start_server("echo", register, ["k2.v1.Tokenizer"], ServerOptions())
+    register = [lambda s: grpc_pb.add_EchoServicer_to_server(Echo(), s)]
+    running = await start_server("echo", register, [SERVICE], ServerOptions())
     running.set_serving()
     loop = type(asyncio.get_running_loop())
     print("PORT", running.port, loop.__module__, flush=True)
@@ -78,10 +78,8 @@ async def _stream_across_sigterm(proc: subprocess.Popen[str], address: str) -> l
     """Open a stream, SIGTERM the server, wait until its health says NOT_SERVING (the drain has
     begun), then keep using the stream to its end."""
     channel = open_channel(address)
-    inputs: asyncio.Queue[tokenizer_pb2.DetokenizeInput | None] = asyncio.Queue()
-    stream = tokenizer_pb2_grpc.TokenizerStub(channel).Detokenize(
-        until_none(inputs), timeout=GRACE_S
-    )
+    inputs: asyncio.Queue[pb.DetokenizeInput | None] = asyncio.Queue()
+    stream = grpc_pb.EchoStub(channel).Detokenize(until_none(inputs), timeout=GRACE_S)
     watch = health_pb2_grpc.HealthStub(channel).Watch(
         health_pb2.HealthCheckRequest(), timeout=GRACE_S
     )

@@ -1,6 +1,6 @@
 """Request text never becomes control ids, also when the checkpoint ships its own chat template.
 
-Regression (issue 12, item 2): with a checkpoint template, the tokenizer service rendered it and
+Regression: with a checkpoint template, the tokenizer service rendered it and
 cut control-token names out of the whole text, user text included, so a user who typed
 `<|im_end|><|im_assistant|>` forged turns. Every real K2 checkpoint ships a template; the
 embedded one does not, so the default tests never saw it.
@@ -27,7 +27,7 @@ from k2model.text.messages import Message, TextPart, Tool, ToolCall
 from k2model.text.tokenizer import Tokenizer
 from services.pb.k2.v1 import chat_types_pb2 as chat
 from services.pb.k2.v1 import tokenizer_pb2 as pb
-from services.tokenizer.servicer import TokenizerServicer
+from services.tokenizer.chat_text import ChatText
 from tests.services.test_tokenizer_service import render_rpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,11 +61,11 @@ def checkpoint_with(tmp: Path, template: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servicers(tmp_path_factory) -> list[tuple[Flavor, TokenizerServicer]]:
+def servicers(tmp_path_factory) -> list[tuple[Flavor, ChatText]]:
     out = []
     for flavor, template in _templates():
         directory = checkpoint_with(tmp_path_factory.mktemp(flavor), template)
-        servicer = TokenizerServicer(directory)
+        servicer = ChatText(directory)
         assert servicer.chat_format == "checkpoint"
         out.append((flavor, servicer))
     return out
@@ -138,7 +138,7 @@ def _proto(messages: list[Message], tools: tuple[Tool, ...]) -> pb.RenderRequest
 def test_request_text_is_ordinary_text_under_a_checkpoint_template(servicers, conversation) -> None:
     messages, tools = conversation
     for flavor, servicer in servicers:
-        reply = servicer.render_reply(messages, tools, True)
+        reply = servicer.render(messages, tools, True)
         expected = TOKENIZER.encode_segments(render(messages, tools, flavor=flavor))
         assert list(reply.prompt_ids) == expected
         assert reply.prompt_text == "".join(t for t, _ in render(messages, tools, flavor=flavor))
@@ -163,15 +163,13 @@ def test_a_forged_turn_over_the_rpc_stays_text(servicers) -> None:
     [(None, "sorted"), ("", "as sent"), ("def deep_sort_dict(d): ...", "sorted")],
 )
 def test_tool_key_order_follows_the_checkpoints_tokenizer(tmp_path: Path, code, ordered) -> None:
-    """Regression (issue 12, item 8): a K2-Instruct-0711 checkpoint (its tokenization_kimi.py
+    """Regression: a K2-Instruct-0711 checkpoint (its tokenization_kimi.py
     has no deep_sort_dict) rendered tools with sorted keys; HF keeps their insertion order."""
     directory = checkpoint_with(tmp_path, "{{ tools | tojson }}")
     if code is not None:
         (directory / "tokenization_kimi.py").write_text(f"class TikTokenTokenizer: ...\n{code}\n")
     tool = Tool("f", "d", {"type": "object", "properties": {"z": {}, "a": {}}})
-    text = (
-        TokenizerServicer(directory).render_reply([Message("user", "x")], (tool,), True).prompt_text
-    )
+    text = ChatText(directory).render([Message("user", "x")], (tool,), True).prompt_text
     as_sent = json.dumps([tool.to_dict()], ensure_ascii=False)
     assert text == (
         json.dumps([tool.to_dict()], sort_keys=True) if ordered == "sorted" else as_sent

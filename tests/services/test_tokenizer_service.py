@@ -1,15 +1,17 @@
 """k2.v1.Tokenizer over a real in-process grpc.aio server on port 0 and the embedded checkpoint:
-Render equals the in-process render + encode, Encode never makes control ids, Detokenize streams
-text, stops and structured tool calls / reasoning; bad requests are INVALID_ARGUMENT. Also the
-chat-format default per checkpoint and the `python -m services.tokenizer` entry point."""
+Render equals the in-process render + encode, Info is the checkpoint's shape, bad requests are
+INVALID_ARGUMENT. Also the chat-format default per checkpoint and the `python -m
+services.tokenizer` entry point. (Chat itself: test_chat_pipeline.py; detokenization:
+test_detokenize_session.py.)"""
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,35 +23,48 @@ from k2model import EMBEDDED_CHECKPOINT
 from k2model.text.chat_format import control_tokens, render
 from k2model.text.jinja_template import JinjaChatTemplate
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
-from k2model.text.opaque import split_control
 from k2model.text.tokenizer import Tokenizer
+from services.common.placement import Placement
 from services.common.server import ServerOptions, start_server
 from services.pb.k2.v1 import chat_types_pb2 as chat
+from services.pb.k2.v1 import decode_pb2_grpc, tokenizer_pb2_grpc
 from services.pb.k2.v1 import tokenizer_pb2 as pb
-from services.pb.k2.v1 import tokenizer_pb2_grpc
+from services.tokenizer.chat_pipeline import ChatPipeline
+from services.tokenizer.chat_text import ChatText
 from services.tokenizer.servicer import SERVICE_NAME, TokenizerServicer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = Tokenizer.from_dir(EMBEDDED_CHECKPOINT)
-SERVICER = TokenizerServicer(EMBEDDED_CHECKPOINT)
+TEXT = ChatText(EMBEDDED_CHECKPOINT)
 T = TypeVar("T")
 Stub = tokenizer_pb2_grpc.TokenizerStub
 
 
-def with_stub(fn: Callable[[Stub], Awaitable[T]], servicer: TokenizerServicer = SERVICER) -> T:
+@contextlib.asynccontextmanager
+async def serving(text: ChatText = TEXT) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a Tokenizer server on `text` (its pipeline places on a decode nobody runs:
+    these tests never chat)."""
+    decodes = Placement([("unused", "127.0.0.1:9")], decode_pb2_grpc.DecodeStub)
+    servicer = TokenizerServicer(text, ChatPipeline(text, decodes))
+    running = await start_server(
+        "tokenizer",
+        [lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        ServerOptions(),
+    )
+    running.set_serving()
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            yield channel
+    finally:
+        await running.drain(0)
+        await decodes.close()
+
+
+def with_stub(fn: Callable[[Stub], Awaitable[T]], text: ChatText = TEXT) -> T:
     async def main() -> T:
-        running = await start_server(
-            "tokenizer",
-            [lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, s)],
-            [SERVICE_NAME],
-            ServerOptions(),
-        )
-        running.set_serving()
-        try:
-            async with grpc.aio.insecure_channel(running.address) as channel:
-                return await fn(Stub(channel))
-        finally:
-            await running.drain(0)
+        async with serving(text) as channel:
+            return await fn(Stub(channel))
 
     return asyncio.run(main())
 
@@ -104,11 +119,11 @@ CONVERSATION_PB = [
 ]
 
 
-def render_rpc(request: pb.RenderRequest, servicer: TokenizerServicer = SERVICER) -> pb.RenderReply:
+def render_rpc(request: pb.RenderRequest, text: ChatText = TEXT) -> pb.RenderReply:
     async def call(stub: Stub) -> pb.RenderReply:
         return await stub.Render(request, timeout=10)
 
-    return with_stub(call, servicer)
+    return with_stub(call, text)
 
 
 def test_render_equals_in_process_render_and_encode() -> None:
@@ -191,13 +206,13 @@ def test_bad_conversation_is_invalid_argument_naming_the_field(
 
 
 def copy_tokenizer(tmp_path: Path) -> Path:
-    for name in ("tiktoken.model", "tokenizer_config.json"):
+    for name in ("config.json", "tiktoken.model", "tokenizer_config.json"):
         shutil.copy(EMBEDDED_CHECKPOINT / name, tmp_path / name)
     return tmp_path
 
 
 def test_default_chat_format_follows_the_checkpoint(tmp_path: Path) -> None:
-    assert SERVICER.chat_format == "k2-thinking"  # the embedded vocabulary names <think>
+    assert TEXT.chat_format == "k2-thinking"  # the embedded vocabulary names <think>
 
     no_think = copy_tokenizer(tmp_path)
     config = json.loads((no_think / "tokenizer_config.json").read_text())
@@ -205,8 +220,8 @@ def test_default_chat_format_follows_the_checkpoint(tmp_path: Path) -> None:
         k: v for k, v in config["added_tokens_decoder"].items() if "think" not in v["content"]
     }
     (no_think / "tokenizer_config.json").write_text(json.dumps(config))
-    assert TokenizerServicer(no_think).chat_format == "k2-instruct"
-    assert TokenizerServicer(no_think, "k2-thinking").chat_format == "k2-thinking"
+    assert ChatText(no_think).chat_format == "k2-instruct"
+    assert ChatText(no_think, "k2-thinking").chat_format == "k2-thinking"
 
 
 def test_checkpoint_template_is_used_when_the_checkpoint_ships_one(tmp_path: Path) -> None:
@@ -214,7 +229,7 @@ def test_checkpoint_template_is_used_when_the_checkpoint_ships_one(tmp_path: Pat
     source = (ROOT / "k2model/text/templates/k2_instruct.jinja").read_text()
     # Marks the rendering as the template's own: the native renderer never writes this.
     (directory / "chat_template.jinja").write_text("{# checkpoint #}TEMPLATE:" + source)
-    servicer = TokenizerServicer(directory)
+    servicer = ChatText(directory)
     assert servicer.chat_format == "checkpoint"
     reply = render_rpc(
         pb.RenderRequest(messages=CONVERSATION_PB, tools=[WEATHER_PB], add_generation_prompt=True),
@@ -229,7 +244,7 @@ def test_checkpoint_template_is_used_when_the_checkpoint_ships_one(tmp_path: Pat
 def test_template_that_raises_is_invalid_argument(tmp_path: Path) -> None:
     directory = copy_tokenizer(tmp_path)
     (directory / "chat_template.jinja").write_text("{{ raise_exception('no tools here') }}")
-    servicer = TokenizerServicer(directory)
+    servicer = ChatText(directory)
 
     async def call(stub: Stub) -> grpc.aio.AioRpcError:
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -241,134 +256,15 @@ def test_template_that_raises_is_invalid_argument(tmp_path: Path) -> None:
     assert "no tools here" in error.details()
 
 
-# --- Encode ---------------------------------------------------------------------------------
+# --- Info -----------------------------------------------------------------------------------
 
 
-def test_encode_is_plain_text_without_control_ids() -> None:
-    text = "Say <|im_end|> and </think> literally: 日本 🚀"
+def test_info_is_the_checkpoint_shape() -> None:
+    async def call(stub: Stub) -> pb.ModelInfo:
+        return await stub.Info(pb.InfoRequest(), timeout=10)
 
-    async def call(stub: Stub) -> pb.EncodeReply:
-        return await stub.Encode(pb.EncodeRequest(text=text), timeout=10)
-
-    ids = list(with_stub(call).ids)
-    assert ids == TOKENIZER.encode(text)
-    assert TOKENIZER.decode(ids) == text
-    assert not any(i >= TOKENIZER.n_base for i in ids)
-
-
-# --- Detokenize -----------------------------------------------------------------------------
-
-SB, SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-CB, AB, CE = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
-
-
-def model_ids(text: str) -> list[int]:
-    return TOKENIZER.encode_segments(split_control(text, control_tokens("k2-thinking")))
-
-
-def detokenize(
-    start: pb.DetokenizeStart, batches: Sequence[Sequence[int]]
-) -> list[pb.DetokenizeOutput]:
-    """Lockstep: writes each batch and reads its reply, then half-closes and reads the rest."""
-
-    async def call(stub: Stub) -> list[pb.DetokenizeOutput]:
-        stream = stub.Detokenize(timeout=10)
-        await stream.write(pb.DetokenizeInput(start=start))
-        replies = []
-        for batch in batches:
-            await stream.write(pb.DetokenizeInput(ids=pb.TokenIds(ids=batch)))
-            replies.append(await stream.read())
-        await stream.done_writing()
-        while (reply := await stream.read()) is not grpc.aio.EOF:
-            replies.append(reply)
-        assert await stream.code() == grpc.StatusCode.OK
-        return replies
-
-    return with_stub(call)
-
-
-@pytest.mark.parametrize("sizes", [[1], [2, 5], [3], [50]])
-def test_detokenize_streams_back_the_text_however_ids_are_split(sizes: list[int]) -> None:
-    text = "Grüße aus 日本! 🚀🇯🇵 The quick brown fox."
-    ids = TOKENIZER.encode(text)
-    batches, k = [], 0
-    while k < len(ids):
-        size = sizes[len(batches) % len(sizes)]
-        batches.append(ids[k : k + size])
-        k += size
-    replies = detokenize(pb.DetokenizeStart(), batches)
-    assert len(replies) == len(batches) + 1  # one per ids message, one for the flush
-    assert "".join(r.content for r in replies) == text
-    assert not any("\ufffd" in r.content for r in replies)
-
-
-def test_detokenize_stop_string_across_tokens_stops_and_is_not_emitted() -> None:
-    ids = TOKENIZER.encode("The weather is sunny. END of report")
-    assert not any("y. END" in TOKENIZER.decode([i]) for i in ids)
-    replies = detokenize(pb.DetokenizeStart(stop=["y. END"]), [[i] for i in ids])
-    assert "".join(r.content for r in replies) == "The weather is sunn"
-    first = next(k for k, r in enumerate(replies) if r.stopped)
-    assert first < len(ids) - 1, "it must stop before the ids run out"
-    assert all(r.stopped and not r.content for r in replies[first + 1 :])
-
-
-def test_detokenize_tool_call_markers_become_structured_deltas() -> None:
-    call = f'{CB}functions.get_weather:0{AB}{{"city": "Paris"}}{CE}'
-    ids = model_ids(f"On it.{SB}{call}{SE}")
-    start = pb.DetokenizeStart(
-        parse_tool_calls=True, tool_names=["get_weather"], skip_special_tokens=True
-    )
-    replies = detokenize(start, [[i] for i in ids])
-    content = "".join(r.content for r in replies)
-    deltas = [d for r in replies for d in r.tool_calls]
-    assert content == "On it."
-    assert (deltas[0].index, deltas[0].id, deltas[0].name) == (
-        0,
-        "functions.get_weather:0",
-        "get_weather",
-    )
-    assert len(deltas) > 1 and all(not d.id and not d.name and not d.error for d in deltas[1:])
-    assert json.loads("".join(d.arguments for d in deltas)) == {"city": "Paris"}
-
-
-def test_detokenize_splits_reasoning_for_a_thinking_output() -> None:
-    ids = model_ids("<think>2 and 2 make 4.</think>It is 4.")
-    replies = detokenize(pb.DetokenizeStart(parse_reasoning=True), [[i] for i in ids])
-    assert "".join(r.reasoning for r in replies) == "2 and 2 make 4."
-    assert "".join(r.content for r in replies) == "It is 4."
-
-
-def stream_error(messages: Sequence[pb.DetokenizeInput]) -> grpc.aio.AioRpcError:
-    async def requests() -> AsyncIterator[pb.DetokenizeInput]:
-        for m in messages:
-            yield m
-
-    async def call(stub: Stub) -> list[pb.DetokenizeOutput]:
-        return [r async for r in stub.Detokenize(requests(), timeout=10)]
-
-    return rpc_error(call)
-
-
-@pytest.mark.parametrize(
-    "messages",
-    [
-        [],
-        [pb.DetokenizeInput(ids=pb.TokenIds(ids=[1, 2]))],
-        [pb.DetokenizeInput(start=pb.DetokenizeStart(stop=["a", "b", "c", "d", "e"]))],
-        [pb.DetokenizeInput(start=pb.DetokenizeStart(tool_names=["f"]))],
-        [
-            pb.DetokenizeInput(start=pb.DetokenizeStart()),
-            pb.DetokenizeInput(start=pb.DetokenizeStart()),
-        ],
-        [
-            pb.DetokenizeInput(start=pb.DetokenizeStart()),
-            pb.DetokenizeInput(ids=pb.TokenIds(ids=[-1])),
-        ],
-    ],
-    ids=["empty", "missing_start", "five_stops", "names_without_parsing", "two_starts", "bad_id"],
-)
-def test_detokenize_bad_stream_is_invalid_argument(messages: list[pb.DetokenizeInput]) -> None:
-    assert stream_error(messages).code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = with_stub(call)
+    assert (info.context_length, info.vocab_size, info.reasoning) == (8192, 4096, True)
 
 
 # --- python -m services.tokenizer -----------------------------------------------------------
@@ -404,12 +300,14 @@ def test_main_serves_until_sigterm(tmp_path: Path) -> None:
                 health = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
                 )
-                reply = await Stub(channel).Encode(pb.EncodeRequest(text="hello"), timeout=10)
-                return health.status, list(reply.ids)
+                render = pb.RenderRequest(messages=[chat.ChatMessage(role="user", text="hello")])
+                reply = await Stub(channel).Render(render, timeout=10)
+                return health.status, list(reply.prompt_ids)
 
         status, ids = asyncio.run(check())
         assert status == health_pb2.HealthCheckResponse.SERVING
-        assert ids == TOKENIZER.encode("hello")
+        hello = pb.RenderRequest(messages=[chat.ChatMessage(role="user", text="hello")])
+        assert ids == render_rpc(hello).prompt_ids
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
@@ -418,34 +316,17 @@ def test_main_serves_until_sigterm(tmp_path: Path) -> None:
             process.wait()
 
 
-def test_undecodable_bytes_in_a_request_stream_are_invalid_argument() -> None:
-    """A streamed request whose second message is not a DetokenizeInput (server-side decoding)."""
+def test_undecodable_request_bytes_are_invalid_argument() -> None:
+    """A Chat request whose bytes are not a ChatRequest (server-side decoding)."""
 
     async def main() -> grpc.aio.AioRpcError:
-        running = await start_server(
-            "tokenizer",
-            [lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(SERVICER, s)],
-            [SERVICE_NAME],
-            ServerOptions(),
-        )
-        running.set_serving()
-
-        async def requests() -> AsyncIterator[bytes]:
-            yield pb.DetokenizeInput(start=pb.DetokenizeStart()).SerializeToString()
-            yield b"\xff\xff\xff\xff"
-
-        try:
-            async with grpc.aio.insecure_channel(running.address) as channel:
-                rpc = channel.stream_stream(  # raw bytes on the wire: no client-side encoding
-                    "/k2.v1.Tokenizer/Detokenize",
-                    request_serializer=bytes,
-                    response_deserializer=bytes,
-                )
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    [_ async for _ in rpc(requests(), timeout=10)]
-                return info.value
-        finally:
-            await running.drain(0)
+        async with serving() as channel:
+            rpc = channel.unary_stream(  # raw bytes on the wire: no client-side encoding
+                "/k2.v1.Tokenizer/Chat", request_serializer=bytes, response_deserializer=bytes
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                [_ async for _ in rpc(b"\xff\xff\xff\xff", timeout=10)]
+            return info.value
 
     error = asyncio.run(main())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

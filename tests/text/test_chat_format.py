@@ -53,7 +53,7 @@ def weather_call(call_id: str, city: str) -> dict[str, Any]:
     }
 
 
-# Inputs reconstructed from K2_SPEC 5.2 for each example in rendered_examples.json.
+# Inputs reconstructed from docs/text.md, chat format for each example in rendered_examples.json.
 GOLDEN_INPUTS: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None]] = {
     "v1_simple": (
         "k2-instruct-0711",
@@ -152,7 +152,7 @@ def test_golden_covers_every_reference_example() -> None:
 
 @needs_reference
 def test_current_instruct_is_thinking_without_think_blocks() -> None:
-    """K2_SPEC 5.2(c): K2-Instruct renders the same conversation minus <think>...</think>."""
+    """docs/text.md, chat format: K2-Instruct renders the same conversation minus <think>...</think>."""
     expected = re.sub(r"<think>.*?</think>", "", golden()["thinking_multi"])
     assert render_golden("thinking_multi", "k2-instruct") == expected
 

@@ -157,7 +157,7 @@ def test_every_single_cut_and_char_by_char(text: str, reasoning: bool) -> None:
 
 @pytest.mark.parametrize("reasoning", [False, True])
 def test_spelled_markers_and_fragments_are_text(reasoning: bool) -> None:
-    """Regression (issue 12, item 3): text spelling a marker, whole or in part, is text as soon
+    """Regression: text spelling a marker, whole or in part, is text as soon
     as it arrives; nothing is held back for it (only the singular section begin is)."""
     for marker in sorted(TOOL_MARKERS | {"<think>", "</think>"}):
         for k in (1, len(marker) // 2, len(marker)):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "k2model" / "embedded"
 K2_N = 163584
 
-# K2_SPEC 4.3 (K2-Thinking's added_tokens_decoder): id -> (name, special).
+# docs/text.md, special tokens (K2-Thinking's added_tokens_decoder): id -> (name, special).
 K2_NAMED = {
     163584: ("[BOS]", True),
     163585: ("[EOS]", True),

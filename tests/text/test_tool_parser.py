@@ -173,7 +173,7 @@ def test_parse_never_raises(text: str, reasoning: bool, declared: frozenset[str]
 
 
 def test_marker_text_written_with_ordinary_tokens_is_text() -> None:
-    """Regression (issue 12, item 3): markers were found in decoded text, so a model writing
+    """Regression: markers were found in decoded text, so a model writing
     about `<|tool_call_end|>` inside JSON arguments cut its call short, and "use the <think>
     tag" lost content. Only control ids (Marker pieces) are structure."""
     args = '{"note": "ends with <|tool_call_end|> and <|tool_calls_section_end|>"}'

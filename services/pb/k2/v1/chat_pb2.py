@@ -23,37 +23,19 @@ _sym_db = _symbol_database.Default()
 
 
 from services.pb.k2.v1 import chat_types_pb2 as k2_dot_v1_dot_chat__types__pb2
-from services.pb.k2.v1 import common_pb2 as k2_dot_v1_dot_common__pb2
-from services.pb.k2.v1 import tokenizer_pb2 as k2_dot_v1_dot_tokenizer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10k2/v1/chat.proto\x12\x05k2.v1\x1a\x16k2/v1/chat_types.proto\x1a\x12k2/v1/common.proto\x1a\x15k2/v1/tokenizer.proto\"|\n\nToolChoice\x12$\n\x04mode\x18\x01 \x01(\x0e\x32\x16.k2.v1.ToolChoice.Mode\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"6\n\x04Mode\x12\x08\n\x04\x41UTO\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x0c\n\x08REQUIRED\x10\x02\x12\x0c\n\x08\x46UNCTION\x10\x03\"\xe2\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.k2.v1.ChatMessage\x12\x1a\n\x05tools\x18\x03 \x03(\x0b\x32\x0b.k2.v1.Tool\x12&\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x11.k2.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x17\n\nmax_tokens\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\'\n\x08sampling\x18\t \x01(\x0b\x32\x15.k2.v1.SamplingParams\x12\x15\n\x08thinking\x18\n \x01(\x08H\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x16\n\x14_parallel_tool_callsB\r\n\x0b_max_tokensB\x0b\n\t_thinking\"?\n\x0e\x43hatTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"e\n\x10\x43hatTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.k2.v1.ChatTopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xc8\x01\n\tChatEvent\x12\x0e\n\x06\x63hoice\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\treasoning\x18\x03 \x01(\t\x12(\n\ntool_calls\x18\x04 \x03(\x0b\x32\x14.k2.v1.ToolCallDelta\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.k2.v1.ChatTokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x1b\n\x05usage\x18\x07 \x01(\x0b\x32\x0c.k2.v1.Usage\"#\n\nTokenCount\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\"\x13\n\x11ListModelsRequest\"\x1b\n\tModelList\x12\x0e\n\x06models\x18\x01 \x03(\t2\xa6\x01\n\x04\x43hat\x12.\n\x04\x43hat\x12\x12.k2.v1.ChatRequest\x1a\x10.k2.v1.ChatEvent0\x01\x12\x34\n\x0b\x43ountTokens\x12\x12.k2.v1.ChatRequest\x1a\x11.k2.v1.TokenCount\x12\x38\n\nListModels\x12\x18.k2.v1.ListModelsRequest\x1a\x10.k2.v1.ModelListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10k2/v1/chat.proto\x12\x05k2.v1\x1a\x16k2/v1/chat_types.proto\"\x13\n\x11ListModelsRequest\"\x1b\n\tModelList\x12\x0e\n\x06models\x18\x01 \x03(\t2\xa6\x01\n\x04\x43hat\x12.\n\x04\x43hat\x12\x12.k2.v1.ChatRequest\x1a\x10.k2.v1.ChatEvent0\x01\x12\x34\n\x0b\x43ountTokens\x12\x12.k2.v1.ChatRequest\x1a\x11.k2.v1.TokenCount\x12\x38\n\nListModels\x12\x18.k2.v1.ListModelsRequest\x1a\x10.k2.v1.ModelListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.pb.k2.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLCHOICE']._serialized_start=94
-  _globals['_TOOLCHOICE']._serialized_end=218
-  _globals['_TOOLCHOICE_MODE']._serialized_start=164
-  _globals['_TOOLCHOICE_MODE']._serialized_end=218
-  _globals['_CHATREQUEST']._serialized_start=221
-  _globals['_CHATREQUEST']._serialized_end=575
-  _globals['_CHATTOPLOGPROB']._serialized_start=577
-  _globals['_CHATTOPLOGPROB']._serialized_end=640
-  _globals['_CHATTOKENLOGPROB']._serialized_start=642
-  _globals['_CHATTOKENLOGPROB']._serialized_end=743
-  _globals['_USAGE']._serialized_start=745
-  _globals['_USAGE']._serialized_end=824
-  _globals['_CHATEVENT']._serialized_start=827
-  _globals['_CHATEVENT']._serialized_end=1027
-  _globals['_TOKENCOUNT']._serialized_start=1029
-  _globals['_TOKENCOUNT']._serialized_end=1064
-  _globals['_LISTMODELSREQUEST']._serialized_start=1066
-  _globals['_LISTMODELSREQUEST']._serialized_end=1085
-  _globals['_MODELLIST']._serialized_start=1087
-  _globals['_MODELLIST']._serialized_end=1114
-  _globals['_CHAT']._serialized_start=1117
-  _globals['_CHAT']._serialized_end=1283
+  _globals['_LISTMODELSREQUEST']._serialized_start=51
+  _globals['_LISTMODELSREQUEST']._serialized_end=70
+  _globals['_MODELLIST']._serialized_start=72
+  _globals['_MODELLIST']._serialized_end=99
+  _globals['_CHAT']._serialized_start=102
+  _globals['_CHAT']._serialized_end=268
 # @@protoc_insertion_point(module_scope)

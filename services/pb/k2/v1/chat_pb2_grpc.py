@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from services.pb.k2.v1 import chat_pb2 as k2_dot_v1_dot_chat__pb2
+from services.pb.k2.v1 import chat_types_pb2 as k2_dot_v1_dot_chat__types__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -39,13 +40,13 @@ class ChatStub:
         """
         self.Chat = channel.unary_stream(
                 '/k2.v1.Chat/Chat',
-                request_serializer=k2_dot_v1_dot_chat__pb2.ChatRequest.SerializeToString,
-                response_deserializer=k2_dot_v1_dot_chat__pb2.ChatEvent.FromString,
+                request_serializer=k2_dot_v1_dot_chat__types__pb2.ChatRequest.SerializeToString,
+                response_deserializer=k2_dot_v1_dot_chat__types__pb2.ChatEvent.FromString,
                 _registered_method=True)
         self.CountTokens = channel.unary_unary(
                 '/k2.v1.Chat/CountTokens',
-                request_serializer=k2_dot_v1_dot_chat__pb2.ChatRequest.SerializeToString,
-                response_deserializer=k2_dot_v1_dot_chat__pb2.TokenCount.FromString,
+                request_serializer=k2_dot_v1_dot_chat__types__pb2.ChatRequest.SerializeToString,
+                response_deserializer=k2_dot_v1_dot_chat__types__pb2.TokenCount.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/k2.v1.Chat/ListModels',
@@ -91,13 +92,13 @@ def add_ChatServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Chat': grpc.unary_stream_rpc_method_handler(
                     servicer.Chat,
-                    request_deserializer=k2_dot_v1_dot_chat__pb2.ChatRequest.FromString,
-                    response_serializer=k2_dot_v1_dot_chat__pb2.ChatEvent.SerializeToString,
+                    request_deserializer=k2_dot_v1_dot_chat__types__pb2.ChatRequest.FromString,
+                    response_serializer=k2_dot_v1_dot_chat__types__pb2.ChatEvent.SerializeToString,
             ),
             'CountTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.CountTokens,
-                    request_deserializer=k2_dot_v1_dot_chat__pb2.ChatRequest.FromString,
-                    response_serializer=k2_dot_v1_dot_chat__pb2.TokenCount.SerializeToString,
+                    request_deserializer=k2_dot_v1_dot_chat__types__pb2.ChatRequest.FromString,
+                    response_serializer=k2_dot_v1_dot_chat__types__pb2.TokenCount.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -133,8 +134,8 @@ class Chat:
             request,
             target,
             '/k2.v1.Chat/Chat',
-            k2_dot_v1_dot_chat__pb2.ChatRequest.SerializeToString,
-            k2_dot_v1_dot_chat__pb2.ChatEvent.FromString,
+            k2_dot_v1_dot_chat__types__pb2.ChatRequest.SerializeToString,
+            k2_dot_v1_dot_chat__types__pb2.ChatEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -160,8 +161,8 @@ class Chat:
             request,
             target,
             '/k2.v1.Chat/CountTokens',
-            k2_dot_v1_dot_chat__pb2.ChatRequest.SerializeToString,
-            k2_dot_v1_dot_chat__pb2.TokenCount.FromString,
+            k2_dot_v1_dot_chat__types__pb2.ChatRequest.SerializeToString,
+            k2_dot_v1_dot_chat__types__pb2.TokenCount.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,23 +22,42 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from services.pb.k2.v1 import common_pb2 as k2_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16k2/v1/chat_types.proto\x12\x05k2.v1\":\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x13\n\timage_url\x18\x02 \x01(\tH\x00\x42\x06\n\x04part\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x90\x02\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x05parts\x18\x03 \x01(\x0b\x32\x13.k2.v1.ContentPartsH\x00\x12\x11\n\x04name\x18\x04 \x01(\tH\x01\x88\x01\x01\x12#\n\ntool_calls\x18\x05 \x03(\x0b\x32\x0f.k2.v1.ToolCall\x12\x19\n\x0ctool_call_id\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x1e\n\x11reasoning_content\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x0f\n\x07partial\x18\x08 \x01(\x08\x42\t\n\x07\x63ontentB\x07\n\x05_nameB\x0f\n\r_tool_call_idB\x14\n\x12_reasoning_content\"1\n\x0c\x43ontentParts\x12!\n\x05parts\x18\x01 \x03(\x0b\x32\x12.k2.v1.ContentPart\"p\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65scription\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x0fparameters_json\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x0e\n\x0c_descriptionB\x12\n\x10_parameters_jsonb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16k2/v1/chat_types.proto\x12\x05k2.v1\x1a\x12k2/v1/common.proto\":\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x13\n\timage_url\x18\x02 \x01(\tH\x00\x42\x06\n\x04part\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x90\x02\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x05parts\x18\x03 \x01(\x0b\x32\x13.k2.v1.ContentPartsH\x00\x12\x11\n\x04name\x18\x04 \x01(\tH\x01\x88\x01\x01\x12#\n\ntool_calls\x18\x05 \x03(\x0b\x32\x0f.k2.v1.ToolCall\x12\x19\n\x0ctool_call_id\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x1e\n\x11reasoning_content\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x0f\n\x07partial\x18\x08 \x01(\x08\x42\t\n\x07\x63ontentB\x07\n\x05_nameB\x0f\n\r_tool_call_idB\x14\n\x12_reasoning_content\"1\n\x0c\x43ontentParts\x12!\n\x05parts\x18\x01 \x03(\x0b\x32\x12.k2.v1.ContentPart\"p\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65scription\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x0fparameters_json\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x0e\n\x0c_descriptionB\x12\n\x10_parameters_json\"Z\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"|\n\nToolChoice\x12$\n\x04mode\x18\x01 \x01(\x0e\x32\x16.k2.v1.ToolChoice.Mode\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"6\n\x04Mode\x12\x08\n\x04\x41UTO\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x0c\n\x08REQUIRED\x10\x02\x12\x0c\n\x08\x46UNCTION\x10\x03\"\xe2\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.k2.v1.ChatMessage\x12\x1a\n\x05tools\x18\x03 \x03(\x0b\x32\x0b.k2.v1.Tool\x12&\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x11.k2.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x17\n\nmax_tokens\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\'\n\x08sampling\x18\t \x01(\x0b\x32\x15.k2.v1.SamplingParams\x12\x15\n\x08thinking\x18\n \x01(\x08H\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x16\n\x14_parallel_tool_callsB\r\n\x0b_max_tokensB\x0b\n\t_thinking\"?\n\x0e\x43hatTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"e\n\x10\x43hatTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.k2.v1.ChatTopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xc8\x01\n\tChatEvent\x12\x0e\n\x06\x63hoice\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\treasoning\x18\x03 \x01(\t\x12(\n\ntool_calls\x18\x04 \x03(\x0b\x32\x14.k2.v1.ToolCallDelta\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.k2.v1.ChatTokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x1b\n\x05usage\x18\x07 \x01(\x0b\x32\x0c.k2.v1.Usage\"#\n\nTokenCount\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.pb.k2.v1.chat_types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTENTPART']._serialized_start=33
-  _globals['_CONTENTPART']._serialized_end=91
-  _globals['_TOOLCALL']._serialized_start=93
-  _globals['_TOOLCALL']._serialized_end=148
-  _globals['_CHATMESSAGE']._serialized_start=151
-  _globals['_CHATMESSAGE']._serialized_end=423
-  _globals['_CONTENTPARTS']._serialized_start=425
-  _globals['_CONTENTPARTS']._serialized_end=474
-  _globals['_TOOL']._serialized_start=476
-  _globals['_TOOL']._serialized_end=588
+  _globals['_CONTENTPART']._serialized_start=53
+  _globals['_CONTENTPART']._serialized_end=111
+  _globals['_TOOLCALL']._serialized_start=113
+  _globals['_TOOLCALL']._serialized_end=168
+  _globals['_CHATMESSAGE']._serialized_start=171
+  _globals['_CHATMESSAGE']._serialized_end=443
+  _globals['_CONTENTPARTS']._serialized_start=445
+  _globals['_CONTENTPARTS']._serialized_end=494
+  _globals['_TOOL']._serialized_start=496
+  _globals['_TOOL']._serialized_end=608
+  _globals['_TOOLCALLDELTA']._serialized_start=610
+  _globals['_TOOLCALLDELTA']._serialized_end=700
+  _globals['_TOOLCHOICE']._serialized_start=702
+  _globals['_TOOLCHOICE']._serialized_end=826
+  _globals['_TOOLCHOICE_MODE']._serialized_start=772
+  _globals['_TOOLCHOICE_MODE']._serialized_end=826
+  _globals['_CHATREQUEST']._serialized_start=829
+  _globals['_CHATREQUEST']._serialized_end=1183
+  _globals['_CHATTOPLOGPROB']._serialized_start=1185
+  _globals['_CHATTOPLOGPROB']._serialized_end=1248
+  _globals['_CHATTOKENLOGPROB']._serialized_start=1250
+  _globals['_CHATTOKENLOGPROB']._serialized_end=1351
+  _globals['_USAGE']._serialized_start=1353
+  _globals['_USAGE']._serialized_end=1432
+  _globals['_CHATEVENT']._serialized_start=1435
+  _globals['_CHATEVENT']._serialized_end=1635
+  _globals['_TOKENCOUNT']._serialized_start=1637
+  _globals['_TOKENCOUNT']._serialized_end=1672
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class DecodeServicer:
         streams the tokens. The first event carries the first token (sampled by prefill).
         Cancelling the call aborts the request and frees its blocks at once; so does the deadline.
         Errors: INVALID_ARGUMENT (empty prompt, ids outside the vocabulary, bad sampling params,
-        max_new_tokens < 1), OUT_OF_RANGE (prompt + max_new_tokens beyond the context),
+        max_new_tokens < 0), OUT_OF_RANGE (prompt + max_new_tokens beyond the context),
         RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (no prefill instance reachable, prefill failed
         mid-transfer after retries, or draining).
         """

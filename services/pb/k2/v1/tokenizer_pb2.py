@@ -23,33 +23,30 @@ _sym_db = _symbol_database.Default()
 
 
 from services.pb.k2.v1 import chat_types_pb2 as k2_dot_v1_dot_chat__types__pb2
+from services.pb.k2.v1 import decode_pb2 as k2_dot_v1_dot_decode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15k2/v1/tokenizer.proto\x12\x05k2.v1\x1a\x16k2/v1/chat_types.proto\"p\n\rRenderRequest\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.k2.v1.ChatMessage\x12\x1a\n\x05tools\x18\x02 \x03(\x0b\x32\x0b.k2.v1.Tool\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\"H\n\x0bRenderReply\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x02 \x01(\t\x12\x10\n\x08stop_ids\x18\x03 \x03(\x05\"\x1d\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1a\n\x0b\x45ncodeReply\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x83\x01\n\x0f\x44\x65tokenizeStart\x12\x0c\n\x04stop\x18\x01 \x03(\t\x12\x18\n\x10parse_tool_calls\x18\x02 \x01(\x08\x12\x17\n\x0fparse_reasoning\x18\x03 \x01(\x08\x12\x12\n\ntool_names\x18\x04 \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x05 \x01(\x08\"b\n\x0f\x44\x65tokenizeInput\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.k2.v1.DetokenizeStartH\x00\x12\x1e\n\x03ids\x18\x02 \x01(\x0b\x32\x0f.k2.v1.TokenIdsH\x00\x42\x06\n\x04part\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"Z\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"q\n\x10\x44\x65tokenizeOutput\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.k2.v1.ToolCallDelta\x12\x0f\n\x07stopped\x18\x04 \x01(\x08\x32\xb6\x01\n\tTokenizer\x12\x32\n\x06Render\x12\x14.k2.v1.RenderRequest\x1a\x12.k2.v1.RenderReply\x12\x32\n\x06\x45ncode\x12\x14.k2.v1.EncodeRequest\x1a\x12.k2.v1.EncodeReply\x12\x41\n\nDetokenize\x12\x16.k2.v1.DetokenizeInput\x1a\x17.k2.v1.DetokenizeOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15k2/v1/tokenizer.proto\x12\x05k2.v1\x1a\x16k2/v1/chat_types.proto\x1a\x12k2/v1/decode.proto\"p\n\rRenderRequest\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.k2.v1.ChatMessage\x12\x1a\n\x05tools\x18\x02 \x03(\x0b\x32\x0b.k2.v1.Tool\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\"H\n\x0bRenderReply\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x02 \x01(\t\x12\x10\n\x08stop_ids\x18\x03 \x03(\x05\"\r\n\x0bInfoRequest\"J\n\tModelInfo\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\x05\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x11\n\treasoning\x18\x03 \x01(\x08\"\x12\n\x10PlacementRequest\";\n\x08PeerLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05stats\x18\x02 \x01(\x0b\x32\x12.k2.v1.DecodeStats\"2\n\x0ePlacementReply\x12 \n\x07\x64\x65\x63odes\x18\x01 \x03(\x0b\x32\x0f.k2.v1.PeerLoad2\x90\x02\n\tTokenizer\x12.\n\x04\x43hat\x12\x12.k2.v1.ChatRequest\x1a\x10.k2.v1.ChatEvent0\x01\x12\x34\n\x0b\x43ountTokens\x12\x12.k2.v1.ChatRequest\x1a\x11.k2.v1.TokenCount\x12\x32\n\x06Render\x12\x14.k2.v1.RenderRequest\x1a\x12.k2.v1.RenderReply\x12,\n\x04Info\x12\x12.k2.v1.InfoRequest\x1a\x10.k2.v1.ModelInfo\x12;\n\tPlacement\x12\x17.k2.v1.PlacementRequest\x1a\x15.k2.v1.PlacementReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.pb.k2.v1.tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RENDERREQUEST']._serialized_start=56
-  _globals['_RENDERREQUEST']._serialized_end=168
-  _globals['_RENDERREPLY']._serialized_start=170
-  _globals['_RENDERREPLY']._serialized_end=242
-  _globals['_ENCODEREQUEST']._serialized_start=244
-  _globals['_ENCODEREQUEST']._serialized_end=273
-  _globals['_ENCODEREPLY']._serialized_start=275
-  _globals['_ENCODEREPLY']._serialized_end=301
-  _globals['_DETOKENIZESTART']._serialized_start=304
-  _globals['_DETOKENIZESTART']._serialized_end=435
-  _globals['_DETOKENIZEINPUT']._serialized_start=437
-  _globals['_DETOKENIZEINPUT']._serialized_end=535
-  _globals['_TOKENIDS']._serialized_start=537
-  _globals['_TOKENIDS']._serialized_end=560
-  _globals['_TOOLCALLDELTA']._serialized_start=562
-  _globals['_TOOLCALLDELTA']._serialized_end=652
-  _globals['_DETOKENIZEOUTPUT']._serialized_start=654
-  _globals['_DETOKENIZEOUTPUT']._serialized_end=767
-  _globals['_TOKENIZER']._serialized_start=770
-  _globals['_TOKENIZER']._serialized_end=952
+  _globals['_RENDERREQUEST']._serialized_start=76
+  _globals['_RENDERREQUEST']._serialized_end=188
+  _globals['_RENDERREPLY']._serialized_start=190
+  _globals['_RENDERREPLY']._serialized_end=262
+  _globals['_INFOREQUEST']._serialized_start=264
+  _globals['_INFOREQUEST']._serialized_end=277
+  _globals['_MODELINFO']._serialized_start=279
+  _globals['_MODELINFO']._serialized_end=353
+  _globals['_PLACEMENTREQUEST']._serialized_start=355
+  _globals['_PLACEMENTREQUEST']._serialized_end=373
+  _globals['_PEERLOAD']._serialized_start=375
+  _globals['_PEERLOAD']._serialized_end=434
+  _globals['_PLACEMENTREPLY']._serialized_start=436
+  _globals['_PLACEMENTREPLY']._serialized_end=486
+  _globals['_TOKENIZER']._serialized_start=489
+  _globals['_TOKENIZER']._serialized_end=761
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from services.pb.k2.v1 import chat_types_pb2 as _chat_types_pb2
+from services.pb.k2.v1 import decode_pb2 as _decode_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -27,68 +28,34 @@ class RenderReply(_message.Message):
     stop_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., prompt_text: _Optional[str] = ..., stop_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class EncodeRequest(_message.Message):
-    __slots__ = ("text",)
-    TEXT_FIELD_NUMBER: _ClassVar[int]
-    text: str
-    def __init__(self, text: _Optional[str] = ...) -> None: ...
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
-class EncodeReply(_message.Message):
-    __slots__ = ("ids",)
-    IDS_FIELD_NUMBER: _ClassVar[int]
-    ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class DetokenizeStart(_message.Message):
-    __slots__ = ("stop", "parse_tool_calls", "parse_reasoning", "tool_names", "skip_special_tokens")
-    STOP_FIELD_NUMBER: _ClassVar[int]
-    PARSE_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
-    PARSE_REASONING_FIELD_NUMBER: _ClassVar[int]
-    TOOL_NAMES_FIELD_NUMBER: _ClassVar[int]
-    SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    stop: _containers.RepeatedScalarFieldContainer[str]
-    parse_tool_calls: bool
-    parse_reasoning: bool
-    tool_names: _containers.RepeatedScalarFieldContainer[str]
-    skip_special_tokens: bool
-    def __init__(self, stop: _Optional[_Iterable[str]] = ..., parse_tool_calls: _Optional[bool] = ..., parse_reasoning: _Optional[bool] = ..., tool_names: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
-
-class DetokenizeInput(_message.Message):
-    __slots__ = ("start", "ids")
-    START_FIELD_NUMBER: _ClassVar[int]
-    IDS_FIELD_NUMBER: _ClassVar[int]
-    start: DetokenizeStart
-    ids: TokenIds
-    def __init__(self, start: _Optional[_Union[DetokenizeStart, _Mapping]] = ..., ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
-
-class TokenIds(_message.Message):
-    __slots__ = ("ids",)
-    IDS_FIELD_NUMBER: _ClassVar[int]
-    ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class ToolCallDelta(_message.Message):
-    __slots__ = ("index", "id", "name", "arguments", "error")
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    ID_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    index: int
-    id: str
-    name: str
-    arguments: str
-    error: str
-    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
-
-class DetokenizeOutput(_message.Message):
-    __slots__ = ("content", "reasoning", "tool_calls", "stopped")
-    CONTENT_FIELD_NUMBER: _ClassVar[int]
+class ModelInfo(_message.Message):
+    __slots__ = ("context_length", "vocab_size", "reasoning")
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     REASONING_FIELD_NUMBER: _ClassVar[int]
-    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
-    STOPPED_FIELD_NUMBER: _ClassVar[int]
-    content: str
-    reasoning: str
-    tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCallDelta]
-    stopped: bool
-    def __init__(self, content: _Optional[str] = ..., reasoning: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallDelta, _Mapping]]] = ..., stopped: _Optional[bool] = ...) -> None: ...
+    context_length: int
+    vocab_size: int
+    reasoning: bool
+    def __init__(self, context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., reasoning: _Optional[bool] = ...) -> None: ...
+
+class PlacementRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerLoad(_message.Message):
+    __slots__ = ("name", "stats")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stats: _decode_pb2.DecodeStats
+    def __init__(self, name: _Optional[str] = ..., stats: _Optional[_Union[_decode_pb2.DecodeStats, _Mapping]] = ...) -> None: ...
+
+class PlacementReply(_message.Message):
+    __slots__ = ("decodes",)
+    DECODES_FIELD_NUMBER: _ClassVar[int]
+    decodes: _containers.RepeatedCompositeFieldContainer[PeerLoad]
+    def __init__(self, decodes: _Optional[_Iterable[_Union[PeerLoad, _Mapping]]] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from services.pb.k2.v1 import chat_types_pb2 as k2_dot_v1_dot_chat__types__pb2
 from services.pb.k2.v1 import tokenizer_pb2 as k2_dot_v1_dot_tokenizer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -34,47 +35,74 @@ class TokenizerStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Chat = channel.unary_stream(
+                '/k2.v1.Tokenizer/Chat',
+                request_serializer=k2_dot_v1_dot_chat__types__pb2.ChatRequest.SerializeToString,
+                response_deserializer=k2_dot_v1_dot_chat__types__pb2.ChatEvent.FromString,
+                _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/k2.v1.Tokenizer/CountTokens',
+                request_serializer=k2_dot_v1_dot_chat__types__pb2.ChatRequest.SerializeToString,
+                response_deserializer=k2_dot_v1_dot_chat__types__pb2.TokenCount.FromString,
+                _registered_method=True)
         self.Render = channel.unary_unary(
                 '/k2.v1.Tokenizer/Render',
                 request_serializer=k2_dot_v1_dot_tokenizer__pb2.RenderRequest.SerializeToString,
                 response_deserializer=k2_dot_v1_dot_tokenizer__pb2.RenderReply.FromString,
                 _registered_method=True)
-        self.Encode = channel.unary_unary(
-                '/k2.v1.Tokenizer/Encode',
-                request_serializer=k2_dot_v1_dot_tokenizer__pb2.EncodeRequest.SerializeToString,
-                response_deserializer=k2_dot_v1_dot_tokenizer__pb2.EncodeReply.FromString,
+        self.Info = channel.unary_unary(
+                '/k2.v1.Tokenizer/Info',
+                request_serializer=k2_dot_v1_dot_tokenizer__pb2.InfoRequest.SerializeToString,
+                response_deserializer=k2_dot_v1_dot_tokenizer__pb2.ModelInfo.FromString,
                 _registered_method=True)
-        self.Detokenize = channel.stream_stream(
-                '/k2.v1.Tokenizer/Detokenize',
-                request_serializer=k2_dot_v1_dot_tokenizer__pb2.DetokenizeInput.SerializeToString,
-                response_deserializer=k2_dot_v1_dot_tokenizer__pb2.DetokenizeOutput.FromString,
+        self.Placement = channel.unary_unary(
+                '/k2.v1.Tokenizer/Placement',
+                request_serializer=k2_dot_v1_dot_tokenizer__pb2.PlacementRequest.SerializeToString,
+                response_deserializer=k2_dot_v1_dot_tokenizer__pb2.PlacementReply.FromString,
                 _registered_method=True)
 
 
 class TokenizerServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Chat(self, request, context):
+        """One chat response, as the public k2.v1.Chat API describes it (its API key and model already
+        resolved by the gateway): the tokenizer renders the conversation, plans tools and thinking,
+        runs each choice on the least-loaded decode instance and streams ChatEvents. Cancelling the
+        call cancels every choice (decode frees their KV at once).
+        Errors: INVALID_ARGUMENT (a conversation the format cannot represent, a tool_choice or
+        thinking the model cannot honour), OUT_OF_RANGE (prompt + max_tokens beyond the context),
+        RESOURCE_EXHAUSTED and UNAVAILABLE (from decode), DEADLINE_EXCEEDED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountTokens(self, request, context):
+        """The prompt tokens Chat would use for the request (rendered with its tools and thinking).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Render(self, request, context):
-        """Render a conversation with the model's chat format and encode it. User-supplied text never
-        becomes control tokens. Errors: INVALID_ARGUMENT (a conversation the format cannot represent).
+        """Render a conversation with the model's chat format and encode it, to inspect the prompt.
+        User-supplied text never becomes control tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Encode(self, request, context):
-        """Encode plain text (no special-token recognition), for completions.
+    def Info(self, request, context):
+        """What the gateway needs to check requests at its edge.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Detokenize(self, request_iterator, context):
-        """Decode generated ids into text deltas. The first message must carry `start`; then `ids`
-        messages follow in generation order. Replies hold text that is safe to show: complete UTF-8,
-        no partial stop string, no raw tool-call or reasoning markers. When a stop string completes,
-        the reply has `stopped` set and the caller should end generation. Closing the input stream
-        flushes what is held back.
+    def Placement(self, request, context):
+        """The decode instances' load as this tokenizer last polled it (what it places requests by);
+        answered from memory, never by asking decode.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,20 +111,30 @@ class TokenizerServicer:
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=k2_dot_v1_dot_chat__types__pb2.ChatRequest.FromString,
+                    response_serializer=k2_dot_v1_dot_chat__types__pb2.ChatEvent.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=k2_dot_v1_dot_chat__types__pb2.ChatRequest.FromString,
+                    response_serializer=k2_dot_v1_dot_chat__types__pb2.TokenCount.SerializeToString,
+            ),
             'Render': grpc.unary_unary_rpc_method_handler(
                     servicer.Render,
                     request_deserializer=k2_dot_v1_dot_tokenizer__pb2.RenderRequest.FromString,
                     response_serializer=k2_dot_v1_dot_tokenizer__pb2.RenderReply.SerializeToString,
             ),
-            'Encode': grpc.unary_unary_rpc_method_handler(
-                    servicer.Encode,
-                    request_deserializer=k2_dot_v1_dot_tokenizer__pb2.EncodeRequest.FromString,
-                    response_serializer=k2_dot_v1_dot_tokenizer__pb2.EncodeReply.SerializeToString,
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=k2_dot_v1_dot_tokenizer__pb2.InfoRequest.FromString,
+                    response_serializer=k2_dot_v1_dot_tokenizer__pb2.ModelInfo.SerializeToString,
             ),
-            'Detokenize': grpc.stream_stream_rpc_method_handler(
-                    servicer.Detokenize,
-                    request_deserializer=k2_dot_v1_dot_tokenizer__pb2.DetokenizeInput.FromString,
-                    response_serializer=k2_dot_v1_dot_tokenizer__pb2.DetokenizeOutput.SerializeToString,
+            'Placement': grpc.unary_unary_rpc_method_handler(
+                    servicer.Placement,
+                    request_deserializer=k2_dot_v1_dot_tokenizer__pb2.PlacementRequest.FromString,
+                    response_serializer=k2_dot_v1_dot_tokenizer__pb2.PlacementReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -108,6 +146,60 @@ def add_TokenizerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Tokenizer:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/k2.v1.Tokenizer/Chat',
+            k2_dot_v1_dot_chat__types__pb2.ChatRequest.SerializeToString,
+            k2_dot_v1_dot_chat__types__pb2.ChatEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Tokenizer/CountTokens',
+            k2_dot_v1_dot_chat__types__pb2.ChatRequest.SerializeToString,
+            k2_dot_v1_dot_chat__types__pb2.TokenCount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Render(request,
@@ -137,7 +229,7 @@ class Tokenizer:
             _registered_method=True)
 
     @staticmethod
-    def Encode(request,
+    def Info(request,
             target,
             options=(),
             channel_credentials=None,
@@ -150,9 +242,9 @@ class Tokenizer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/k2.v1.Tokenizer/Encode',
-            k2_dot_v1_dot_tokenizer__pb2.EncodeRequest.SerializeToString,
-            k2_dot_v1_dot_tokenizer__pb2.EncodeReply.FromString,
+            '/k2.v1.Tokenizer/Info',
+            k2_dot_v1_dot_tokenizer__pb2.InfoRequest.SerializeToString,
+            k2_dot_v1_dot_tokenizer__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -164,7 +256,7 @@ class Tokenizer:
             _registered_method=True)
 
     @staticmethod
-    def Detokenize(request_iterator,
+    def Placement(request,
             target,
             options=(),
             channel_credentials=None,
@@ -174,12 +266,12 @@ class Tokenizer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
-            '/k2.v1.Tokenizer/Detokenize',
-            k2_dot_v1_dot_tokenizer__pb2.DetokenizeInput.SerializeToString,
-            k2_dot_v1_dot_tokenizer__pb2.DetokenizeOutput.FromString,
+            '/k2.v1.Tokenizer/Placement',
+            k2_dot_v1_dot_tokenizer__pb2.PlacementRequest.SerializeToString,
+            k2_dot_v1_dot_tokenizer__pb2.PlacementReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,16 +19,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.chat_types import ChatRequest
 from k2model.byte_nfa import GrammarError, Nfa
 from k2model.constraints import ConstraintSpec, ToolSchema
 from k2model.json_schema_grammar import SchemaGrammar
 from k2model.text import chat_tokens as tok
 from k2model.text.tokenizer import Tokenizer
 from k2model.text.tool_ids import count_tool_calls
+from services.chat.types import ChatRequest
 from services.common.errors import InvalidArgument
-
-MODES = ("auto", "none", "required")
 
 
 @dataclass(frozen=True)

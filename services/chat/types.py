@@ -1,9 +1,10 @@
-"""The internal chat request and its streamed events: what every front door translates into.
+"""The chat request and its streamed events: what every front door translates into.
 
 The REST handlers (OpenAI chat completions, Anthropic messages, completions) and the gRPC Chat API
 all build one `ChatRequest` and consume `ChatEvent`s from the same `ChatService.chat()`, as a
-grpc-gateway would. Validation of field ranges happens before this point (at the edge); this
-layer assumes a well-formed request.
+grpc-gateway would; the gateway's ChatService sends it to the tokenizer service
+(services.chat.codec on the wire), whose pipeline is the other ChatService. Validation of field
+ranges happens before this point (at the edge); this layer assumes a well-formed request.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from k2model.sampling_params import SamplingParams
 from k2model.text.messages import Message, Tool
 
 ToolChoice = Literal["none", "auto", "required"] | str  # a str other than those = a tool name
+TOOL_CHOICE_MODES = ("auto", "none", "required")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""gateway.pipeline against real tokenizer, prefill and decode servers run in this process (one
+"""services.tokenizer.chat_pipeline against real tokenizer, prefill and decode servers run in this process (one
 embedded model, grpc.aio on port 0, one background event loop): seeds per choice, stop strings,
 the default max_tokens, thinking off, tool_choice none / required / named, logprobs against the
 in-process reference, cancellation freeing decode KV, and request errors."""
@@ -13,36 +13,35 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
-import grpc
 import jsonschema
 import pytest
 
-from gateway.chat_types import ChatEvent, ChatRequest
-from gateway.choice_stream import DecodePeers, _CallTracker
-from gateway.pipeline import ChatPipeline
+from gateway.backend import TokenizerBackend
 from k2model import EMBEDDED_CHECKPOINT, generate, load_model
 from k2model.constraints import ConstraintCompiler, Vocabulary
-from k2model.generate import GenerationRequest
+from k2model.generation import GenerationRequest
 from k2model.sampling_params import SamplingParams
 from k2model.text import chat_tokens as tok
 from k2model.text.chat_format import render
 from k2model.text.messages import Message, Tool, ToolCall
 from k2model.text.tokenizer import Tokenizer
+from services.chat.types import ChatEvent, ChatRequest, ToolCallDelta
 from services.common.errors import DeadlineExceeded, InvalidArgument, OutOfRange
+from services.common.placement import Placement
 from services.common.server import RunningServer, ServerOptions, start_server
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.prefill_client import PrefillPool
 from services.decode.servicer import DecodeServicer
-from services.deployment import Deployment
 from services.pb.k2.v1 import (
-    decode_pb2,
     decode_pb2_grpc,
     prefill_pb2_grpc,
-    tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
 from services.prefill.engine import PrefillEngine, PrefillLimits
 from services.prefill.servicer import PrefillServicer
+from services.tokenizer.chat_pipeline import ChatPipeline
+from services.tokenizer.chat_text import ChatText
+from services.tokenizer.choice_run import CallTracker
 from services.tokenizer.servicer import TokenizerServicer
 
 DECODE_BLOCKS, BLOCK_SIZE = 32, 8  # 256 tokens per decode sequence at most
@@ -86,11 +85,6 @@ class Stack:
     async def _start(self) -> None:
         self.model = await asyncio.to_thread(load_model, EMBEDDED_CHECKPOINT)
         vocab = Vocabulary.from_dir(EMBEDDED_CHECKPOINT, self.model.cfg.vocab_size)
-        tokenizer = await self._serve(
-            "tokenizer",
-            tokenizer_pb2_grpc.add_TokenizerServicer_to_server,
-            TokenizerServicer(EMBEDDED_CHECKPOINT),
-        )
         prefill_engine = PrefillEngine(self.model, PrefillLimits(64, 16), ConstraintCompiler(vocab))
         prefill = await self._serve(
             "prefill",
@@ -105,17 +99,18 @@ class Stack:
             "decode", decode_pb2_grpc.add_DecodeServicer_to_server, DecodeServicer(self.decode)
         )
         self.tasks = [asyncio.create_task(e.run()) for e in (prefill_engine, self.decode)]
-        spec = {
-            "tokenizer": [{"name": "t", "port": tokenizer.port}],
-            "prefill": [{"name": "p", "port": prefill.port}],
-            "decode": [
-                {"name": "d", "port": decode.port, "kv_blocks": DECODE_BLOCKS, "block_size": 8}
-            ],
-        }
-        self.pipeline = ChatPipeline(Deployment.from_dict(spec))
+        self.decodes = Placement([("d", decode.address)], decode_pb2_grpc.DecodeStub)
+        text = await asyncio.to_thread(ChatText, EMBEDDED_CHECKPOINT)
+        tokenizer = await self._serve(
+            "tokenizer",
+            tokenizer_pb2_grpc.add_TokenizerServicer_to_server,
+            TokenizerServicer(text, ChatPipeline(text, self.decodes)),
+        )
+        self.pipeline = TokenizerBackend([tokenizer.address])
 
     async def _stop(self) -> None:
         await self.pipeline.close()
+        await self.decodes.close()
         for task in self.tasks:
             task.cancel()
         await self.pool.close()
@@ -328,80 +323,18 @@ def test_bad_requests_fail_before_any_event(stack, request_, error) -> None:
 
 
 def test_parallel_tool_calls_false_keeps_only_the_first_call() -> None:
-    tracker = _CallTracker(parallel=False)
+    tracker = CallTracker(parallel=False)
     first = tracker.keep(
         [
-            tokenizer_pb2.ToolCallDelta(index=0, id="functions.f:0", name="f"),
-            tokenizer_pb2.ToolCallDelta(index=0, arguments="{}"),
-            tokenizer_pb2.ToolCallDelta(index=1, id="functions.f:1", name="f"),
+            ToolCallDelta(index=0, id="functions.f:0", name="f"),
+            ToolCallDelta(index=0, arguments="{}"),
+            ToolCallDelta(index=1, id="functions.f:1", name="f"),
         ]
     )
     assert [d.index for d in first] == [0, 0] and tracker.cut
-    assert tracker.keep([tokenizer_pb2.ToolCallDelta(index=0, error="late")]) == ()
+    assert tracker.keep([ToolCallDelta(index=0, error="late")]) == ()
     assert tracker.finish_reason("stop") == "tool_calls"
-    broken = _CallTracker(parallel=True)
-    broken.keep([tokenizer_pb2.ToolCallDelta(index=0, id="functions.f:0", name="f")])
-    broken.keep([tokenizer_pb2.ToolCallDelta(index=0, error="bad JSON")])
+    broken = CallTracker(parallel=True)
+    broken.keep([ToolCallDelta(index=0, id="functions.f:0", name="f")])
+    broken.keep([ToolCallDelta(index=0, error="bad JSON")])
     assert broken.finish_reason("length") == "length"
-
-
-class _StatsStub:
-    def __init__(self, stats: decode_pb2.DecodeStats | None, delay_s: float = 0.0) -> None:
-        self.stats, self.delay_s = stats, delay_s
-
-    async def Stats(self, request: Any, timeout: float) -> decode_pb2.DecodeStats:
-        await asyncio.sleep(self.delay_s)
-        if self.stats is None:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
-            )
-        return self.stats
-
-
-DECODES = Deployment.from_dict(
-    {
-        "tokenizer": [{"port": 1001}],
-        "prefill": [{"port": 1002}],
-        "decode": [{"name": f"d{i}", "port": 1010 + i} for i in range(3)],
-    }
-).of_kind("decode")
-
-
-def _stats(queued: int, running: int, free: int) -> decode_pb2.DecodeStats:
-    return decode_pb2.DecodeStats(queued=queued, running=running, kv_blocks_free=free)
-
-
-def test_decode_peers_spread_choices_by_load_and_skip_dead_ones() -> None:
-    async def run() -> tuple[list[str], list[str]]:
-        peers = DecodePeers(DECODES, poll_interval_s=0.01)
-        stubs = [_StatsStub(_stats(3, 1, 10)), _StatsStub(_stats(0, 1, 10)), _StatsStub(None)]
-        for peer, stub in zip(peers.peers, stubs, strict=True):
-            peer.stub = stub  # type: ignore[assignment]
-        picked = [p.instance.name for p in await peers.assign(4, wait_s=5)]
-        for peer in peers.peers:
-            peer.stub = _StatsStub(None)  # type: ignore[assignment]
-        await asyncio.sleep(0.1)
-        # Nobody answers: every peer is still tried (the call itself then reports UNAVAILABLE).
-        none_up = [p.instance.name for p in await peers.assign(3, wait_s=5)]
-        await peers.close()
-        return picked, none_up
-
-    picked, none_up = asyncio.run(run())
-    assert picked == ["d1", "d1", "d1", "d0"]
-    assert "d2" in none_up and len(none_up) == 3  # d2 never answered, yet is tried
-
-
-def test_slow_stats_under_load_never_fail_a_request() -> None:
-    """Regression (issue 12, item 14): each request probed every decode's Stats with a 1 s
-    timeout, and under load (Stats answered after >1 s) requests failed with "no decode
-    instance is reachable". Loads are polled in the background now."""
-
-    async def run() -> list[str]:
-        peers = DecodePeers(DECODES, poll_interval_s=0.01)
-        for queued, peer in zip((4, 0, 9), peers.peers, strict=True):
-            peer.stub = _StatsStub(_stats(queued, 0, 10), delay_s=1.5)  # type: ignore[assignment]
-        picked = [p.instance.name for p in await peers.assign(2, wait_s=30)]
-        await peers.close()
-        return picked
-
-    assert asyncio.run(run()) == ["d1", "d1"]
