@@ -1,6 +1,8 @@
 """The served suite against vLLM's OpenAI server and our in-process engine, on one checkpoint.
 
     python3 bench/serving.py [--quick] [--vllm-python PATH] [--deployment-model KEY=VALUE ...]
+                             [--instance decode.threads=2 ...] [--levels 1,16,64]
+                             [--skip k2serve|in-process]
                              [--out bench/results/serving.json]
 
 Checkpoint: random weights in K2's architecture and HF format with K2's MLA latent
@@ -323,7 +325,9 @@ async def measure_server(
 # --- the three paths ------------------------------------------------------------------------
 
 
-def our_suite(folder: Path, checkpoint: Path, model: dict[str, Any]) -> Any:
+def our_suite(
+    folder: Path, checkpoint: Path, model: dict[str, Any], instances: dict[str, dict[str, Any]]
+) -> Any:
     from services.launcher import Suite
 
     gateway = yaml.safe_load((ROOT / "deploy/gateway.yaml").read_text())
@@ -334,8 +338,8 @@ def our_suite(folder: Path, checkpoint: Path, model: dict[str, Any]) -> Any:
         "checkpoint": str(checkpoint),
         "model": model,
         "tokenizer": [{"name": "tokenizer-0", "port": free_port()}],
-        "prefill": [{"name": "prefill-0", "port": free_port()}],
-        "decode": [{"name": "decode-0", "port": free_port()}],
+        "prefill": [{"name": "prefill-0", "port": free_port(), **instances["prefill"]}],
+        "decode": [{"name": "decode-0", "port": free_port(), **instances["decode"]}],
         "gateway": [{"name": "gateway-0", "port": free_port(), "config": str(gateway_path)}],
     }
     path = folder / "deployment.yaml"
@@ -397,7 +401,7 @@ def in_process(
                 first = first or last
             assert first is not None and last is not None
             itl = (last - first) / (new_tokens - 1)
-            results += [Result(first - t0, itl, len(r.prompt), new_tokens) for r in batch]
+            results += [Result(first - t0, itl, len(r.prompt_ids), new_tokens) for r in batch]
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
         rows.append(row_of("in-process", c, results, wall, cpu))
         print(f"  in-process c={c}: {rows[-1].output_tok_s:.0f} tok/s", flush=True)
@@ -485,12 +489,27 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a `model:` setting of our deployment (e.g. threads=2), YAML value",
     )
+    ap.add_argument(
+        "--instance",
+        action="append",
+        default=[],
+        metavar="KIND.KEY=VALUE",
+        help="a setting of our prefill or decode instance (e.g. decode.threads=2), YAML value",
+    )
     ap.add_argument("--skip", action="append", default=[], choices=["k2serve", "in-process"])
+    ap.add_argument("--levels", help="comma-separated concurrencies (default 1,16,64)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serving.json")
     args = ap.parse_args()
     levels = QUICK_LEVELS if args.quick else LEVELS
+    if args.levels:
+        levels = tuple(int(c) for c in args.levels.split(","))
     prompt_tokens, new_tokens = QUICK_TOKENS if args.quick else (PROMPT_TOKENS, NEW_TOKENS)
     model = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.deployment_model)}
+    instances: dict[str, dict[str, Any]] = {"prefill": {}, "decode": {}}
+    for setting in args.instance:
+        key, value = setting.split("=", 1)
+        kind, name = key.split(".", 1)
+        instances[kind][name] = yaml.safe_load(value)
     rows: list[Row] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -503,7 +522,7 @@ def main() -> None:
         banned = sorted(tok.stop_ids)
         if "k2serve" not in args.skip:
             print("k2serve: starting the suite", flush=True)
-            suite = our_suite(folder, checkpoint, model)
+            suite = our_suite(folder, checkpoint, model, instances)
             try:
                 url = f"http://{suite.deployment.of_kind('gateway')[0].target}"
                 pids = [p.pid for p in suite.procs.values()]
@@ -536,6 +555,7 @@ def main() -> None:
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,
             "deployment_model": model,
+            "instances": instances,
             "cpus": os.cpu_count(),
             "bench_wall_s": time.perf_counter() - started,
         },

@@ -6,9 +6,10 @@ per step in one batch (absorbed MLA over the paged cache). Tokens stream out ste
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from k2model.block_allocator import BlockAllocator, blocks_needed
 from k2model.mla import AttentionForm
@@ -69,17 +70,21 @@ class _Seq:
 
 
 def generate(
-    model: K2Model, requests: Sequence[GenerationRequest], block_size: int = 16
+    model: K2Model,
+    requests: Sequence[GenerationRequest],
+    block_size: int = 16,
+    kv_dtype: torch.dtype | None = None,
 ) -> Iterator[list[TokenEvent]]:
-    """Yield, per step, one TokenEvent for every sequence still running."""
+    """Yield, per step, one TokenEvent for every sequence still running. kv_dtype: the cache's
+    storage dtype (None: the model's)."""
     cfg = model.cfg
     for req in requests:
         check_request(req, cfg.vocab_size, cfg.max_position_embeddings)
     need = [blocks_needed(len(r.prompt_ids) + r.max_new_tokens, block_size) for r in requests]
     alloc = BlockAllocator(sum(need))
-    runner = ModelRunner(model, alloc.num_blocks, block_size)
+    runner = ModelRunner(model, alloc.num_blocks, block_size, kv_dtype)
     seqs = [
-        _Seq(list(r.prompt_ids), r, _seed(r.params), alloc.allocate(n))
+        _Seq(list(r.prompt_ids), r, r.params.seeded()[1], alloc.allocate(n))
         for r, n in zip(requests, need, strict=True)
     ]
     running = list(range(len(seqs)))
@@ -88,11 +93,12 @@ def generate(
     while running:
         sampled = runner.step(inputs, form)
         events, still = [], []
-        for i, (token, logprob, top) in zip(running, sampled, strict=True):
+        for i, result in zip(running, sampled, strict=True):
+            assert result is not None  # every input has a row
             s = seqs[i]
-            s.out.append(token)
-            reason = _finish_reason(s, token)
-            events.append(TokenEvent(i, token, logprob, top, reason))
+            s.out.append(result.token_id)
+            reason = _finish_reason(s, result.token_id)
+            events.append(TokenEvent(i, result.token_id, result.logprob, list(result.top), reason))
             if reason is None:
                 still.append(i)
         yield events
@@ -101,10 +107,6 @@ def generate(
             StepInput([seqs[i].out[-1]], seqs[i].length - 1, seqs[i].blocks, seqs[i].row())
             for i in running
         ]
-
-
-def _seed(params: SamplingParams) -> int:
-    return params.seed if params.seed is not None else random.getrandbits(63)
 
 
 def _finish_reason(s: _Seq, token: int) -> str | None:

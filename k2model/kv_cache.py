@@ -3,6 +3,10 @@
 Storage is one tensor [layers, num_blocks * block_size, kv_lora_rank + qk_rope_head_dim]; token t of
 a sequence lives at slot block_table[t // block_size] * block_size + t % block_size.
 k_pe keeps the checkpoint's interleaved rope layout (see rope.py).
+
+The storage dtype may be narrower than the model's compute dtype (a bf16 cache under an fp32 model
+on CPU: half the bytes per cached token). Values are rounded once, when written; `gather` widens
+what it reads back to `compute_dtype`, and the paged decode kernels widen as they load.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ class PagedKVCache:
         dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.num_blocks, self.block_size, self.dim = num_blocks, block_size, dim
+        self.compute_dtype = compute_dtype or dtype
         self.data = torch.zeros(
             num_layers, num_blocks * block_size, dim, dtype=dtype, device=device
         )
@@ -34,8 +40,9 @@ class PagedKVCache:
         self.data[layer].index_copy_(0, slots, values.to(self.data.dtype))
 
     def gather(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """slots [B, L] -> [B, L, dim]."""
-        return self.data[layer].index_select(0, slots.flatten()).view(*slots.shape, self.dim)
+        """slots [B, L] -> [B, L, dim], in the compute dtype."""
+        rows = self.data[layer].index_select(0, slots.flatten()).view(*slots.shape, self.dim)
+        return rows.to(self.compute_dtype)
 
     def read_blocks(self, layer: int, blocks: list[int]) -> torch.Tensor:
         """The contents of whole blocks, [len(blocks) * block_size, dim] (for KV transfer)."""

@@ -62,10 +62,19 @@ class K2Model(nn.Module):
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
 
-    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+    def new_cache(
+        self, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None
+    ) -> PagedKVCache:
+        """kv_dtype: the storage dtype (None: the model's own)."""
         cfg = self.cfg
         return PagedKVCache(
-            cfg.num_hidden_layers, num_blocks, block_size, cfg.kv_cache_dim, self.dtype, self.device
+            cfg.num_hidden_layers,
+            num_blocks,
+            block_size,
+            cfg.kv_cache_dim,
+            kv_dtype or self.dtype,
+            self.device,
+            compute_dtype=self.dtype,
         )
 
     @torch.inference_mode()

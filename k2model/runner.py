@@ -14,11 +14,9 @@ import torch
 from k2model.batch import SeqSlice, build_batch
 from k2model.mla import AttentionForm
 from k2model.model import K2Model
+from k2model.sampled import Sampled
 from k2model.sampling import sample
 from k2model.sampling_params import SamplingRow
-
-# (token id, logprob or None, top alternatives) for one sampled row
-Sampled = tuple[int, float | None, list[tuple[int, float]]]
 
 
 @dataclass(frozen=True)
@@ -30,9 +28,15 @@ class StepInput:
 
 
 class ModelRunner:
-    def __init__(self, model: K2Model, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: K2Model,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         self.model, self.block_size = model, block_size
-        self.cache = model.new_cache(num_blocks, block_size)
+        self.cache = model.new_cache(num_blocks, block_size, kv_dtype)
 
     def step(
         self,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from k2model.sampled import Sampled
 from k2model.sampling_params import SamplingParams, SamplingRow
 
 _MASK64 = (1 << 64) - 1
@@ -58,16 +59,15 @@ class SampleResult:
     wants_logprobs: tuple[bool, ...]  # per row: did it ask for logprobs
     top_counts: tuple[int, ...]  # per row: how many top entries it asked for
 
-    def row(self, i: int) -> tuple[int, float | None, list[tuple[int, float]]]:
-        """(token, its logprob or None if this row did not ask, its top (id, logprob) pairs)."""
+    def row(self, i: int) -> Sampled:
         token = int(self.token_ids[i])
         if not self.wants_logprobs[i] or self.logprobs is None:
-            return token, None, []
+            return Sampled(token)
         n = self.top_counts[i]
-        top = list(
+        top = tuple(
             zip(self.top_ids[i, :n].tolist(), self.top_logprobs[i, :n].tolist(), strict=True)
         )
-        return token, float(self.logprobs[i]), top
+        return Sampled(token, float(self.logprobs[i]), top)
 
     def cpu(self) -> SampleResult:
         """A copy on the host: call once before reading many rows, to sync once."""

@@ -8,8 +8,9 @@ and, for constrained generation (k2model/constraints.py), the mask of ids it may
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -105,6 +106,15 @@ class SamplingParams:
             self.top_logprobs,
         )
         object.__setattr__(self, "logit_bias", _freeze_logit_bias(self.logit_bias))
+
+    def seeded(self) -> tuple[SamplingParams, int]:
+        """(these params with the seed resolved, that seed). Resolved once, where a request is
+        admitted (generate(), decode, prefill): its own seed, or a fresh draw of 63 bits (an
+        int64 on every wire)."""
+        if self.seed is not None:
+            return self, self.seed
+        seed = random.getrandbits(63)
+        return replace(self, seed=seed), seed
 
     @property
     def is_greedy(self) -> bool:

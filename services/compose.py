@@ -101,6 +101,7 @@ def container_view(dep: Deployment) -> dict[str, Any]:
             "fp8_resident": dep.fp8_resident,
             "chat_format": dep.chat_format or "auto",
             "threads": dep.threads or "auto",
+            "kv_dtype": dep.kv_dtype,
         },
         "experts": dep.experts,
     }

@@ -5,14 +5,23 @@ list, and the docker compose files. Peers always come from here, never from a re
 
     checkpoint: embedded            # or a checkpoint directory
     hosts: {local: 127.0.0.1}       # host name -> address services bind to and dial
-    model: {dtype: auto, fp8_resident: false, chat_format: auto, threads: auto}
+    model: {dtype: auto, fp8_resident: false, chat_format: auto, threads: auto, kv_dtype: auto}
     tokenizer: [{name: tokenizer-0, host: local, port: 50051}]
-    prefill:   [{name: prefill-0, host: local, port: 50061, kv_blocks: 1024}]
-    decode:    [{name: decode-0, host: local, port: 50071, kv_blocks: 1024, max_running: 64}]
+    prefill:   [{name: prefill-0, host: local, port: 50061, kv_blocks: auto}]
+    decode:    [{name: decode-0, host: local, port: 50071, kv_cache_gib: 2, max_running: 64}]
     experts: remote                 # or local (default): where prefill/decode run routed experts
     expert_pool: [{name: experts-0, host: local, port: 50081, ranks: 2, master_port: 29500}]
     gateway:   [{name: gateway-0, host: local, port: 8000, config: gateway.yaml}]
     security: {ca: ca.pem, cert: internal.pem, key: internal.key, secret_file: secret}  # optional
+
+Each kind takes its own settings (KIND_KEYS) and a key it does not use is an error naming its
+path (`tokenizer[0].kv_blocks: not a setting of tokenizer instances`). A prefill or decode KV
+pool is `kv_blocks` blocks of `block_size` tokens, or `auto` (the default): sized from the memory
+the process may use (`kv_cache_gib`, else a share of the host's; services/common/kv_sizing.py).
+`threads` on an instance overrides model.threads for that process. model.kv_dtype is the latent
+cache's dtype (auto: the model's; bfloat16 under an fp32 model halves KV memory and transfer but
+rounds the latents, docs/performance.md), the same on prefill and decode because the cache
+travels between them.
 
 With `experts: remote` exactly one instance of kind `experts` (under the key `expert_pool`) is
 required: one DeepSpeed job of `ranks` processes on its host, rendezvous at master_port. A pool
@@ -27,7 +36,7 @@ a shared-secret check on every internal gRPC call (services/common/security.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,12 +70,16 @@ class PoolNode:
 
 @dataclass(frozen=True)
 class Instance:
+    """One service instance. Which settings a kind takes: KIND_KEYS (others are refused)."""
+
     kind: str
     name: str
     host: str
     address: str  # the host's address
     port: int
-    kv_blocks: int = 1024
+    kv_blocks: int | None = None  # None ("auto"): sized from memory (services/common/kv_sizing.py)
+    kv_cache_gib: float | None = None  # with kv_blocks auto: the KV pool's memory, not a share
+    threads: int = 0  # CPU threads of this model process; 0: the deployment's model.threads
     block_size: int = 16
     max_running: int = 64
     max_queue: int = 256
@@ -106,6 +119,7 @@ class Deployment:
     instances: tuple[Instance, ...]
     chat_format: str | None = None  # None: the checkpoint's own template, else its native flavor
     threads: int = 0  # CPU threads per model process; 0: cores split among this host's instances
+    kv_dtype: str = "auto"  # the latent KV cache's dtype; auto: the model's (docs/performance.md)
     experts: str = "local"  # "remote": routed experts run on the experts instance
     security: Security | None = None  # mTLS and/or a shared secret on internal gRPC
 
@@ -113,6 +127,12 @@ class Deployment:
     def remote_experts(self) -> Instance | None:
         """The expert pool prefill and decode call, when `experts: remote`."""
         return self.of_kind("experts")[0] if self.experts == "remote" else None
+
+    def torch_kv_dtype(self) -> torch.dtype | None:
+        """The KV cache's dtype; None (auto): the model's own."""
+        import torch
+
+        return None if self.kv_dtype == "auto" else getattr(torch, self.kv_dtype)
 
     def torch_dtype(self) -> torch.dtype | None:
         """None = the model's default for the device. (torch is imported here: the gateway reads
@@ -165,7 +185,7 @@ class Deployment:
             for kind in KINDS
             for i, entry in enumerate(raw.get(_section(kind)) or [])
         )
-        unknown = set(model) - {"dtype", "fp8_resident", "chat_format", "threads"}
+        unknown = set(model) - {"dtype", "fp8_resident", "chat_format", "threads", "kv_dtype"}
         if unknown:
             raise DeploymentError(f"unknown model keys: {sorted(unknown)}")
         chat, threads = model.get("chat_format", "auto"), model.get("threads", "auto")
@@ -176,6 +196,7 @@ class Deployment:
             instances,
             chat_format=None if chat == "auto" else str(chat),
             threads=0 if threads == "auto" else int(threads),
+            kv_dtype=str(model.get("kv_dtype", "auto")),
             experts=str(raw.get("experts", "local")),
             security=Security.from_dict(raw["security"], base) if "security" in raw else None,
         )
@@ -183,8 +204,18 @@ class Deployment:
         return dep
 
 
-_INSTANCE_FIELDS = {f.name for f in fields(Instance)} - {"kind", "address", "node"}
+_COMMON_KEYS = ("name", "host", "port")
+_KV_KEYS = ("kv_blocks", "kv_cache_gib", "block_size", "max_queue", "threads")
+# The settings each kind takes; any other key in its entry is refused with the key's path.
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "tokenizer": _COMMON_KEYS,
+    "prefill": (*_COMMON_KEYS, *_KV_KEYS, "chunk_tokens", "max_batch_tokens"),
+    "decode": (*_COMMON_KEYS, *_KV_KEYS, "max_running"),
+    "experts": (*_COMMON_KEYS, "ranks", "master_port", "nodes", "threads"),
+    "gateway": (*_COMMON_KEYS, "config"),
+}
 _TEXT_FIELDS = ("name", "host", "config")
+_OPTIONAL = {"kv_blocks": int, "kv_cache_gib": float}  # absent or "auto": None
 
 
 def _section(kind: str) -> str:
@@ -195,12 +226,13 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
     where = f"{_section(kind)}[{index}]"
     if not isinstance(entry, dict):
         raise DeploymentError(f"{where} must be a mapping")
-    unknown = set(entry) - _INSTANCE_FIELDS
-    if unknown:
-        raise DeploymentError(f"{where}: unknown keys {sorted(unknown)}")
+    for key in entry:
+        if key not in KIND_KEYS[kind]:
+            takes = ", ".join(KIND_KEYS[kind])
+            raise DeploymentError(
+                f"{where}.{key}: not a setting of {_section(kind)} instances (they take {takes})"
+            )
     nodes = _pool_nodes(where, entry, hosts) if "nodes" in entry else ()
-    if nodes and kind != "experts":
-        raise DeploymentError(f"{where}: only an expert_pool instance takes nodes")
     host = entry.get("host", nodes[0].host if nodes else "local")
     if nodes and host != nodes[0].host:
         raise DeploymentError(f"{where}: host {host!r} must be the first node's, {nodes[0].host!r}")
@@ -208,16 +240,27 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
         raise DeploymentError(f"{where}: host {host!r} is not in hosts {sorted(hosts)}")
     if "port" not in entry:
         raise DeploymentError(f"{where}: port is required")
-    if ("config" in entry) != (kind == "gateway"):
-        raise DeploymentError(f"{where}: a gateway needs a config file, other kinds take none")
+    if kind == "gateway" and "config" not in entry:
+        raise DeploymentError(f"{where}.config: a gateway needs a config file")
     config = (base / str(entry["config"])).resolve() if "config" in entry else None
-    values = {k: int(v) for k, v in entry.items() if k not in (*_TEXT_FIELDS, "nodes")}
+    values = {
+        k: _number(where, k, v) for k, v in entry.items() if k not in (*_TEXT_FIELDS, "nodes")
+    }
     if nodes:
         total = sum(n.ranks for n in nodes)
         if values.setdefault("ranks", total) != total:
             raise DeploymentError(f"{where}: ranks {values['ranks']} but its nodes have {total}")
     name = str(entry.get("name", f"{kind}-{index}"))
     return Instance(kind, name, host, str(hosts[host]), config=config, nodes=nodes, **values)
+
+
+def _number(where: str, key: str, value: Any) -> int | float | None:
+    if key in _OPTIONAL and value == "auto":
+        return None
+    kind = _OPTIONAL.get(key, int)
+    if isinstance(value, bool) or not isinstance(value, int | float) or kind(value) != value:
+        raise DeploymentError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    return kind(value)
 
 
 def _pool_nodes(where: str, entry: dict, hosts: dict[str, str]) -> tuple[PoolNode, ...]:
@@ -255,11 +298,21 @@ def _check(dep: Deployment) -> None:
         raise DeploymentError("model.threads must be auto or a positive integer")
     if dep.dtype not in ("auto", "float32", "bfloat16"):
         raise DeploymentError(f"model.dtype must be auto, float32 or bfloat16, not {dep.dtype!r}")
+    if dep.kv_dtype not in ("auto", "float32", "bfloat16"):
+        raise DeploymentError(
+            f"model.kv_dtype must be auto, float32 or bfloat16, not {dep.kv_dtype!r}"
+        )
     for i in dep.instances:
-        if not 0 < i.port < 65536 or i.kv_blocks < 1 or i.block_size < 1 or i.max_running < 1:
+        if not 0 < i.port < 65536 or i.block_size < 1 or i.max_running < 1 or i.threads < 0:
             raise DeploymentError(
-                f"{i.name}: port, kv_blocks, block_size and max_running must be positive"
+                f"{i.name}: port, block_size and max_running must be positive, threads >= 0"
             )
+        if (i.kv_blocks is not None and i.kv_blocks < 1) or (
+            i.kv_cache_gib is not None and i.kv_cache_gib <= 0
+        ):
+            raise DeploymentError(f"{i.name}: kv_blocks and kv_cache_gib must be auto or positive")
+        if i.kv_blocks is not None and i.kv_cache_gib is not None:
+            raise DeploymentError(f"{i.name}: kv_cache_gib sizes an auto pool; kv_blocks is set")
 
 
 def _check_experts(dep: Deployment) -> None:

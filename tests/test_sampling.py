@@ -291,8 +291,8 @@ def test_logprobs_are_raw_log_softmax_at_the_chosen_token() -> None:
     assert result.logprobs is not None and result.logprobs.dtype == torch.float32
     expected = raw.gather(1, result.token_ids.unsqueeze(1)).squeeze(1)
     assert torch.allclose(result.logprobs, expected)
-    assert result.token_ids[2] == 3 and result.row(2)[1] == pytest.approx(float(raw[2, 3]))
-    assert result.row(3)[1:] == (None, [])
+    assert result.token_ids[2] == 3 and result.row(2).logprob == pytest.approx(float(raw[2, 3]))
+    assert (result.row(3).logprob, result.row(3).top) == (None, ())
 
 
 def test_top_logprobs_sorted_correct_and_prefixed_per_row() -> None:
@@ -307,7 +307,8 @@ def test_top_logprobs_sorted_correct_and_prefixed_per_row() -> None:
     for b, n in enumerate([5, 2, 0]):
         raw = logits[b].double().log_softmax(-1).tolist()
         best = sorted(range(50), key=lambda i: -raw[i])[:n]
-        token, logprob, top = result.row(b)
+        row = result.row(b)
+        token, logprob, top = row.token_id, row.logprob, list(row.top)
         assert token == int(logits[b].argmax())
         assert [i for i, _ in top] == best
         assert [lp for _, lp in top] == pytest.approx([raw[i] for i in best], abs=1e-5)
@@ -358,3 +359,11 @@ def test_top_logprobs_requires_logprobs_and_edges_are_accepted() -> None:
 def test_logits_shape_must_match_rows() -> None:
     with pytest.raises(ValueError, match="logits"):
         sample(torch.zeros(2, 5), [SamplingRow(GREEDY, 0, 0)])
+
+
+def test_a_seed_is_resolved_once_and_kept() -> None:
+    own = SamplingParams(temperature=1.0, seed=5)
+    assert own.seeded() == (own, 5)
+    drawn, seed = SamplingParams(temperature=1.0).seeded()
+    assert drawn.seed == seed and 0 <= seed < 2**63
+    assert drawn.seeded() == (drawn, seed)  # resolving again keeps it

@@ -74,8 +74,9 @@ def mla_decode(
     sm_scale: float,
     r: int,
 ) -> torch.Tensor:
-    """q [B, H, r + d_r] against the cache rows kv[slots[b, :lengths[b]]] -> [B, H, r]."""
-    if cpu_ext.takes(q) and kv.dtype == q.dtype:  # csrc/mla_decode.cpp (no Triton import)
+    """q [B, H, r + d_r] against the cache rows kv[slots[b, :lengths[b]]] -> [B, H, r]; the cache
+    may be narrower than q (bf16 under fp32), widened as it is read."""
+    if cpu_ext.takes(q) and kv.dtype in (torch.float32, torch.bfloat16):  # csrc/mla_decode.cpp
         out = torch.empty(q.shape[0], q.shape[1], r, dtype=q.dtype)
         cpu_ext.extension().mla_decode(
             q.contiguous(), kv.contiguous(), slots.contiguous(), lengths, sm_scale, r, out

@@ -12,6 +12,7 @@ import torch
 from k2model import K2Model, load_model
 from k2model.constraints import ConstraintCompiler, Vocabulary
 from k2model.kernels import cpu_ext
+from services.common import kv_sizing
 from services.deployment import Deployment, Instance
 from services.experts.client import ExpertsClient, attach_remote_experts
 
@@ -19,12 +20,15 @@ log = logging.getLogger(__name__)
 
 
 def cpu_threads(dep: Deployment, me: Instance) -> int:
-    """Cores split evenly among the compute processes on this host (at least one each): prefill
-    and decode instances and every rank of an expert pool.
+    """The instance's own `threads`, else model.threads, else the cores split evenly among the
+    compute processes on this host (at least one each): prefill and decode instances and every
+    rank of an expert pool.
 
     Several processes each spinning up every core's worth of OpenMP threads on a small CPU slow
     every one of them down many times over (an expert round ran 100x slower on 2 cores).
     """
+    if me.threads:
+        return me.threads
     if dep.threads:
         return dep.threads
     processes = sum(
@@ -59,6 +63,24 @@ async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClien
     if remote is None:
         return model, None
     return model, attach_remote_experts(model, remote.target, security=dep.security)
+
+
+def kv_pool(dep: Deployment, me: Instance, model: K2Model) -> int:
+    """The instance's KV blocks (`kv_blocks`, or sized from memory for auto), logged."""
+    kv_dtype = dep.torch_kv_dtype() or model.dtype
+    blocks = kv_sizing.kv_blocks(dep, me, model.cfg, kv_dtype)
+    size = blocks * me.block_size * kv_sizing.bytes_per_token(model.cfg, kv_dtype)
+    how = "auto" if me.kv_blocks is None else "set"
+    log.info(
+        "%s: KV pool %d blocks of %d (%s, %.0f MiB, %s)",
+        me.name,
+        blocks,
+        me.block_size,
+        how,
+        size / 2**20,
+        str(kv_dtype).removeprefix("torch."),
+    )
+    return blocks
 
 
 def constraint_compiler(dep: Deployment, model: K2Model) -> ConstraintCompiler:

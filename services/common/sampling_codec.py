@@ -12,11 +12,9 @@ same float32, so a value the caller wrote as 0.7 arrives as 0.7 (not 0.699999988
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
-
 import numpy as np
 
+from k2model.sampled import Sampled
 from k2model.sampling_params import SamplingParams
 from services.common.errors import InvalidArgument
 from services.pb.k2.v1 import common_pb2
@@ -71,22 +69,11 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     )
 
 
-class Sampled(NamedTuple):
-    """One generated token as the services pass it around: logprob None when not asked for;
-    `top` holds the (token_id, logprob) alternatives, best first."""
-
-    token_id: int
-    logprob: float | None
-    top: tuple[tuple[int, float], ...]
-
-
-def sampled_token_to_proto(
-    token_id: int, logprob: float | None, top: Sequence[tuple[int, float]] = ()
-) -> common_pb2.SampledToken:
+def sampled_token_to_proto(token: Sampled) -> common_pb2.SampledToken:
     return common_pb2.SampledToken(
-        token_id=token_id,
-        logprob=logprob,
-        top_logprobs=[common_pb2.TokenLogprob(token_id=i, logprob=lp) for i, lp in top],
+        token_id=token.token_id,
+        logprob=token.logprob,
+        top_logprobs=[common_pb2.TokenLogprob(token_id=i, logprob=lp) for i, lp in token.top],
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.common.main_args import parse
-from services.common.model_host import constraint_compiler, load_for
+from services.common.model_host import constraint_compiler, kv_pool, load_for
 from services.common.serve_instance import serve_instance
 from services.common.server import run
 from services.decode.engine import DecodeEngine, DecodeLimits
@@ -18,9 +18,11 @@ async def main() -> None:
     dep, me = parse("decode", __doc__)
     model, experts = await load_for(dep, me)
     prefills = [p.target for p in dep.of_kind("prefill")]
-    pool = PrefillPool(prefills, model.cfg, model.dtype, security=dep.security)
-    limits = DecodeLimits(me.kv_blocks, me.block_size, me.max_running, me.max_queue)
-    engine = DecodeEngine(model, limits, pool.prefill, constraint_compiler(dep, model))
+    kv_dtype = dep.torch_kv_dtype() or model.dtype
+    pool = PrefillPool(prefills, model.cfg, kv_dtype, security=dep.security)
+    limits = DecodeLimits(kv_pool(dep, me, model), me.block_size, me.max_running, me.max_queue)
+    compiler = constraint_compiler(dep, model)
+    engine = DecodeEngine(model, limits, pool.prefill, compiler, kv_dtype)
     servicer = DecodeServicer(engine)
     pool.start()
     try:

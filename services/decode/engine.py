@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from k2model.constraints import ConstraintCompiler, ConstraintSpec, ConstraintState
 from k2model.model import K2Model
-from k2model.runner import ModelRunner, Sampled, StepInput
+from k2model.runner import ModelRunner, StepInput
+from k2model.sampled import Sampled
 from k2model.sampling_params import SamplingParams
 from services.common.errors import (
     InvalidArgument,
@@ -61,13 +61,15 @@ class DecodeEngine:
         limits: DecodeLimits,
         prefiller: Prefiller,
         constraints: ConstraintCompiler | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        """kv_dtype: the cache's dtype (what prefill streams); None: the model's."""
         self.model, self.limits, self.prefiller = model, limits, prefiller
         self.constraints = constraints  # None: requests with a constraint are refused
         self.sched = Scheduler(
             limits.num_blocks, limits.block_size, limits.max_running, limits.watermark_blocks
         )
-        self.runner = ModelRunner(model, limits.num_blocks, limits.block_size)
+        self.runner = ModelRunner(model, limits.num_blocks, limits.block_size, kv_dtype)
         self.served = 0
         self._queues: dict[Seq, asyncio.Queue[TokenBatch | Exception]] = {}
         self._transfers: dict[Seq, asyncio.Task] = {}
@@ -93,11 +95,11 @@ class DecodeEngine:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         guide = self._guide(constraint, stop_ids)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        params, seed = params.seeded()
         seq = Seq(
             request_id,
             list(prompt),
-            replace(params, seed=seed),
+            params,
             seed,
             max_new_tokens,
             stop_ids,
@@ -214,7 +216,7 @@ class DecodeEngine:
             self.sched.finish(seq)
             self._emit(seq, result)
             return
-        reason = self.sched.stepped(seq, result[0])
+        reason = self.sched.stepped(seq, result.token_id)
         self.served += reason is not None
         self._emit(seq, TokenBatch([result], reason))
 
@@ -234,10 +236,10 @@ class DecodeEngine:
             self._transfers.pop(seq, None)
         if seq.state is not State.PREFILLING:
             return
-        if seq.guide is not None and not seq.guide.accepts(first[0]):
+        if seq.guide is not None and not seq.guide.accepts(first.token_id):
             self._fail(seq, Unavailable("prefill ignored the request's constraint"))
             return
-        self.sched.prefilled(seq, first[0])
+        self.sched.prefilled(seq, first.token_id)
         reason = seq.finish_reason
         self.served += reason is not None
         self._emit(seq, TokenBatch([first], reason))

@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from k2model.config import K2Config
-from k2model.runner import Sampled
+from k2model.sampled import Sampled
 from services.common.channel import wait_ready
 from services.common.constraint_codec import constraint_to_proto
 from services.common.errors import InvalidArgument, OutOfRange, ServiceError, Unavailable
@@ -140,11 +140,10 @@ class PrefillPool:
 
 def _checked(first: Sampled, cfg: K2Config) -> Sampled:
     """The first token, if it is one this model can have sampled."""
-    token_id, logprob, top = first
-    ids = [token_id, *(t for t, _ in top)]
+    ids = [first.token_id, *(t for t, _ in first.top)]
     if not all(0 <= t < cfg.vocab_size for t in ids):
         raise Unavailable(f"prefill sent a token id outside the vocabulary: {ids[:4]}")
-    logprobs = [lp for _, lp in top] + ([] if logprob is None else [logprob])
+    logprobs = [lp for _, lp in first.top] + ([] if first.logprob is None else [first.logprob])
     if any(math.isnan(lp) for lp in logprobs):
         raise Unavailable("prefill sent a NaN logprob")
     return first

@@ -31,7 +31,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         first = True
         async for batch in self.engine.events(seq):
             yield decode_pb2.GenerateEvent(
-                tokens=[sampled_token_to_proto(*t) for t in batch.tokens],
+                tokens=[sampled_token_to_proto(t) for t in batch.tokens],
                 finish_reason=batch.finish_reason or "",
                 prompt_tokens=len(seq.prompt) if first else 0,
             )

@@ -20,7 +20,8 @@ import torch
 from k2model.block_allocator import BlockAllocator, blocks_needed
 from k2model.constraints import ConstraintCompiler, ConstraintSpec
 from k2model.model import K2Model
-from k2model.runner import ModelRunner, Sampled, StepInput
+from k2model.runner import ModelRunner, StepInput
+from k2model.sampled import Sampled
 from k2model.sampling_params import SamplingParams, SamplingRow
 from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
 from services.validation import check_prompt, check_sampling
@@ -30,9 +31,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KvPart:
+    """One layer's latent KV for tokens [token_start, token_start + n) of the prompt."""
+
     layer: int
     token_start: int
-    latent: torch.Tensor  # [n, kv_dim]
+    latent: torch.Tensor  # [n, kv_dim], the cache's dtype
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The job's last event: its first generated token (after every KvPart)."""
+
+    sampled: Sampled
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job's last event when its step failed: the error its caller gets."""
+
+    error: Exception
+
+
+PrefillEvent = KvPart | FirstToken | Failed
 
 
 @dataclass(frozen=True)
@@ -49,7 +69,7 @@ class PrefillJob:
     request_id: str
     prompt: list[int]
     row: SamplingRow
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # KvPart | Sampled | Exception
+    out: asyncio.Queue[PrefillEvent] = field(default_factory=asyncio.Queue)
     blocks: list[int] = field(default_factory=list)
     done: int = 0  # prompt tokens already prefilled
     cancelled: bool = False
@@ -57,12 +77,17 @@ class PrefillJob:
 
 class PrefillEngine:
     def __init__(
-        self, model: K2Model, limits: PrefillLimits, constraints: ConstraintCompiler | None = None
+        self,
+        model: K2Model,
+        limits: PrefillLimits,
+        constraints: ConstraintCompiler | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        """kv_dtype: the cache's (and so the streamed latents') dtype; None: the model's."""
         self.model, self.limits = model, limits
         self.constraints = constraints  # None: requests with a constraint are refused
         self.alloc = BlockAllocator(limits.num_blocks)
-        self.runner = ModelRunner(model, limits.num_blocks, limits.block_size)
+        self.runner = ModelRunner(model, limits.num_blocks, limits.block_size, kv_dtype)
         self.waiting: deque[PrefillJob] = deque()
         self.running: list[PrefillJob] = []
         self.served = 0
@@ -75,11 +100,12 @@ class PrefillEngine:
         request_id: str,
         prompt: list[int],
         params: SamplingParams,
-        seed: int,
         constraint: ConstraintSpec | None = None,
     ) -> PrefillJob:
+        """A job for the prompt; its seed is resolved here (its own, or a fresh draw)."""
         check_prompt(prompt, self.model.cfg)
         check_sampling(params, self.model.cfg)
+        params, seed = params.seeded()
         allowed = self._first_token_mask(constraint)
         need = blocks_needed(len(prompt), self.limits.block_size)
         if need > self.alloc.num_blocks:
@@ -150,12 +176,12 @@ class PrefillEngine:
                 # else is INTERNAL for the caller, details only in the log.
                 failure = e if isinstance(e, ServiceError) else RuntimeError("prefill step failed")
                 for job, _ in plan:
-                    self._finish(job, failure)
+                    self._finish(job, Failed(failure))
                 continue
             for (job, n), result in zip(plan, sampled, strict=True):
                 job.done += n
                 if result is not None:
-                    self._finish(job, result)
+                    self._finish(job, FirstToken(result))
 
     def _layer_sender(self, loop: asyncio.AbstractEventLoop, plan: list[tuple[PrefillJob, int]]):
         offsets = list(itertools.accumulate((n for _, n in plan), initial=0))
@@ -164,17 +190,18 @@ class PrefillEngine:
             for (job, n), start in zip(plan, offsets, strict=False):
                 if not job.cancelled:
                     part = KvPart(layer, job.done, latents[start : start + n])
+                    self.kv_bytes_sent += part.latent.nbytes
                     loop.call_soon_threadsafe(job.out.put_nowait, part)
 
         return send
 
-    def _finish(self, job: PrefillJob, result: Sampled | Exception) -> None:
+    def _finish(self, job: PrefillJob, last: FirstToken | Failed) -> None:
         self.running.remove(job)
         self.alloc.free(job.blocks)
         job.blocks = []
         if not job.cancelled:
-            self.served += isinstance(result, tuple)
-            job.out.put_nowait(result)
+            self.served += isinstance(last, FirstToken)
+            job.out.put_nowait(last)
 
     def _reap(self) -> None:
         """Free cancelled jobs (no step is running now)."""

@@ -1,8 +1,7 @@
-"""gRPC adapter for the prefill engine: proto -> engine job -> streamed KV chunks -> first token."""
+"""gRPC adapter for the prefill engine: proto -> engine job, its events -> streamed chunks."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,7 +10,7 @@ from services.common.constraint_codec import constraint_from_proto
 from services.common.sampling_codec import sampled_token_to_proto, sampling_from_proto
 from services.common.tensor_codec import tensor_to_proto
 from services.pb.k2.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
-from services.prefill.engine import KvPart, PrefillEngine
+from services.prefill.engine import Failed, FirstToken, KvPart, PrefillEngine
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -21,27 +20,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[prefill_pb2.PrefillChunk]:
-        params = sampling_from_proto(request.sampling)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        constraint = constraint_from_proto(request.constraint)
         job = self.engine.submit(
-            request.request_id, list(request.prompt_ids), params, seed, constraint
+            request.request_id,
+            list(request.prompt_ids),
+            sampling_from_proto(request.sampling),
+            constraint_from_proto(request.constraint),
         )
         try:
             while True:
-                item = await job.out.get()
-                if isinstance(item, Exception):
-                    raise item
-                if isinstance(item, KvPart):
-                    latent = tensor_to_proto(item.latent)
-                    self.engine.kv_bytes_sent += len(latent.data)
-                    kv = prefill_pb2.KvChunk(
-                        layer=item.layer, token_start=item.token_start, latent=latent
-                    )
-                    yield prefill_pb2.PrefillChunk(kv=kv)
-                else:
-                    yield prefill_pb2.PrefillChunk(first_token=sampled_token_to_proto(*item))
-                    return
+                match await job.out.get():
+                    case KvPart(layer, start, latent):
+                        kv = prefill_pb2.KvChunk(
+                            layer=layer, token_start=start, latent=tensor_to_proto(latent)
+                        )
+                        yield prefill_pb2.PrefillChunk(kv=kv)
+                    case FirstToken(sampled):
+                        yield prefill_pb2.PrefillChunk(first_token=sampled_token_to_proto(sampled))
+                        return
+                    case Failed(error):
+                        raise error
         finally:
             self.engine.cancel(job)
 

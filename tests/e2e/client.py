@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 
 async def generate(
@@ -31,3 +31,10 @@ async def generate(
 async def decode_stats(target: str) -> decode_pb2.DecodeStats:
     async with grpc.aio.insecure_channel(target) as channel:
         return await decode_pb2_grpc.DecodeStub(channel).Stats(common_pb2.StatsRequest(), timeout=5)
+
+
+async def prefill_stats(target: str) -> prefill_pb2.PrefillStats:
+    async with grpc.aio.insecure_channel(target) as channel:
+        return await prefill_pb2_grpc.PrefillStub(channel).Stats(
+            common_pb2.StatsRequest(), timeout=5
+        )

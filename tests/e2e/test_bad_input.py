@@ -425,7 +425,7 @@ def test_a_prefill_that_comes_back_serves_the_next_request_at_once(
             ServerOptions(bind=address),
         )
         try:
-            return (await pool.prefill(seq, write))[0]
+            return (await pool.prefill(seq, write)).token_id
         finally:
             await pool.close()
             await running.server.stop(None)

@@ -6,10 +6,14 @@ import asyncio
 import random
 
 import pytest
+import torch
+import yaml
 
 from k2model import EMBEDDED_CHECKPOINT, SamplingParams, generate_ids, load_model
+from k2model.generation import GenerationRequest
+from k2model.generation import generate as run_generate
 from services.pb.k2.v1 import common_pb2
-from tests.e2e.client import decode_stats, generate
+from tests.e2e.client import decode_stats, generate, prefill_stats
 from tests.e2e.suite_fixtures import start_suite, write_deployment
 
 VOCAB = 3840
@@ -115,5 +119,36 @@ def test_preemption_under_kv_pressure_keeps_results_exact(tmp_path, model) -> No
         stats = asyncio.run(decode_stats(target))
         assert stats.preemptions > 0
         assert stats.kv_blocks_free == stats.kv_blocks_total
+    finally:
+        suite.stop()
+
+
+def test_a_bf16_kv_cache_travels_as_bf16_and_equals_generate_with_that_cache(
+    tmp_path, model
+) -> None:
+    """model.kv_dtype bfloat16: prefill streams 2-byte latents (half the bytes per prompt token)
+    and decode reads them from its bf16 pool; tokens equal generate() over a bf16 cache."""
+    path = write_deployment(tmp_path / "bf16.yaml")
+    spec = yaml.safe_load(path.read_text())
+    spec["model"] = {"kv_dtype": "bfloat16"}
+    path.write_text(yaml.safe_dump(spec))
+    suite = start_suite(path, names=["prefill-0", "decode-0"])
+    try:
+        target = suite.deployment.of_kind("decode")[0].target
+        batch = prompts(5, 4)
+
+        async def run():
+            return await asyncio.gather(*(generate(target, p, 16) for p in batch))
+
+        served = [t for t, _ in asyncio.run(run())]
+        requests = [GenerationRequest(p, 16) for p in batch]
+        reference: list[list[int]] = [[] for _ in batch]
+        for step in run_generate(model, requests, kv_dtype=torch.bfloat16):
+            for event in step:
+                reference[event.request].append(event.token_id)
+        assert served == reference
+        sent = asyncio.run(prefill_stats(suite.deployment.of_kind("prefill")[0].target))
+        per_token = model.cfg.num_hidden_layers * model.cfg.kv_cache_dim * 2
+        assert sent.kv_bytes_sent == per_token * sum(len(p) for p in batch)
     finally:
         suite.stop()

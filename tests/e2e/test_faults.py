@@ -26,8 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k2model import EMBEDDED_CHECKPOINT, generate_ids, load_model
 from k2model.model import K2Model
 from services.launcher import Suite
-from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from tests.e2e.client import decode_stats, generate
+from services.pb.k2.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
+from tests.e2e.client import decode_stats, generate, prefill_stats
 from tests.e2e.suite_fixtures import free_port, start_suite
 from tests.timing import seconds
 
@@ -104,12 +104,6 @@ def target(suite: Suite, name: str) -> str:
 def long_prompt(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3840) for _ in range(n)]
-
-
-async def prefill_stats(addr: str) -> prefill_pb2.PrefillStats:
-    async with grpc.aio.insecure_channel(addr) as channel:
-        stub = prefill_pb2_grpc.PrefillStub(channel)
-        return await stub.Stats(common_pb2.StatsRequest(), timeout=5)
 
 
 async def poll(

@@ -1,5 +1,5 @@
 """The C++ CPU ops (csrc/) against their plain-torch twins, on fresh random inputs each run:
-RMSNorm, one MoE layer's routed experts, absorbed MLA decode off the paged cache."""
+RMSNorm, one MoE layer's routed experts, absorbed MLA decode off the paged cache (fp32 or bf16)."""
 
 from __future__ import annotations
 
@@ -68,17 +68,25 @@ def test_routed_experts_refuses_a_bad_expert_id(gen: torch.Generator) -> None:
         ex(torch.randn(2, 16), torch.tensor([[0, 4], [1, 2]]), torch.rand(2, 2))
 
 
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("batch", "heads", "lengths"),
-    [(1, 1, [1]), (1, 8, [37]), (3, 6, [5, 1, 64]), (4, 16, [9, 130, 2, 40])],
+    ("batch", "heads", "lengths", "r"),
+    [(1, 1, [1], 40), (1, 8, [37], 40), (3, 6, [5, 1, 64], 40), (4, 16, [9, 130, 2, 40], 512)],
 )
 def test_mla_decode(
-    batch: int, heads: int, lengths: list[int], gen: torch.Generator, monkeypatch
+    batch: int,
+    heads: int,
+    lengths: list[int],
+    r: int,
+    cache: torch.dtype,
+    gen: torch.Generator,
+    monkeypatch,
 ) -> None:
-    """Scattered slots (as a paged cache has them), lengths shorter than the slot rows."""
-    r, d_r = 40, 8
+    """Scattered slots (as a paged cache has them), lengths shorter than the slot rows; an fp32
+    cache and a bf16 one (widened as it is read: the twin widens it first), K2's r = 512."""
+    d_r = 8
     width = max(lengths) + 3
-    kv = torch.randn(600, r + d_r, generator=gen)
+    kv = torch.randn(600, r + d_r, generator=gen).to(cache)
     slots = torch.stack([torch.randperm(600, generator=gen)[:width] for _ in range(batch)])
     q = torch.randn(batch, heads, r + d_r, generator=gen)
     n = torch.tensor(lengths)

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from bench.load import StreamResult, chat_body, measured_load, stream_chat
-from tests.e2e.client import decode_stats, generate
+from tests.e2e.client import decode_stats, generate, prefill_stats
 from tests.e2e.test_faults import (
     decode_idle,
     long_prompt,
@@ -32,7 +32,6 @@ from tests.e2e.test_faults import (
     outcome,
     poll,
     prefill_idle,
-    prefill_stats,
 )
 from tests.multihost.cluster import Cluster, build_network
 from tests.multihost.reference import Reference

@@ -11,10 +11,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from k2model.sampled import Sampled
 from k2model.sampling_params import SamplingParams
 from services.common.errors import InvalidArgument
 from services.common.sampling_codec import (
-    Sampled,
     sampled_token_from_proto,
     sampled_token_to_proto,
     sampling_from_proto,
@@ -220,8 +220,8 @@ def test_seed_outside_uint64_cannot_be_sent() -> None:
 def test_sampled_token_round_trip() -> None:
     top = ((5, -0.25), (9, -1.5), (2, -3.0))
     for token in (Sampled(5, -0.25, top), Sampled(7, None, ()), Sampled(0, 0.0, ((0, 0.0),))):
-        msg = sampled_token_to_proto(*token)
+        msg = sampled_token_to_proto(token)
         wire = common_pb2.SampledToken.FromString(msg.SerializeToString())
         assert sampled_token_from_proto(wire) == token
-    assert not sampled_token_to_proto(7, None).HasField("logprob")
-    assert sampled_token_to_proto(7, 0.0).HasField("logprob")  # 0.0 is a real logprob
+    assert not sampled_token_to_proto(Sampled(7)).HasField("logprob")
+    assert sampled_token_to_proto(Sampled(7, 0.0)).HasField("logprob")  # 0.0 is a real logprob

@@ -15,7 +15,8 @@ import torch
 from k2model import EMBEDDED_CHECKPOINT, SamplingParams, generate_ids, load_model
 from k2model.block_allocator import blocks_needed
 from k2model.model import K2Model
-from k2model.runner import ModelRunner, Sampled, StepInput
+from k2model.runner import ModelRunner, StepInput
+from k2model.sampled import Sampled
 from services.common.errors import (
     InvalidArgument,
     OutOfRange,
@@ -71,7 +72,7 @@ async def run_engine(engine: DecodeEngine, body: Callable[[DecodeEngine], Awaita
 async def tokens_of(engine: DecodeEngine, seq: Seq) -> tuple[list[int], str | None]:
     out, reason = [], None
     async for batch in engine.events(seq):
-        out += [t[0] for t in batch.tokens]
+        out += [t.token_id for t in batch.tokens]
         reason = batch.finish_reason
     return out, reason
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from k2model import EMBEDDED_CHECKPOINT
+from k2model.config import K2Config
+from services.common import kv_sizing
 from services.common.model_host import cpu_threads
 from services.deployment import Deployment, DeploymentError
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_config() -> K2Config:
+    return K2Config.from_dir(EMBEDDED_CHECKPOINT)
 
 
 def minimal(**extra) -> dict:
@@ -43,6 +50,36 @@ def test_cpu_threads_split_among_model_processes() -> None:
     assert cpu_threads(dep, dep.instance("decode-0")) >= 1
     pinned = Deployment.from_dict(minimal(model={"threads": 3}))
     assert cpu_threads(pinned, pinned.instance("prefill-0")) == 3
+    own = Deployment.from_dict(minimal(model={"threads": 3}, decode=[{"port": 4, "threads": 2}]))
+    assert cpu_threads(own, own.instance("decode-0")) == 2  # the instance's own setting wins
+    assert cpu_threads(own, own.instance("prefill-0")) == 3
+
+
+def test_kv_pools_are_auto_unless_set_and_auto_sizes_from_memory() -> None:
+    cfg = load_config()
+    per_token = kv_sizing.bytes_per_token(cfg, torch.bfloat16)
+    assert per_token == cfg.num_hidden_layers * cfg.kv_cache_dim * 2
+    dep = Deployment.from_dict(
+        minimal(decode=[{"port": 4}, {"port": 5, "kv_blocks": "auto", "kv_cache_gib": 0.001}])
+    )
+    auto, capped = dep.instance("decode-0"), dep.instance("decode-1")
+    assert auto.kv_blocks is None and dep.kv_dtype == "auto"
+    assert dep.torch_kv_dtype() is None  # the model's own
+    narrow = Deployment.from_dict(minimal(model={"kv_dtype": "bfloat16"}))
+    assert narrow.torch_kv_dtype() == torch.bfloat16
+    # 4 KV holders on this host (2 prefill, 2 decode): each gets 0.4 / 4 of what is available.
+    small = kv_sizing.kv_blocks(dep, auto, cfg, torch.bfloat16, available=64 * 2**20)
+    assert small == int(64 * 2**20 * 0.4 / 4 // (per_token * 16))
+    # Plenty of memory: capped at max_running sequences of the whole context.
+    big = kv_sizing.kv_blocks(dep, auto, cfg, torch.bfloat16, available=2**40)
+    assert big == 64 * cfg.max_position_embeddings // 16
+    prefill = kv_sizing.kv_blocks(dep, dep.instance("prefill-0"), cfg, torch.bfloat16, 2**40)
+    assert prefill == max(cfg.max_position_embeddings, 4 * 2048) // 16
+    assert kv_sizing.kv_blocks(dep, capped, cfg, torch.bfloat16) == int(
+        0.001 * 2**30 // (per_token * 16)
+    )
+    fixed = Deployment.from_dict(minimal())
+    assert kv_sizing.kv_blocks(fixed, fixed.instance("decode-0"), cfg, torch.bfloat16) == 8
 
 
 def test_relative_checkpoint_resolved_against_the_file(tmp_path: Path) -> None:
@@ -61,7 +98,18 @@ def test_relative_checkpoint_resolved_against_the_file(tmp_path: Path) -> None:
         (minimal(decode=[]), "at least one decode"),
         (minimal(prefill=[{"port": 2, "host": "mars"}]), "host 'mars'"),
         (minimal(prefill=[{"name": "x"}]), "port is required"),
-        (minimal(prefill=[{"port": 2, "colour": "red"}]), "unknown keys"),
+        (minimal(prefill=[{"port": 2, "colour": "red"}]), r"prefill\[0\]\.colour: not a setting"),
+        (minimal(tokenizer=[{"port": 1, "kv_blocks": 8}]), r"tokenizer\[0\]\.kv_blocks: not a"),
+        (minimal(tokenizer=[{"port": 1, "ranks": 2}]), r"tokenizer\[0\]\.ranks"),
+        (minimal(prefill=[{"port": 2, "max_running": 9}]), r"prefill\[0\]\.max_running"),
+        (minimal(decode=[{"port": 4, "chunk_tokens": 9}]), r"decode\[0\]\.chunk_tokens"),
+        (minimal(decode=[{"port": 4, "config": "g.yaml"}]), r"decode\[0\]\.config"),
+        (minimal(decode=[{"port": 4, "nodes": []}]), r"decode\[0\]\.nodes"),
+        (minimal(decode=[{"port": 4, "kv_blocks": "lots"}]), r"decode\[0\]\.kv_blocks: expected"),
+        (minimal(decode=[{"port": 4, "kv_blocks": 8, "kv_cache_gib": 1}]), "sizes an auto pool"),
+        (minimal(decode=[{"port": 4, "kv_cache_gib": -1}]), "auto or positive"),
+        (minimal(decode=[{"port": 4, "threads": -2}]), "threads >= 0"),
+        (minimal(model={"kv_dtype": "int8"}), "model.kv_dtype"),
         (minimal(prefill=[{"port": 4}]), "share an address and port"),
         (minimal(prefill=[{"port": 2, "name": "decode-0"}]), "unique"),
         (minimal(model={"dtype": "int8"}), "model.dtype"),

@@ -58,7 +58,10 @@ def test_shipped_local_deployment_runs_two_remote_ranks() -> None:
         (minimal(experts="remote", **pool(master_port=3)), "collides"),
         (minimal(experts="remote", **pool(ranks=0)), "ranks and master_port"),
         (minimal(experts="remote", **pool(master_port=0)), "ranks and master_port"),
-        (minimal(experts="remote", **pool(colour=1)), r"expert_pool\[0\]: unknown keys"),
+        (
+            minimal(experts="remote", **pool(colour=1)),
+            r"expert_pool\[0\]\.colour: not a setting of expert_pool",
+        ),
         (
             minimal(experts="remote", expert_pool=[pool()["expert_pool"][0], {"port": 6}]),
             "exactly one expert_pool",
@@ -137,5 +140,5 @@ def test_bad_pool_nodes(extra: dict, message: str) -> None:
 def test_only_pools_take_nodes() -> None:
     raw = minimal(hosts={"local": "127.0.0.1"})
     raw["decode"] = [{"port": 3, "nodes": [{"host": "local", "ranks": 1}]}]
-    with pytest.raises(DeploymentError, match="only an expert_pool instance takes nodes"):
+    with pytest.raises(DeploymentError, match="decode\\[0\\]\\.nodes: not a setting of decode"):
         Deployment.from_dict(raw)

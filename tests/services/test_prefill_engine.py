@@ -16,7 +16,14 @@ from k2model.block_allocator import blocks_needed
 from k2model.model import K2Model
 from k2model.runner import ModelRunner, StepInput
 from services.common.errors import InvalidArgument, OutOfRange, ResourceExhausted, ServiceError
-from services.prefill.engine import KvPart, PrefillEngine, PrefillJob, PrefillLimits
+from services.prefill.engine import (
+    Failed,
+    FirstToken,
+    KvPart,
+    PrefillEngine,
+    PrefillJob,
+    PrefillLimits,
+)
 from tests.services.engine_idle import until_idle
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -43,13 +50,16 @@ async def with_engine(
         task.cancel()
 
 
-async def drain(job: PrefillJob) -> tuple[list[KvPart], object]:
-    """Every KV part of the job, then its final item (the first token or an exception)."""
+async def drain(job: PrefillJob) -> tuple[list[KvPart], Any]:
+    """Every KV part of the job, then its final event unwrapped: the first token (a Sampled) or
+    the error."""
     parts = []
     while True:
         item = await job.out.get()
-        if not isinstance(item, KvPart):
-            return parts, item
+        if isinstance(item, FirstToken):
+            return parts, item.sampled
+        if isinstance(item, Failed):
+            return parts, item.error
         parts.append(item)
 
 
@@ -68,7 +78,7 @@ def test_chunked_kv_equals_one_shot_prefill_and_first_token_equals_generate(mode
     results = []
 
     async def body(engine: PrefillEngine) -> None:
-        jobs = [engine.submit(f"r{i}", p, GREEDY, 0) for i, p in enumerate(prompts)]
+        jobs = [engine.submit(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
         results.extend(await asyncio.gather(*(drain(j) for j in jobs)))
         stats = await until_idle(engine)
         assert stats["prompts_served"] == 3
@@ -76,7 +86,7 @@ def test_chunked_kv_equals_one_shot_prefill_and_first_token_equals_generate(mode
     asyncio.run(with_engine(PrefillEngine(model, limits), body))
     firsts = generate_ids(model, prompts, 1)
     for ids, (parts, first), expected in zip(prompts, results, firsts, strict=True):
-        assert first[0] == expected[0]
+        assert first.token_id == expected[0]
         for layer, reference in enumerate(one_shot_latents(model, ids)):
             mine = [p for p in parts if p.layer == layer]
             starts = [p.token_start for p in mine]
@@ -103,12 +113,12 @@ def test_cancelling_a_running_job_stops_its_work_and_frees_its_blocks(model: K2M
     engine.runner.step = recording_step
 
     async def body(engine: PrefillEngine) -> None:
-        job = engine.submit("long", long, GREEDY, 0)
+        job = engine.submit("long", long, GREEDY)
         assert isinstance(await job.out.get(), KvPart)
         engine.cancel(job)
-        other = engine.submit("short", short, GREEDY, 0)
+        other = engine.submit("short", short, GREEDY)
         _, first = await drain(other)
-        assert first[0] == generate_ids(engine.model, [short], 1)[0][0]
+        assert first.token_id == generate_ids(engine.model, [short], 1)[0][0]
         stats = await until_idle(engine)
         assert stats["prompts_served"] == 1
         leftovers = [job.out.get_nowait() for _ in range(job.out.qsize())]
@@ -124,12 +134,14 @@ def test_jobs_wait_for_blocks_and_a_cancelled_waiting_job_never_runs(model: K2Mo
     limits = PrefillLimits(num_blocks=4, block_size=4, chunk_tokens=16, max_batch_tokens=64)
 
     async def body(engine: PrefillEngine) -> None:
-        jobs = [engine.submit(f"r{i}", p, GREEDY, 0) for i, p in enumerate(prompts)]
-        dropped = engine.submit("dropped", prompt(20, 12), GREEDY, 0)
+        jobs = [engine.submit(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+        dropped = engine.submit("dropped", prompt(20, 12), GREEDY)
         engine.cancel(dropped)
         assert engine.stats()["queued"] == 3  # the pool holds one 12-token prompt at a time
         finals = [(await drain(j))[1] for j in jobs]
-        assert [f[0] for f in finals] == [t[0] for t in generate_ids(engine.model, prompts, 1)]
+        assert [f.token_id for f in finals] == [
+            t[0] for t in generate_ids(engine.model, prompts, 1)
+        ]
         await until_idle(engine)
         assert dropped.out.empty() and dropped.blocks == []
 
@@ -148,10 +160,10 @@ def test_submit_refuses_bad_prompts_without_taking_blocks(model: K2Model) -> Non
     ]
     for ids, error in cases:
         with pytest.raises(error):
-            engine.submit("bad", ids, GREEDY, 0)
-    engine.submit("queued", [1, 2], GREEDY, 0)
+            engine.submit("bad", ids, GREEDY)
+    engine.submit("queued", [1, 2], GREEDY)
     with pytest.raises(ResourceExhausted, match="queue"):
-        engine.submit("one too many", [1, 2], GREEDY, 0)
+        engine.submit("one too many", [1, 2], GREEDY)
     assert engine.stats()["queued"] == 1 and engine.alloc.num_free == 8
 
 
@@ -162,14 +174,14 @@ def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model: K2Model) 
     vocab = model.cfg.vocab_size
     engine = PrefillEngine(model, PrefillLimits(num_blocks=8, block_size=16))
     with pytest.raises(InvalidArgument, match="logit_bias"):
-        engine.submit("bad", [1, 2, 3], SamplingParams(temperature=0.0, logit_bias={vocab: 5}), 0)
+        engine.submit("bad", [1, 2, 3], SamplingParams(temperature=0.0, logit_bias={vocab: 5}))
     edge = SamplingParams(temperature=0.0, logit_bias={vocab - 1: 100.0})
 
     async def body(engine: PrefillEngine) -> None:
-        jobs = [engine.submit("edge", [1, 2, 3], edge, 0), engine.submit("ok", [4, 5], GREEDY, 0)]
+        jobs = [engine.submit("edge", [1, 2, 3], edge), engine.submit("ok", [4, 5], GREEDY)]
         finals = [(await drain(j))[1] for j in jobs]
-        assert finals[0][0] == vocab - 1  # a +100 bias wins the argmax
-        assert finals[1][0] == generate_ids(engine.model, [[4, 5]], 1)[0][0]
+        assert finals[0].token_id == vocab - 1  # a +100 bias wins the argmax
+        assert finals[1].token_id == generate_ids(engine.model, [[4, 5]], 1)[0][0]
 
     asyncio.run(with_engine(engine, body))
 
@@ -193,12 +205,12 @@ def test_a_failing_model_step_fails_its_jobs_as_internal_and_the_engine_goes_on(
     engine.runner.step = flaky_step
 
     async def body(engine: PrefillEngine) -> None:
-        _, error = await drain(engine.submit("doomed", [1, 2, 3], GREEDY, 0))
+        _, error = await drain(engine.submit("doomed", [1, 2, 3], GREEDY))
         assert isinstance(error, Exception)
         assert not isinstance(error, (ValueError, ServiceError))  # maps to INTERNAL
         assert "secret" not in str(error)
-        _, first = await drain(engine.submit("next", [1, 2, 3], GREEDY, 0))
-        assert first[0] == generate_ids(engine.model, [[1, 2, 3]], 1)[0][0]
+        _, first = await drain(engine.submit("next", [1, 2, 3], GREEDY))
+        assert first.token_id == generate_ids(engine.model, [[1, 2, 3]], 1)[0][0]
         await until_idle(engine)
 
     asyncio.run(with_engine(engine, body))
