@@ -237,6 +237,8 @@ def _parse_quant(quant: Any) -> tuple[int, int] | None:
     block = quant.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block)):
         raise ConfigError(f"fp8 weight_block_size must be two integers, got {block!r}")
+    if block != [128, 128]:  # K2's and DeepSeek-V3's; the dequantisation and kernels assume it
+        raise ConfigError(f"fp8 weight_block_size {block} is not supported (only [128, 128])")
     return (block[0], block[1])
 
 

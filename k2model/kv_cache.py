@@ -43,9 +43,3 @@ class PagedKVCache:
         """slots [B, L] -> [B, L, dim], in the compute dtype."""
         rows = self.data[layer].index_select(0, slots.flatten()).view(*slots.shape, self.dim)
         return rows.to(self.compute_dtype)
-
-    def read_blocks(self, layer: int, blocks: list[int]) -> torch.Tensor:
-        """The contents of whole blocks, [len(blocks) * block_size, dim] (for KV transfer)."""
-        idx = torch.tensor(blocks, device=self.data.device)
-        view = self.data[layer].view(self.num_blocks, self.block_size, self.dim)
-        return view.index_select(0, idx).flatten(0, 1)

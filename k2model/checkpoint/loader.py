@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from k2model.checkpoint.fp8 import dequantize_block_fp8
+from k2model.checkpoint.fp8 import BLOCK, dequantize_block_fp8
 from k2model.checkpoint.shards import CheckpointError, ShardedCheckpoint
 from k2model.config import K2Config
 from k2model.kernels import bf16_weights
@@ -101,7 +101,8 @@ def validate(ckpt: ShardedCheckpoint, cfg: K2Config) -> dict[str, tuple[int, ...
             if scale not in scales:
                 problems.append(f"{name} is fp8 but has no {scale}")
             else:
-                blocks = tuple(-(-n // 128) for n in want[name])
+                block = cfg.fp8_block_size or (BLOCK, BLOCK)
+                blocks = tuple(-(-n // b) for n, b in zip(want[name], block, strict=True))
                 if tuple(ckpt.shape(scale)) != blocks:
                     problems.append(
                         f"{scale} has shape {list(ckpt.shape(scale))}, expected {list(blocks)}"

@@ -84,6 +84,10 @@ def test_deepseek_v3_model_type_accepted() -> None:
         ({"rope_scaling": {"type": "yarn"}}, "factor"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization"),
         ({"quantization_config": {"quant_method": "fp8", "weight_block_size": 128}}, "block"),
+        (
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+            r"\[64, 64\] is not supported",
+        ),
         ({"first_k_dense_replace": 9}, "first_k_dense_replace"),
     ],
 )
