@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,13 @@ def test_defaults_and_names() -> None:
     assert dep.dtype == "auto" and dep.torch_dtype() is None and dep.chat_format is None
 
 
-def test_cpu_threads_split_among_model_processes() -> None:
+def test_cpu_threads_split_among_model_processes(monkeypatch) -> None:
     dep = Deployment.from_dict(minimal())
-    assert cpu_threads(dep, dep.instance("decode-0")) >= 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert cpu_threads(dep, dep.instance("decode-0")) == 8 // 3  # 2 prefill + 1 decode here
+    assert cpu_threads(dep, dep.instance("prefill-0")) == 8 // 2  # the 2 prefill instances
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cpu_threads(dep, dep.instance("decode-0")) == 1  # never less than one
     pinned = Deployment.from_dict(minimal(model={"threads": 3}))
     assert cpu_threads(pinned, pinned.instance("prefill-0")) == 3
     own = Deployment.from_dict(minimal(model={"threads": 3}, decode=[{"port": 4, "threads": 2}]))
