@@ -47,8 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import format_table, median, write_json  # noqa: E402
-from bench.pipeline import free_port  # noqa: E402
+from bench.common import format_table, free_port, median, write_json  # noqa: E402
 from gateway.backend import TokenizerBackend  # noqa: E402
 from k2model.sampling_params import SamplingParams  # noqa: E402
 from k2model.text.messages import Message  # noqa: E402

@@ -271,7 +271,7 @@ def print_report(report: LoadReport) -> None:
 
 def _local_suite(folder: Path) -> Any:
     """tokenizer, prefill, decode and gateway on this machine (free ports), all healthy."""
-    from bench.pipeline import free_port
+    from bench.common import free_port
     from services.launcher import Suite
 
     spec = {

@@ -1,6 +1,7 @@
 """The served suite against vLLM's OpenAI server and our in-process engine, on one checkpoint.
 
-    python3 bench/serving.py [--quick] [--vllm-python PATH] [--deployment-model KEY=VALUE ...]
+    python3 bench/serving.py [--quick] [--exact] [--vllm-python PATH]
+                             [--deployment-model KEY=VALUE ...]
                              [--instance decode.threads=2 ...] [--levels 1,16,64]
                              [--skip k2serve|in-process]
                              [--out bench/results/serving.json]
@@ -23,13 +24,19 @@ wall time; TTFT and ITL p50 / p99 (nearest rank). The servers run one at a time 
 warmed with one request per client, measured at every level, stopped), so neither takes CPU from
 the other.
 
+Our suite runs with its prefill in bf16 and a bf16 latent cache (`prefill: dtype: bfloat16`,
+`model.kv_dtype: bfloat16`; decode computes in fp32 over bf16 weights, its fastest CPU path), as
+vLLM computes everything in bf16; `--exact` runs the defaults (fp32 throughout). --instance and
+--deployment-model settings apply on top.
+
 In-process: k2model.generation.generate over the same prompt ids in batches of C on the main
 thread with every core (the engine at its best, no service around it): tok/s, TTFT (batch start
 -> first step), ITL.
 
 CPU per generated token: the CPU time (utime + stime from /proc, children included) of every
-process of our suite, and of the in-process run, over a level / its tokens; the difference is
-what the suite spends per token outside the model (RPCs, detokenization, HTTP, scheduling).
+process of our suite, and of the in-process run, over a level / its tokens; with --exact (the
+same precision on both paths) the difference is what the suite spends per token outside the
+model (RPCs, detokenization, HTTP, scheduling).
 
 Targets (issue 13): at every concurrency, ours >= vLLM's output tok/s and >= 0.7x in-process;
 our TTFT p50 <= 1.5x vLLM's. Without vLLM (no --vllm-python, or it cannot start) its columns
@@ -57,8 +64,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import format_table, write_json  # noqa: E402
-from bench.pipeline import free_port  # noqa: E402
+from bench.common import format_table, free_port, write_json  # noqa: E402
 from bench.serving_setup import make_checkpoint, make_prompts, vllm_view  # noqa: E402
 
 LEVELS = (1, 16, 64)
@@ -69,6 +75,8 @@ QUICK_TOKENS = (64, 16)  # prompt, new tokens with --quick
 KEY = "sk-k2serve-dev-key"
 OUR_MODEL = "kimi-k2-instruct"  # deploy/gateway.yaml: the embedded vocabulary, thinking off
 VLLM_MODEL = "k2"
+BF16_MODEL = {"kv_dtype": "bfloat16"}  # our suite's settings unless --exact
+BF16_PREFILL = {"dtype": "bfloat16"}
 
 
 def requests_at(c: int) -> int:
@@ -398,6 +406,9 @@ def main() -> None:
         metavar="KIND.KEY=VALUE",
         help="a setting of our prefill or decode instance (e.g. decode.threads=2), YAML value",
     )
+    ap.add_argument(
+        "--exact", action="store_true", help="our suite on its defaults (fp32), not bf16 prefill"
+    )
     ap.add_argument("--skip", action="append", default=[], choices=["k2serve", "in-process"])
     ap.add_argument("--levels", help="comma-separated concurrencies (default 1,16,64)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serving.json")
@@ -406,8 +417,11 @@ def main() -> None:
     if args.levels:
         levels = tuple(int(c) for c in args.levels.split(","))
     prompt_tokens, new_tokens = QUICK_TOKENS if args.quick else (PROMPT_TOKENS, NEW_TOKENS)
-    model = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.deployment_model)}
+    model: dict[str, Any] = {} if args.exact else dict(BF16_MODEL)
+    model |= {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.deployment_model)}
     instances: dict[str, dict[str, Any]] = {"prefill": {}, "decode": {}}
+    if not args.exact:
+        instances["prefill"] |= BF16_PREFILL
     for setting in args.instance:
         key, value = setting.split("=", 1)
         kind, name = key.split(".", 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from k2model.batch import BatchMeta
@@ -84,6 +85,26 @@ class MLA(nn.Module):
         return self.o(o.reshape(t, self.h * self.d_v))
 
     def _naive(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        """Per-head keys and values expanded from the latents, then one fused attention call:
+        torch's scaled_dot_product_attention, whose CPU flash kernel (fp32 softmax statistics,
+        no [Q, L] scores in memory) needs one head size for q, k and v, so v is padded with zero
+        columns to the query's (d_n + d_r) and the output cut back to d_v. 1.9-2.4x the written-out
+        form's speed at 512-token prompts on 2 cores (bench/prefill_attention.py), which is its twin
+        (`naive_reference`)."""
+        b, n_ctx = ctx.shape[:2]
+        c_kv, k_pe = ctx.split([self.r, self.d_r], dim=-1)
+        kv = self.kv_b(c_kv).view(b, n_ctx, self.h, self.d_n + self.d_v)
+        k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
+        k_pe = k_pe[:, :, None].expand(b, n_ctx, self.h, self.d_r)  # one rope key for every head
+        q = torch.cat((q_nope, as_dtype(q_pe, q_nope.dtype)), -1)  # [B, Q, H, d_n + d_r]
+        k = torch.cat((k_nope, as_dtype(k_pe, k_nope.dtype)), -1)  # [B, L, H, d_n + d_r]
+        width = max(q.shape[-1], self.d_v)
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, mask, scale=self.scale)  # [B, H, Q, width]
+        return o.transpose(1, 2)[..., : self.d_v]  # [B, Q, H, d_v]
+
+    def naive_reference(self, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        """`_naive` written out: scores, masked softmax in fp32, weighted values."""
         b, n_ctx = ctx.shape[:2]
         c_kv, k_pe = ctx.split([self.r, self.d_r], dim=-1)
         kv = self.kv_b(c_kv).view(b, n_ctx, self.h, self.d_n + self.d_v)

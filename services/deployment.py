@@ -18,10 +18,11 @@ Each kind takes its own settings (KIND_KEYS) and a key it does not use is an err
 path (`tokenizer[0].kv_blocks: not a setting of tokenizer instances`). A prefill or decode KV
 pool is `kv_blocks` blocks of `block_size` tokens, or `auto` (the default): sized from the memory
 the process may use (`kv_cache_gib`, else a share of the host's; services/common/kv_sizing.py).
-`threads` on an instance overrides model.threads for that process. model.kv_dtype is the latent
-cache's dtype (auto: the model's; bfloat16 under an fp32 model halves KV memory and transfer but
-rounds the latents, docs/performance.md), the same on prefill and decode because the cache
-travels between them.
+`threads` on an instance overrides model.threads for that process, `dtype` on a prefill or
+decode instance model.dtype (prefill in bfloat16 beside an fp32 decode: docs/performance.md).
+model.kv_dtype is the latent cache's dtype (auto: model.dtype's; bfloat16 under an fp32 model
+halves KV memory and transfer but rounds the latents), the same on prefill and decode because the
+cache travels between them.
 
 With `experts: remote` exactly one instance of kind `experts` (under the key `expert_pool`) is
 required: one DeepSpeed job of `ranks` processes on its host, rendezvous at master_port. A pool
@@ -52,6 +53,7 @@ KINDS = ("experts", "tokenizer", "prefill", "decode", "gateway")  # start order:
 REQUIRED = ("tokenizer", "prefill", "decode")
 _SECTION = {"experts": "expert_pool"}  # the YAML key of a kind, where it is not the kind itself
 EXPERTS_MODES = ("local", "remote")
+DTYPES = ("auto", "float32", "bfloat16")  # model.dtype, an instance's dtype, model.kv_dtype
 
 
 class DeploymentError(ValueError):
@@ -80,6 +82,9 @@ class Instance:
     kv_blocks: int | None = None  # None ("auto"): sized from memory (services/common/kv_sizing.py)
     kv_cache_gib: float | None = None  # with kv_blocks auto: the KV pool's memory, not a share
     threads: int = 0  # CPU threads of this model process; 0: the deployment's model.threads
+    dtype: str = (
+        ""  # prefill/decode: this process's compute dtype; "": the deployment's model.dtype
+    )
     block_size: int = 16
     max_running: int = 64
     max_queue: int = 256
@@ -128,18 +133,26 @@ class Deployment:
         """The expert pool prefill and decode call, when `experts: remote`."""
         return self.of_kind("experts")[0] if self.experts == "remote" else None
 
-    def torch_kv_dtype(self) -> torch.dtype | None:
-        """The KV cache's dtype; None (auto): the model's own."""
+    def torch_kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype, the same in every prefill and decode process (the cache travels
+        between them): model.kv_dtype, and for auto the deployment's model dtype, whatever an
+        instance computes in."""
         import torch
 
-        return None if self.kv_dtype == "auto" else getattr(torch, self.kv_dtype)
+        from k2model.checkpoint.loader import default_dtype
 
-    def torch_dtype(self) -> torch.dtype | None:
-        """None = the model's default for the device. (torch is imported here: the gateway reads
-        deployments and never loads it.)"""
+        if self.kv_dtype != "auto":
+            return getattr(torch, self.kv_dtype)
+        return self.torch_dtype() or default_dtype()
+
+    def torch_dtype(self, instance: Instance | None = None) -> torch.dtype | None:
+        """The compute dtype of `instance` (its own `dtype`, else model.dtype); None = the
+        model's default for the device. (torch is imported here: the gateway reads deployments
+        and never loads it.)"""
         import torch
 
-        return None if self.dtype == "auto" else getattr(torch, self.dtype)
+        name = instance.dtype if instance is not None and instance.dtype else self.dtype
+        return None if name == "auto" else getattr(torch, name)
 
     def of_kind(self, kind: str) -> list[Instance]:
         return [i for i in self.instances if i.kind == kind]
@@ -209,12 +222,12 @@ _KV_KEYS = ("kv_blocks", "kv_cache_gib", "block_size", "max_queue", "threads")
 # The settings each kind takes; any other key in its entry is refused with the key's path.
 KIND_KEYS: dict[str, tuple[str, ...]] = {
     "tokenizer": _COMMON_KEYS,
-    "prefill": (*_COMMON_KEYS, *_KV_KEYS, "chunk_tokens", "max_batch_tokens"),
-    "decode": (*_COMMON_KEYS, *_KV_KEYS, "max_running"),
+    "prefill": (*_COMMON_KEYS, *_KV_KEYS, "dtype", "chunk_tokens", "max_batch_tokens"),
+    "decode": (*_COMMON_KEYS, *_KV_KEYS, "dtype", "max_running"),
     "experts": (*_COMMON_KEYS, "ranks", "master_port", "nodes", "threads"),
     "gateway": (*_COMMON_KEYS, "config"),
 }
-_TEXT_FIELDS = ("name", "host", "config")
+_TEXT_FIELDS = ("name", "host", "config", "dtype")
 _OPTIONAL = {"kv_blocks": int, "kv_cache_gib": float}  # absent or "auto": None
 
 
@@ -251,7 +264,12 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
         if values.setdefault("ranks", total) != total:
             raise DeploymentError(f"{where}: ranks {values['ranks']} but its nodes have {total}")
     name = str(entry.get("name", f"{kind}-{index}"))
-    return Instance(kind, name, host, str(hosts[host]), config=config, nodes=nodes, **values)
+    dtype = str(entry.get("dtype", ""))
+    if "dtype" in entry and dtype not in DTYPES:
+        raise DeploymentError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return Instance(
+        kind, name, host, str(hosts[host]), dtype=dtype, config=config, nodes=nodes, **values
+    )
 
 
 def _number(where: str, key: str, value: Any) -> int | float | None:
@@ -296,9 +314,9 @@ def _check(dep: Deployment) -> None:
     _check_experts(dep)
     if dep.threads < 0:
         raise DeploymentError("model.threads must be auto or a positive integer")
-    if dep.dtype not in ("auto", "float32", "bfloat16"):
+    if dep.dtype not in DTYPES:
         raise DeploymentError(f"model.dtype must be auto, float32 or bfloat16, not {dep.dtype!r}")
-    if dep.kv_dtype not in ("auto", "float32", "bfloat16"):
+    if dep.kv_dtype not in DTYPES:
         raise DeploymentError(
             f"model.kv_dtype must be auto, float32 or bfloat16, not {dep.kv_dtype!r}"
         )

@@ -48,23 +48,40 @@ def cpu_threads(dep: Deployment, me: Instance) -> int:
 
 
 _COMPUTE = ("prefill", "decode", "experts")
+DECODE_NICE = 10  # a decode instance's nice increment beside a prefill on its host
+
+
+def cpu_priority(dep: Deployment, me: Instance) -> int:
+    """The process's nice increment: DECODE_NICE for a decode instance that shares its host
+    with a prefill instance, else 0. When both have work, the kernel gives the cores to prefill
+    first (CFS weights: about 9:1), so waiting prompts reach decode sooner and decode steps
+    bigger batches; decode still runs whenever prefill is idle. bench/serving.py, 2 cores,
+    prefill in bf16, two paired runs of nice 0 then 10 at concurrency 64: 304 -> 355 and
+    327 -> 334 output tok/s, TTFT p50 5.9 -> 5.1 s and 4.8 -> 4.2 s; the same at concurrency 1.
+    """
+    if me.kind == "decode" and any(p.host == me.host for p in dep.of_kind("prefill")):
+        return DECODE_NICE
+    return 0
 
 
 async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClient | None]:
     """The model for a prefill/decode instance, its MoE layers routed to the expert pool when
     the deployment says `experts: remote` (close the returned client at shutdown)."""
-    threads = cpu_threads(dep, me)
+    threads, nice = cpu_threads(dep, me), cpu_priority(dep, me)
+    os.nice(
+        nice
+    )  # before the model's threads start: Linux keeps nice per thread, new ones inherit it
     torch.set_num_threads(threads)
     # Built (or found built) before SERVING, never inside the first request's model step.
     await asyncio.to_thread(cpu_ext.available)
     model = await asyncio.to_thread(
         load_model,
         dep.checkpoint,
-        dep.torch_dtype(),
+        dep.torch_dtype(me),
         dep.fp8_resident,
         routed_experts=dep.remote_experts is None,
     )
-    log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.dtype, threads)
+    log.info("%s: model loaded (%s, %d CPU threads, nice +%d)", me.name, model.dtype, threads, nice)
     remote = dep.remote_experts
     if remote is None:
         return model, None
@@ -73,7 +90,7 @@ async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClien
 
 def kv_pool(dep: Deployment, me: Instance, model: K2Model) -> int:
     """The instance's KV blocks (`kv_blocks`, or sized from memory for auto), logged."""
-    kv_dtype = dep.torch_kv_dtype() or model.dtype
+    kv_dtype = dep.torch_kv_dtype()
     blocks = kv_sizing.kv_blocks(dep, me, model.cfg, kv_dtype)
     size = blocks * me.block_size * kv_sizing.bytes_per_token(model.cfg, kv_dtype)
     how = "auto" if me.kv_blocks is None else "set"

@@ -18,7 +18,7 @@ async def main() -> None:
     dep, me = parse("decode", __doc__)
     model, experts = await load_for(dep, me)
     prefills = [p.target for p in dep.of_kind("prefill")]
-    kv_dtype = dep.torch_kv_dtype() or model.dtype
+    kv_dtype = dep.torch_kv_dtype()
     pool = PrefillPool(prefills, model.cfg, kv_dtype, security=dep.security)
     limits = DecodeLimits(kv_pool(dep, me, model), me.block_size, me.max_running, me.max_queue)
     compiler = constraint_compiler(dep, model)

@@ -60,6 +60,19 @@ def test_cpu_threads_split_among_model_processes(monkeypatch) -> None:
     assert cpu_threads(own, own.instance("prefill-0")) == 3
 
 
+def test_prefill_and_decode_may_compute_in_their_own_dtype() -> None:
+    dep = Deployment.from_dict(
+        minimal(model={"dtype": "float32"}, prefill=[{"port": 2, "dtype": "bfloat16"}])
+    )
+    assert dep.torch_dtype(dep.instance("prefill-0")) == torch.bfloat16
+    assert dep.torch_dtype(dep.instance("decode-0")) == torch.float32  # model.dtype
+    assert dep.torch_kv_dtype() == torch.float32  # one cache dtype for both: the deployment's
+    with pytest.raises(DeploymentError, match=r"prefill\[0\]\.dtype: expected one of auto"):
+        Deployment.from_dict(minimal(prefill=[{"port": 2, "dtype": "fp16"}]))
+    with pytest.raises(DeploymentError, match=r"tokenizer\[0\]\.dtype: not a setting"):
+        Deployment.from_dict(minimal(tokenizer=[{"port": 1, "dtype": "bfloat16"}]))
+
+
 def test_kv_pools_are_auto_unless_set_and_auto_sizes_from_memory() -> None:
     cfg = load_config()
     per_token = kv_sizing.bytes_per_token(cfg, torch.bfloat16)
@@ -69,7 +82,7 @@ def test_kv_pools_are_auto_unless_set_and_auto_sizes_from_memory() -> None:
     )
     auto, capped = dep.instance("decode-0"), dep.instance("decode-1")
     assert auto.kv_blocks is None and dep.kv_dtype == "auto"
-    assert dep.torch_kv_dtype() is None  # the model's own
+    assert dep.torch_kv_dtype() == torch.float32  # the deployment's model dtype (CPU: fp32)
     narrow = Deployment.from_dict(minimal(model={"kv_dtype": "bfloat16"}))
     assert narrow.torch_kv_dtype() == torch.bfloat16
     # 4 KV holders on this host (2 prefill, 2 decode): each gets 0.4 / 4 of what is available.
