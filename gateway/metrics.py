@@ -85,6 +85,12 @@ class GatewayMetrics:
             registry=r,
         )
         self.in_flight = Gauge("k2_gateway_requests_in_flight", "Generations in flight", registry=r)
+        self.ignored = Counter(
+            "k2_gateway_ignored_fields",
+            "Requests that carried a field accepted and ignored (gateway/field_policy.py)",
+            ["route", "field"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "k2_gateway_time_to_first_token_seconds",
             "From request arrival to the first generated delta",

@@ -1,9 +1,11 @@
 """Request bodies of the OpenAI-compatible routes, mirroring OpenAI's chat/completions and
 completions schemas, each converting itself to the internal `ChatRequest`.
 
-Validation is strict (no "1" for 1, no NaN) and closed (an unknown field is a 400): a field the
-server cannot honour is rejected, never accepted and ignored. Protocol bounds live here, in the
-schema (so /openapi.json states them); deployment bounds are checked in `to_chat_request`
+Validation is strict (no "1" for 1, no NaN) and closed (an unknown field is a 400 naming it). A
+field that changes the output is honoured or refused with its reason; a known field that cannot
+change the output (billing, storage and cache hints, bookkeeping clients keep in history) is
+declared `ignored` (field_policy.py): accepted, dropped and counted. Protocol bounds live here,
+in the schema (so /openapi.json states them); deployment bounds are checked in `to_chat_request`
 (request_checks.py). Extensions beyond OpenAI's schema, all honoured: `top_k`, `min_p`,
 `repetition_penalty` (vLLM's), `thinking` and the `partial` assistant message (Moonshot's).
 """
@@ -12,11 +14,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from gateway import errors
 from gateway import request_checks as checks
 from gateway.config import Limits
+from gateway.field_policy import ignored
 from gateway.registry import LocalModel, Model
 from k2model.sampling_params import SamplingParams
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
@@ -44,6 +47,7 @@ class Strict(BaseModel):
 class ContentPart(Strict):
     type: Literal["text"]
     text: str
+    cache_control: Any = ignored("a prompt-caching hint (Anthropic's, sent through LiteLLM)")
 
     @model_validator(mode="before")
     @classmethod
@@ -64,6 +68,7 @@ class ToolCallIn(Strict):
     id: str = Field(min_length=1)
     type: Literal["function"] = "function"
     function: FunctionCall
+    index: Any = ignored("a streamed delta's position, kept in history by streaming clients")
 
 
 class ChatMessage(Strict):
@@ -76,9 +81,11 @@ class ChatMessage(Strict):
     partial: bool = False
     # The OpenAI SDK sends these back when a response message is appended to the history; K2
     # renders none of them, so only their empty value is accepted.
-    refusal: None = None
     function_call: None = None
     audio: None = None
+    refusal: str | None = None  # an earlier reply's refusal: rendered as that reply's text
+    annotations: Any = ignored("URL citations of an earlier reply (web search results)")
+    cache_control: Any = ignored("a prompt-caching hint (Anthropic's, sent through LiteLLM)")
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
@@ -86,8 +93,19 @@ class ChatMessage(Strict):
             raise ValueError(f"content is required for a {self.role} message")
         return self
 
+    @field_validator("refusal")
+    @classmethod
+    def _refusal_alone(cls, refusal: str | None, info: ValidationInfo) -> str | None:
+        if refusal is not None and (
+            info.data.get("role") != "assistant" or info.data.get("content") is not None
+        ):
+            raise ValueError("only an assistant message without content carries a refusal")
+        return refusal
+
     def to_message(self) -> Message:
-        content = self.content
+        content = (
+            self.content if self.content is not None or self.role != "assistant" else self.refusal
+        )
         if isinstance(content, list):
             content = tuple(TextPart(p.text) for p in content)
         calls = tuple(
@@ -115,6 +133,7 @@ class FunctionDef(Strict):
 class ToolDef(Strict):
     type: Literal["function"]
     function: FunctionDef
+    cache_control: Any = ignored("a prompt-caching hint (Anthropic's, sent through LiteLLM)")
 
 
 class NamedFunction(Strict):
@@ -128,6 +147,7 @@ class NamedToolChoice(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: Any = ignored("random padding against side channels on OpenAI's wire")
 
 
 class ResponseFormat(Strict):
@@ -145,6 +165,12 @@ class ResponseFormat(Strict):
 
 class Thinking(Strict):
     type: Literal["enabled", "disabled"]
+    # Moonshot's Preserved Thinking: "all" renders every earlier reply's reasoning_content.
+    keep: Literal["all"] | None = None
+
+
+# OpenAI's reasoning_effort -> thinking on or off (K2 thinks or does not; it has no budget).
+REASONING_EFFORT = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
 
 class SamplingFields(Strict):
@@ -161,7 +187,13 @@ class SamplingFields(Strict):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Bias] | None = None
     seed: Seed | None = None
-    user: str | None = None  # for abuse tracking upstream; changes nothing in the output
+    user: Any = ignored("an end-user id for the vendor's abuse monitoring")
+    safety_identifier: Any = ignored("an end-user id for the vendor's abuse monitoring")
+    store: Any = ignored("asks the vendor to keep the completion for its dashboard")
+    metadata: Any = ignored("tags for the vendor's stored completions")
+    service_tier: Any = ignored("a billing and latency tier of the vendor's; one tier here")
+    prompt_cache_key: Any = ignored("a routing hint for the vendor's prompt cache")
+    prompt_cache_retention: Any = ignored("how long the vendor keeps its prompt cache")
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
@@ -207,12 +239,18 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     thinking: Thinking | None = None
-    metadata: dict[str, str] | None = None  # stored nowhere; changes nothing in the output
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    modalities: list[str] | None = None  # ["text"]: all K2 produces
+    audio: Any = None  # audio output parameters: refused when set
+    verbosity: Any = ignored("a reply-length hint of OpenAI's models; K2 has no such control")
+    prediction: Any = ignored("predicted output, which only speeds a reply up where supported")
+    web_search_options: Any = None  # refused when set: no search tool here
 
     def to_chat_request(
         self, model: Model, default_thinking: bool | None, limits: Limits
     ) -> ChatRequest:
         self._check_stream_options()
+        self._check_output_kinds()
         if self.response_format is not None and self.response_format.type != "text":
             raise errors.invalid_value(
                 "structured output (json_object / json_schema) is not supported by this server",
@@ -221,7 +259,7 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise errors.invalid_value("top_logprobs requires logprobs=true", "top_logprobs")
         max_tokens = self._max_tokens(model)
-        thinking = default_thinking if self.thinking is None else self.thinking.type == "enabled"
+        thinking = self._thinking(default_thinking)
         tools = checks.check_tools([_tool(t) for t in self.tools or ()], limits, "tools")
         choice = self.tool_choice or "auto"
         if isinstance(choice, NamedToolChoice):
@@ -239,14 +277,45 @@ class ChatCompletionRequest(SamplingFields):
             thinking=thinking,
         )
 
-    def _max_tokens(self, model: Model) -> int | None:
-        if None not in (self.max_tokens, self.max_completion_tokens) and (
-            self.max_tokens != self.max_completion_tokens
-        ):
+    def _check_output_kinds(self) -> None:
+        """Fields asking for output K2 cannot produce."""
+        if any(m != "text" for m in self.modalities or ()):
             raise errors.invalid_value(
-                "max_tokens and max_completion_tokens disagree; send one of them",
-                "max_completion_tokens",
+                f"modalities: K2 produces text only, not {sorted(set(self.modalities or ()) - {'text'})}",
+                "modalities",
             )
+        if self.audio is not None:
+            raise errors.invalid_value("audio: K2 produces text only", "audio")
+        if self.web_search_options is not None:
+            raise errors.invalid_value(
+                "web_search_options: this server has no web search tool; declare your own as a "
+                "function tool",
+                "web_search_options",
+            )
+
+    def _thinking(self, default: bool | None) -> bool | None:
+        """Moonshot's `thinking` and OpenAI's `reasoning_effort`, which must agree if both come."""
+        asked = None if self.thinking is None else self.thinking.type == "enabled"
+        if self.reasoning_effort is not None:
+            effort = REASONING_EFFORT[self.reasoning_effort]
+            if asked is not None and asked != effort:
+                raise errors.invalid_value(
+                    f"reasoning_effort {self.reasoning_effort!r} turns thinking "
+                    f"{'on' if effort else 'off'}, thinking.type says {self.thinking.type!r}",
+                    "reasoning_effort",
+                )
+            asked = effort
+        if self.thinking is not None and self.thinking.keep is not None:
+            raise errors.invalid_value(
+                "thinking.keep: Preserved Thinking (earlier replies' reasoning in the prompt) "
+                "is not supported by this server; omit it",
+                "thinking.keep",
+            )
+        return default if asked is None else asked
+
+    def _max_tokens(self, model: Model) -> int | None:
+        # Both sent (clients that fill the old field and the new one): the newer one, as OpenAI
+        # documents max_tokens as its deprecated alias.
         chosen = self.max_completion_tokens or self.max_tokens
         param = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
         return checks.check_max_tokens(chosen, model, param)

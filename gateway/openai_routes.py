@@ -8,12 +8,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from gateway import openai_responses as out
 from gateway.auth import Key
 from gateway.events import collect
+from gateway.field_policy import ignored_fields
 from gateway.openai_models import ChatCompletionRequest, CompletionRequest
-from gateway.serving import Generation, gateway_of
+from gateway.serving import Gateway, Generation, gateway_of
 from gateway.sse import EventStream, cancel_on_disconnect
 
 router = APIRouter()
@@ -39,11 +41,17 @@ async def _respond(
     return JSONResponse(build(env, choices, usage, logprobs))
 
 
+def _count_ignored(gw: Gateway, route: str, body: BaseModel) -> None:
+    for field in sorted(ignored_fields(body)):
+        gw.metrics.ignored.labels(route, field).inc()
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, key: Key) -> Response:
     gw = gateway_of(request)
     model = gw.resolve(key, body.model)
     chat = body.to_chat_request(model, gw.default_thinking(model), gw.config.limits)
+    _count_ignored(gw, "/v1/chat/completions", body)
     kind = "chat.completion.chunk" if body.stream else "chat.completion"
     env = out.Envelope.new(kind, model.id, "chatcmpl")
     gen = await cancel_on_disconnect(request, gw.start(chat, env.id))
@@ -58,6 +66,7 @@ async def completions(body: CompletionRequest, request: Request, key: Key) -> Re
     gw = gateway_of(request)
     model = gw.resolve(key, body.model)
     chat = body.to_chat_request(model, gw.config.limits)
+    _count_ignored(gw, "/v1/completions", body)
     env = out.Envelope.new("text_completion", model.id, "cmpl")
     gen = await cancel_on_disconnect(request, gw.start(chat, env.id))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

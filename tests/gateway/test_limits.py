@@ -62,7 +62,6 @@ BAD_CHAT = {
     "top_p over 1": (chat(top_p=1.5), "top_p"),
     "max_tokens zero": (chat(max_tokens=0), "max_tokens"),
     "max_completion_tokens negative": (chat(max_completion_tokens=-1), "max_completion_tokens"),
-    "max_tokens disagree": (chat(max_tokens=5, max_completion_tokens=6), "max_completion_tokens"),
     "seed over int64": (chat(seed=2**63), "seed"),
     "seed under int64": (chat(seed=-(2**63) - 1), "seed"),
     "seed not an integer": (chat(seed=1.5), "seed"),
@@ -124,7 +123,7 @@ BAD_CHAT = {
         chat(messages=[{"role": "assistant", "content": "x", "partial": True}, *USER]),
         "messages[0].partial",
     ),
-    "refusal in history": (
+    "refusal beside content": (
         chat(messages=[{"role": "assistant", "content": "x", "refusal": "no"}, *USER]),
         "messages[0].refusal",
     ),

@@ -1,0 +1,47 @@
+"""Bodies shaped like popular clients' (client_corpus.py) are accepted, except the README's
+documented refusals, which are 400s naming the field."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.registry import ModelShape
+from tests.gateway.client_corpus import CLIENTS, corpus, expected_refusal
+from tests.gateway.rest_fakes import ENTERPRISE_KEY, ScriptedChat, config_dict
+from tests.gateway.rest_server import HTTP, running
+from tests.gateway.test_limits import assert_openai_error
+
+AUTH = {"Authorization": f"Bearer {ENTERPRISE_KEY}"}
+BODIES = corpus()
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    """K2's own context (the clients' max_tokens 32000 fits; the fakes' 8k would not)."""
+    fake = ScriptedChat()
+    config = GatewayConfig.from_dict(config_dict(), ModelShape(262144, 163840))
+    with running(fake, config) as base:
+        yield base, fake
+
+
+def test_the_corpus_is_large_and_varied() -> None:
+    per_client = Counter(name.split(":")[0] for name, _ in BODIES)
+    assert len(BODIES) >= 200 and len(per_client) >= 6 and set(per_client) == set(CLIENTS)
+    assert min(per_client.values()) >= 15
+
+
+@pytest.mark.parametrize(("name", "body"), BODIES, ids=[n for n, _ in BODIES])
+def test_a_client_body_is_accepted_or_refused_as_documented(gateway, name, body) -> None:
+    base, fake = gateway
+    before = len(fake.requests)
+    response = HTTP.post(f"{base}/v1/chat/completions", json=body, headers=AUTH)
+    refusal = expected_refusal(body)
+    if refusal is None:
+        assert response.status_code == 200, response.text
+        assert len(fake.requests) == before + 1
+    else:
+        assert_openai_error(response, 400, refusal)
+        assert len(fake.requests) == before
