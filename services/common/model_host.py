@@ -51,13 +51,16 @@ _COMPUTE = ("prefill", "decode", "experts")
 DECODE_NICE = 10  # a decode instance's nice increment beside a prefill on its host
 
 
-def cpu_priority(dep: Deployment, me: Instance) -> int:
-    """The process's nice increment: DECODE_NICE for a decode instance that shares its host
-    with a prefill instance, else 0. When both have work, the kernel gives the cores to prefill
-    first (CFS weights: about 9:1), so waiting prompts reach decode sooner and decode steps
-    bigger batches; decode still runs whenever prefill is idle. bench/serving.py, 2 cores,
-    prefill in bf16, two paired runs of nice 0 then 10 at concurrency 64: 304 -> 355 and
-    327 -> 334 output tok/s, TTFT p50 5.9 -> 5.1 s and 4.8 -> 4.2 s; the same at concurrency 1.
+def step_priority(dep: Deployment, me: Instance) -> int:
+    """The nice increment of a model process's step threads: DECODE_NICE for a decode instance
+    that shares its host with a prefill instance, else 0. When both have work, the kernel gives
+    the cores to prefill first (CFS weights: about 9:1), so waiting prompts reach decode sooner
+    and decode steps bigger batches; decode still computes whenever prefill is idle, and its
+    event loop (KV in, first tokens out) keeps normal priority. bench/serving.py, 2 cores,
+    prefill in bf16, at concurrency 64: nice 0 -> 10 for the whole process, two paired runs,
+    304 -> 355 and 327 -> 334 output tok/s, TTFT p50 5.9 -> 5.1 s and 4.8 -> 4.2 s; then the
+    model thread alone against the whole process, two paired runs, 305 / 315 against 296 / 282
+    tok/s, TTFT p50 5.7 / 5.3 s against 6.1 / 7.5 s. Concurrency 1: the same within noise.
     """
     if me.kind == "decode" and any(p.host == me.host for p in dep.of_kind("prefill")):
         return DECODE_NICE
@@ -67,10 +70,7 @@ def cpu_priority(dep: Deployment, me: Instance) -> int:
 async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClient | None]:
     """The model for a prefill/decode instance, its MoE layers routed to the expert pool when
     the deployment says `experts: remote` (close the returned client at shutdown)."""
-    threads, nice = cpu_threads(dep, me), cpu_priority(dep, me)
-    os.nice(
-        nice
-    )  # before the model's threads start: Linux keeps nice per thread, new ones inherit it
+    threads = cpu_threads(dep, me)
     torch.set_num_threads(threads)
     # Built (or found built) before SERVING, never inside the first request's model step.
     await asyncio.to_thread(cpu_ext.available)
@@ -81,7 +81,7 @@ async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClien
         dep.fp8_resident,
         routed_experts=dep.remote_experts is None,
     )
-    log.info("%s: model loaded (%s, %d CPU threads, nice +%d)", me.name, model.dtype, threads, nice)
+    log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.dtype, threads)
     remote = dep.remote_experts
     if remote is None:
         return model, None

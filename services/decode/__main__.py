@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 from services.common.main_args import parse
-from services.common.model_host import constraint_compiler, kv_pool, load_for
+from services.common.model_host import constraint_compiler, kv_pool, load_for, step_priority
 from services.common.serve_instance import serve_instance
 from services.common.server import run
 from services.decode.engine import DecodeEngine, DecodeLimits
@@ -11,6 +13,7 @@ from services.decode.prefill_client import PrefillPool
 from services.decode.servicer import DecodeServicer
 from services.pb.k2.v1 import decode_pb2, decode_pb2_grpc
 
+log = logging.getLogger(__name__)
 SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 
 
@@ -22,7 +25,9 @@ async def main() -> None:
     pool = PrefillPool(prefills, model.cfg, kv_dtype, security=dep.security)
     limits = DecodeLimits(kv_pool(dep, me, model), me.block_size, me.max_running, me.max_queue)
     compiler = constraint_compiler(dep, model)
-    engine = DecodeEngine(model, limits, pool.prefill, compiler, kv_dtype)
+    nice = step_priority(dep, me)
+    log.info("%s: model steps at nice +%d", me.name, nice)
+    engine = DecodeEngine(model, limits, pool.prefill, compiler, kv_dtype, step_nice=nice)
     servicer = DecodeServicer(engine)
     pool.start()
     try:

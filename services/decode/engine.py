@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,8 +63,11 @@ class DecodeEngine:
         prefiller: Prefiller,
         constraints: ConstraintCompiler | None = None,
         kv_dtype: torch.dtype | None = None,
+        step_nice: int = 0,
     ) -> None:
-        """kv_dtype: the cache's dtype (what prefill streams); None: the model's."""
+        """kv_dtype: the cache's dtype (what prefill streams); None: the model's. step_nice: the
+        nice increment of the thread that runs model steps and of the OpenMP threads it starts
+        (they inherit it); the event loop that takes in KV and streams tokens keeps its own."""
         self.model, self.limits, self.prefiller = model, limits, prefiller
         self.constraints = constraints  # None: requests with a constraint are refused
         self.sched = Scheduler(
@@ -76,7 +80,9 @@ class DecodeEngine:
         self._in_step: set[Seq] = set()
         self._aborted: set[Seq] = set()
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-model")
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="decode-model", initializer=os.nice, initargs=(step_nice,)
+        )
 
     def submit(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections.abc import Awaitable, Callable
 
@@ -299,3 +300,15 @@ def test_a_step_failing_with_a_service_error_reaches_callers_as_that_error() -> 
 
     asyncio.run(run_engine(engine, body))
     assert prefilled.is_set()
+
+
+def test_model_steps_run_at_the_step_nice_and_the_caller_keeps_its_own(model: K2Model) -> None:
+    """The step thread is lowered (services/common/model_host.step_priority); the event loop's
+    thread is not."""
+    engine = DecodeEngine(
+        model, DecodeLimits(num_blocks=16, block_size=8), LocalPrefill(model), step_nice=7
+    )
+    mine = os.getpriority(os.PRIO_PROCESS, 0)  # Linux: the calling thread's nice
+    step_thread = engine._executor.submit(os.getpriority, os.PRIO_PROCESS, 0).result()
+    assert (step_thread, os.getpriority(os.PRIO_PROCESS, 0)) == (mine + 7, mine)
+    engine._executor.shutdown()

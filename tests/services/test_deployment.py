@@ -11,7 +11,7 @@ import torch
 from k2model import EMBEDDED_CHECKPOINT
 from k2model.config import K2Config
 from services.common import kv_sizing
-from services.common.model_host import cpu_threads
+from services.common.model_host import DECODE_NICE, cpu_threads, step_priority
 from services.deployment import Deployment, DeploymentError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +58,20 @@ def test_cpu_threads_split_among_model_processes(monkeypatch) -> None:
     own = Deployment.from_dict(minimal(model={"threads": 3}, decode=[{"port": 4, "threads": 2}]))
     assert cpu_threads(own, own.instance("decode-0")) == 2  # the instance's own setting wins
     assert cpu_threads(own, own.instance("prefill-0")) == 3
+
+
+def test_decode_steps_yield_to_a_prefill_on_their_host() -> None:
+    dep = Deployment.from_dict(
+        minimal(
+            hosts={"a": "10.0.0.1", "b": "10.0.0.2"},
+            tokenizer=[{"port": 1, "host": "a"}],
+            prefill=[{"port": 2, "host": "a"}],
+            decode=[{"port": 4, "host": "a"}, {"port": 5, "host": "b"}],
+        )
+    )
+    assert step_priority(dep, dep.instance("decode-0")) == DECODE_NICE  # beside prefill-0
+    assert step_priority(dep, dep.instance("decode-1")) == 0  # a host of its own
+    assert step_priority(dep, dep.instance("prefill-0")) == 0
 
 
 def test_prefill_and_decode_may_compute_in_their_own_dtype() -> None:
