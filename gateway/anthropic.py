@@ -152,6 +152,7 @@ async def messages(body: MessagesRequest, request: Request, key: Key) -> Respons
     model = gw.resolve(key, body.model)
     chat = body.to_chat_request(model, gw.default_thinking(model), gw.config.limits)
     msg_id = f"msg_{uuid.uuid4().hex}"
+    request.state.completion_id = msg_id
     gen = await cancel_on_disconnect(request, gw.start(chat, msg_id))
     if body.stream:
         return EventStream(_events(msg_id, model.id, aiter(gen)), gen.close)

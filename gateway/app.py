@@ -1,6 +1,7 @@
 """The gateway's FastAPI app: `create_app(config, chat_service)`.
 
-Layers, outermost first: RequestCounter (metrics by route and status) -> SizeGuard (header and
+Layers, outermost first: RequestIds (x-request-id on every response, one access-log line per
+request) -> RequestCounter (metrics by route and status) -> SizeGuard (header and
 body limits, before any parsing) -> InternalErrors (a bug is a 500) -> routing. Every error
 leaves through `ApiError.response` in the OpenAI or Anthropic shape, whichever the path belongs
 to: validation errors are 400s naming the field path, unknown routes 404, domain errors per
@@ -34,6 +35,7 @@ from gateway.json_text import lone_surrogate
 from gateway.metrics import GatewayMetrics, RequestCounter, StatsSource
 from gateway.readiness import Readiness
 from gateway.registry import UpstreamModel
+from gateway.request_ids import RequestIds
 from gateway.serving import Gateway
 from gateway.sse import ClientDisconnected
 from gateway.upstream import UpstreamChatService
@@ -259,4 +261,5 @@ def create_app(
     app.add_middleware(InternalErrors)
     app.add_middleware(SizeGuard, limits=config.limits)
     app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(RequestIds)
     return app

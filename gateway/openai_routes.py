@@ -54,6 +54,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key: K
     _count_ignored(gw, "/v1/chat/completions", body)
     kind = "chat.completion.chunk" if body.stream else "chat.completion"
     env = out.Envelope.new(kind, model.id, "chatcmpl")
+    request.state.completion_id = env.id
     gen = await cancel_on_disconnect(request, gw.start(chat, env.id))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(
@@ -68,6 +69,7 @@ async def completions(body: CompletionRequest, request: Request, key: Key) -> Re
     chat = body.to_chat_request(model, gw.config.limits)
     _count_ignored(gw, "/v1/completions", body)
     env = out.Envelope.new("text_completion", model.id, "cmpl")
+    request.state.completion_id = env.id
     gen = await cancel_on_disconnect(request, gw.start(chat, env.id))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(

@@ -10,18 +10,15 @@ A `ConstraintSpec` is what a request asks for (it travels in GenerateRequest / P
   with IDX = first_call_index (the conversation's running call count, text/tool_ids.py).
 The two are exclusive: a forced call's grammar already decides every token.
 
-Mechanics: the call is one NFA over bytes plus control symbols (byte_nfa.py), determinised
-lazily. A `ConstraintState` follows one sequence: `allowed()` is the mask of token ids whose
-bytes (or control symbol) keep the automaton alive, found by walking the vocabulary's sorted
-pieces with shared prefixes and pruning at the first dead byte; `advance(token)` steps it. Only
-the grammar's own control ids are ever allowed; the state is derived from the emitted tokens
-alone, so prefill (first token) and decode (the rest, re-deriving from the first) agree without
-shipping it. Because every live automaton state can still reach the end and every single byte
-is a token, a non-finished state always allows some token: no dead ends. Once the grammar is
-finished (after <|im_end|>, a stop id) the state imposes nothing.
-
-Cost: one vocabulary walk per new automaton state, memoised per compiled constraint (a few ms
-for the embedded vocabulary; proportionally more for K2's 163k pieces). Not thread-safe.
+Mechanics: the grammar engine is llguidance (guidance-ai/llguidance, on PyPI): the call is a Lark
+grammar whose markers are K2's special tokens (`<|tool_call_begin|>` as a token, never as text)
+and whose arguments are `%json` of the tool's JSON Schema (full draft 2020-12 as llguidance
+documents it: `$ref`, `anyOf`/`oneOf`/`allOf`, `pattern`, `additionalProperties`, strings of any
+length). A `ConstraintState` follows one sequence with its own matcher: `allowed()` is the bool
+mask of the ids the grammar accepts next (llguidance's token bitmask, unpacked), `advance(token)`
+consumes one. The state is derived from the emitted tokens alone, so prefill (first token) and
+decode (the rest, re-deriving from the first) agree without shipping it. Once the grammar is
+finished (after <|im_end|>, a stop id) the state imposes nothing. Not thread-safe.
 """
 
 from __future__ import annotations
@@ -29,20 +26,24 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 
+import llguidance
+import tiktoken
 import torch
+from llguidance.tiktoken import lltokenizer_from_encoding
 
-from k2model.byte_nfa import DEAD, GrammarError, LazyDfa, Nfa
-from k2model.json_schema_grammar import SchemaGrammar
 from k2model.text import chat_tokens as tok
 from k2model.text.tokenizer import Tokenizer
 
-CONTROL_BASE = 256  # control token id t is the grammar symbol CONTROL_BASE + t
 _CALL_MARKUP = (tok.SECTION_BEGIN, tok.CALL_BEGIN, tok.ARG_BEGIN, tok.CALL_END, tok.SECTION_END)
-_MASK_CACHE = 4096  # masks kept per compiled constraint
 _COMPILED_CACHE = 64  # compiled constraints kept per compiler
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_BITS = torch.tensor([1 << b for b in range(32)], dtype=torch.int64)
+
+
+class GrammarError(ValueError):
+    """A constraint the grammar engine cannot compile (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -78,30 +79,25 @@ class ConstraintSpec:
 
 
 class Vocabulary:
-    """The model's ids as grammar input: byte pieces of ordinary ids (sorted, with the length of
-    each one's common prefix with the previous) and the ids of named control tokens."""
+    """The model's ids as the grammar engine sees them: llguidance's tokenizer over the same
+    tiktoken ranks and special tokens, and the ids of the control tokens a forced call uses."""
 
-    def __init__(self, pieces: dict[int, bytes], controls: dict[str, int], size: int) -> None:
-        self.size = size
-        self.controls = {name: i for name, i in controls.items() if i < size}
-        self.control_ids = frozenset(self.controls.values())
-        self.by_id = pieces
-        order = sorted(pieces.items(), key=lambda item: item[1])
-        self.ids = [i for i, _ in order]
-        self.pieces = [p for _, p in order]
-        self.lcp = [0] + [_common_prefix(a, b) for a, b in pairwise(self.pieces)]
+    def __init__(
+        self, encoding: tiktoken.Encoding, specials: dict[str, int], end_name: str, size: int
+    ) -> None:
+        """encoding: ranks and special tokens; specials: the control names a grammar may use
+        -> their ids; end_name: the special that ends a turn; size: the model's vocabulary."""
+        self.size = size  # masks are this long
+        self.engine = lltokenizer_from_encoding(
+            encoding, n_vocab=max(size, encoding.n_vocab), eos_token=specials[end_name]
+        )
+        self.controls = {name: i for name, i in specials.items() if i < size}
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, model_vocab_size: int) -> Vocabulary:
-        n_base = min(tokenizer.n_base, model_vocab_size)
-        pieces = {i: tokenizer.id_to_piece(i) for i in range(n_base)}
-        controls = {}
-        for name in (*_CALL_MARKUP, tok.IM_END):
-            try:
-                controls[name] = tokenizer.special_id(name)
-            except ValueError:
-                continue
-        return cls(pieces, controls, model_vocab_size)
+        names = [n for n in (*_CALL_MARKUP, tok.IM_END) if tokenizer.has_special(n)]
+        specials = {n: tokenizer.special_id(n) for n in names}
+        return cls(tokenizer.encoding, specials, tok.IM_END, model_vocab_size)
 
     @classmethod
     def from_dir(cls, checkpoint: str | Path, model_vocab_size: int) -> Vocabulary:
@@ -113,115 +109,87 @@ class Vocabulary:
         return self.controls[name]
 
 
-def _common_prefix(a: bytes, b: bytes) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+def call_grammar(spec: ConstraintSpec) -> str:
+    """The Lark grammar of one forced call of one of `spec.tools` (validated by the engine)."""
+    calls = []
+    for k, t in enumerate(spec.tools):
+        head = json.dumps(f"functions.{t.name}:{spec.first_call_index}")
+        calls.append(
+            f"call_{k}: {tok.CALL_BEGIN} {head} {tok.ARG_BEGIN} args_{k} {tok.CALL_END}\n"
+            f"args_{k}: %json {json.dumps(_schema(t))}\n"
+        )
+    alternatives = " | ".join(f"call_{k}" for k in range(len(spec.tools)))
+    start = f"start: {tok.SECTION_BEGIN} ({alternatives}) {tok.SECTION_END} {tok.IM_END}\n"
+    return start + "".join(calls)
+
+
+def check_arguments_schema(name: str, parameters: dict | None) -> None:
+    """GrammarError when the engine cannot compile `parameters` as a tool's arguments."""
+    grammar = call_grammar(ConstraintSpec(tools=(ToolSchema(name, _dumps(parameters)),)))
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise GrammarError(error)
 
 
 class CompiledConstraint:
-    """A spec bound to a vocabulary: the automaton (if a call is forced) and memoised masks."""
+    """A spec bound to a vocabulary: the banned mask, or the call grammar's compiled matcher
+    (each sequence starts from a copy of it)."""
 
     def __init__(self, spec: ConstraintSpec, vocab: Vocabulary) -> None:
         self.spec, self.vocab = spec, vocab
         self.end_id: int | None = None
-        self._dfa: LazyDfa | None = None
-        self._controls: list[int] = []
-        self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._banned: torch.Tensor | None = None
+        self._matcher: llguidance.LLMatcher | None = None
         if spec.banned_ids:
             if spec.banned_ids[-1] >= vocab.size:
                 raise ValueError(f"constraint.banned_ids: ids must be < {vocab.size}")
             self._banned = torch.ones(vocab.size, dtype=torch.bool)
             self._banned[list(spec.banned_ids)] = False
         if spec.tools:
-            self._build_call_grammar()
-
-    def _build_call_grammar(self) -> None:
-        vocab, spec = self.vocab, self.spec
-        ids = {name: vocab.control(name) for name in (*_CALL_MARKUP, tok.IM_END)}
-        self.end_id = ids[tok.IM_END]
-        self._controls = sorted(ids.values())
-        nfa = Nfa()
-        schemas = SchemaGrammar(nfa)
-
-        def control(name: str) -> tuple[int, int]:
-            return nfa.literal([CONTROL_BASE + ids[name]])
-
-        calls = []
-        for t in spec.tools:
-            head = f"functions.{t.name}:{spec.first_call_index}".encode()
-            args = schemas.arguments(_schema(t))
-            calls.append(nfa.seq([nfa.literal(head), control(tok.ARG_BEGIN), args]))
-        frag = nfa.seq(
-            [
-                control(tok.SECTION_BEGIN),
-                control(tok.CALL_BEGIN),
-                nfa.alt(calls),
-                control(tok.CALL_END),
-                control(tok.SECTION_END),
-                control(tok.IM_END),
-            ]
-        )
-        self._dfa = LazyDfa(nfa, frag)
+            for name in (*_CALL_MARKUP, tok.IM_END):
+                vocab.control(name)
+            self.end_id = vocab.control(tok.IM_END)
+            matcher = llguidance.LLMatcher(vocab.engine, call_grammar(spec), log_level=0)
+            if matcher.is_error():
+                raise GrammarError(matcher.get_error())
+            self._matcher = matcher
 
     def start(self) -> ConstraintState:
-        return ConstraintState(self, self._dfa.start if self._dfa is not None else 0)
+        return ConstraintState(self, None if self._matcher is None else self._matcher.deep_copy())
 
     @property
-    def has_grammar(self) -> bool:
-        return self._dfa is not None
-
-    def mask(self, state: int) -> torch.Tensor | None:
-        """Bool [vocab.size]: the ids allowed in automaton state `state`; None = anything."""
-        if self._dfa is None:
-            return self._banned
-        if self._dfa.finished(state):
-            return None
-        mask = self._masks.get(state)
-        if mask is None:
-            mask = torch.zeros(self.vocab.size, dtype=torch.bool)
-            mask[self._allowed_ids(state)] = True
-            self._masks[state] = mask
-            if len(self._masks) > _MASK_CACHE:
-                self._masks.popitem(last=False)
-        return mask
-
-    def _allowed_ids(self, state: int) -> list[int]:
-        dfa, vocab = self._dfa, self.vocab
-        assert dfa is not None
-        allowed = [t for t in self._controls if dfa.step(state, CONTROL_BASE + t) != DEAD]
-        pieces, lcp, n = vocab.pieces, vocab.lcp, len(vocab.pieces)
-        path = [state]  # path[k]: the state after the first k bytes of the current piece
-        i = 0
-        while i < n:
-            piece = pieces[i]
-            del path[lcp[i] + 1 :]
-            while len(path) <= len(piece) and path[-1] != DEAD:
-                path.append(dfa.step(path[-1], piece[len(path) - 1]))
-            if path[-1] != DEAD:
-                allowed.append(vocab.ids[i])
-                i += 1
-                continue
-            dead_at = len(path) - 1  # pieces sharing these bytes die at the same byte
-            i += 1
-            while i < n and lcp[i] >= dead_at:
-                i += 1
-        return allowed
-
-    def step(self, state: int, token_id: int) -> int:
-        assert self._dfa is not None
-        if token_id in self.vocab.control_ids:
-            return self._dfa.step(state, CONTROL_BASE + token_id)
-        piece = self.vocab.by_id.get(token_id)
-        return DEAD if piece is None else self._dfa.walk(state, piece)
+    def banned(self) -> torch.Tensor | None:
+        return self._banned
 
 
-def _schema(tool: ToolSchema) -> dict | None:
+def _dumps(parameters: dict | None) -> str:
+    return "" if parameters is None else json.dumps(parameters, ensure_ascii=False)
+
+
+def _schema(tool: ToolSchema) -> dict:
+    """The tool's schema as the grammar compiles it: json.dumps's layout (", " and ": ", no
+    other whitespace, so no run of blanks can fill the budget), and every object with declared
+    `properties` that does not say `additionalProperties` closed to them, as xgrammar's strict
+    mode and OpenAI's strict tools do: a forced call spells the declared arguments only."""
+    closed = _closed(_user_schema(tool))
+    assert isinstance(closed, dict)
+    return {**closed, "x-guidance": JSON_LAYOUT}
+
+
+def _closed(node: object) -> object:
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _closed(value) for key, value in node.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _user_schema(tool: ToolSchema) -> dict:
     if not tool.parameters_json:
-        return None
+        return {"type": "object"}
     try:
         schema = json.loads(tool.parameters_json)
     except ValueError as e:
@@ -231,20 +199,43 @@ def _schema(tool: ToolSchema) -> dict | None:
     return schema
 
 
+def unpack_bitmask(words: torch.Tensor, size: int) -> torch.Tensor:
+    """llguidance's int32 bitmask (bit b of word w = id 32 w + b) -> bool [size]."""
+    bits = (words.to(torch.int64)[:, None] & _BITS) != 0
+    return bits.flatten()[:size]
+
+
 class ConstraintState:
     """One sequence's position in its constraint."""
 
-    def __init__(self, compiled: CompiledConstraint, state: int) -> None:
+    def __init__(self, compiled: CompiledConstraint, matcher: llguidance.LLMatcher | None) -> None:
         self.compiled = compiled
-        self._state = state  # the automaton state (unused without a grammar)
+        self._matcher = matcher  # None: no grammar (banned ids, or nothing)
+        self._mask: torch.Tensor | None = None  # the mask at the current position, once asked
 
     @property
     def end_id(self) -> int | None:
         """The id that finishes a forced call (must be a stop id of the sequence)."""
         return self.compiled.end_id
 
+    @property
+    def finished(self) -> bool:
+        return self._matcher is not None and self._matcher.is_stopped()
+
     def allowed(self) -> torch.Tensor | None:
-        return self.compiled.mask(self._state)
+        """Bool [vocab size]: the ids allowed next; None = anything."""
+        if self._matcher is None:
+            return self.compiled.banned
+        if self._matcher.is_stopped():
+            return None
+        if self._mask is None:
+            n = self.compiled.vocab.engine.vocab_size
+            words = torch.zeros((n + 31) // 32, dtype=torch.int32)
+            self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+            if self._matcher.is_error():
+                raise GrammarError(self._matcher.get_error())
+            self._mask = unpack_bitmask(words, self.compiled.vocab.size)
+        return self._mask
 
     def accepts(self, token_id: int) -> bool:
         mask = self.allowed()
@@ -254,8 +245,10 @@ class ConstraintState:
         """ValueError if the token was not allowed (the sampler never picks such a token)."""
         if not self.accepts(token_id):
             raise ValueError(f"token {token_id} violates the generation constraint")
-        if self.compiled.has_grammar and self.allowed() is not None:
-            self._state = self.compiled.step(self._state, token_id)
+        if self._matcher is not None and not self._matcher.is_stopped():
+            if not self._matcher.consume_token(token_id):
+                raise ValueError(f"token {token_id} violates the generation constraint")
+            self._mask = None
 
 
 class ConstraintCompiler:

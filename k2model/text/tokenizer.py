@@ -195,6 +195,11 @@ class Tokenizer:
         return self._n_base
 
     @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding (ranks, pattern, special tokens) for engines that read it."""
+        return self._encoding
+
+    @property
     def vocab_size(self) -> int:
         # Tokenizer ids, N + 258; the model's embedding has N + 256 rows.
         return self._n_base + len(self._table.name_to_id)

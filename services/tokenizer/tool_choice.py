@@ -9,8 +9,8 @@
   the conversation's numbering (text/tool_ids.py). Exactly one call is forced, whatever
   parallel_tool_calls says.
 A tool_choice that names no declared tool, or a forced choice without tools, is InvalidArgument.
-Schemas are compiled here once, so a schema the grammar cannot bound fails before any backend
-call.
+Schemas are checked here once (the grammar engine validates them), so a schema it cannot compile
+fails before any backend call.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from k2model.byte_nfa import GrammarError, Nfa
-from k2model.constraints import ConstraintSpec, ToolSchema
-from k2model.json_schema_grammar import SchemaGrammar
+from k2model.constraints import ConstraintSpec, GrammarError, ToolSchema, check_arguments_schema
 from k2model.text import chat_tokens as tok
 from k2model.text.tokenizer import Tokenizer
 from k2model.text.tool_ids import count_tool_calls
@@ -74,7 +72,7 @@ def plan_tools(request: ChatRequest, tokenizer: Tokenizer) -> ToolPlan:
 def _schema(name: str, parameters: dict | None) -> ToolSchema:
     text = "" if parameters is None else json.dumps(parameters, ensure_ascii=False)
     try:
-        SchemaGrammar(Nfa()).arguments(parameters)
+        check_arguments_schema(name, parameters)
     except GrammarError as e:
         raise InvalidArgument(f"tools[{name}].parameters: {e}") from None
     return ToolSchema(name, text)

@@ -183,3 +183,23 @@ def test_refused_fields_name_themselves(gateway, body, param) -> None:
     response = post(base, body)
     assert_openai_error(response, 400, param)
     assert len(fake.requests) == before
+
+
+def test_every_response_carries_a_request_id_and_the_client_s_is_echoed(gateway, caplog) -> None:
+    base, _ = gateway
+    mine = post(base, chat(), route="/v1/chat/completions")
+    with caplog.at_level("INFO", logger="gateway.access"):
+        echoed = HTTP.post(
+            f"{base}/v1/chat/completions",
+            json=chat(),
+            headers={**AUTH, "X-Request-Id": "trace-7f3a.1"},
+        )
+    refused = HTTP.post(f"{base}/v1/chat/completions", json=chat(n=0), headers=AUTH)
+    unusable = HTTP.get(f"{base}/health", headers={"X-Request-Id": "has space"})
+    assert re.fullmatch(r"req-[0-9a-f]{32}", mine.headers["x-request-id"])
+    assert echoed.headers["x-request-id"] == "trace-7f3a.1"
+    assert refused.status_code == 400 and refused.headers["x-request-id"].startswith("req-")
+    assert unusable.headers["x-request-id"].startswith("req-")
+    line = next(r.getMessage() for r in caplog.records if "trace-7f3a.1" in r.getMessage())
+    assert re.fullmatch(r"trace-7f3a\.1 POST /v1/chat/completions 200 \d+ms chatcmpl-\w+", line)
+    assert line.endswith(echoed.json()["id"])

@@ -36,7 +36,7 @@ WEATHER_TOOL = {
         "description": "Get weather information.",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string", "description": "City name"}},
+            "properties": {"city": {"type": "string", "description": "City name", "maxLength": 20}},
             "required": ["city"],
         },
     },

@@ -62,7 +62,7 @@ WEATHER = {
         "description": "Weather of a city",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}},
+            "properties": {"city": {"type": "string", "maxLength": 16}},
             "required": ["city"],
         },
     },

@@ -1,7 +1,8 @@
-"""Constrained generation (k2model/constraints.py, json_schema_grammar.py, byte_nfa.py) on the
-embedded vocabulary: forced calls always parse to a valid call with schema-valid arguments, the
-masks never lead to a dead end and equal a brute-force check, and the sampler honours masks
-while leaving unconstrained rows exactly as they were."""
+"""Constrained generation (k2model/constraints.py, on llguidance) on the embedded vocabulary:
+forced calls always parse to a valid call with schema-valid arguments, the masks never lead to a
+dead end and equal a token-by-token check, JSON Schema is honoured in full (unbounded strings,
+$ref, pattern, additionalProperties), and the sampler honours masks while leaving unconstrained
+rows exactly as they were."""
 
 from __future__ import annotations
 
@@ -15,16 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2model import EMBEDDED_CHECKPOINT
-from k2model.byte_nfa import DEAD, GrammarError, LazyDfa, Nfa
 from k2model.constraints import (
-    CONTROL_BASE,
-    CompiledConstraint,
     ConstraintCompiler,
     ConstraintSpec,
+    GrammarError,
     ToolSchema,
     Vocabulary,
+    check_arguments_schema,
+    unpack_bitmask,
 )
-from k2model.json_schema_grammar import SchemaGrammar
 from k2model.sampling import sample
 from k2model.sampling_params import SamplingParams, SamplingRow
 from k2model.text import chat_tokens as tok
@@ -33,7 +33,8 @@ from k2model.text.tokenizer import Tokenizer
 from k2model.text.tool_parser import markers_for, parse_output
 
 MODEL_VOCAB = 4096
-MAX_CALL_TOKENS = 2000  # a bound no walk comes near: the grammar's language is finite
+MAX_CALL_TOKENS = 4000  # walks prefer closing tokens, so they end long before this
+CLOSERS = set(b'"}],0123456789')  # pieces a walk prefers: they end strings, numbers, containers
 
 WEATHER = {
     "type": "object",
@@ -73,8 +74,11 @@ def forced(*tools: tuple[str, dict | None], index: int = 0) -> ConstraintSpec:
     return ConstraintSpec(tools=schemas, first_call_index=index)
 
 
-def random_walk(compiler: ConstraintCompiler, spec: ConstraintSpec, seed: int) -> list[int]:
-    """Uniform choices among allowed ids until the constraint is finished; asserts that every
+def random_walk(
+    compiler: ConstraintCompiler, tokenizer: Tokenizer, spec: ConstraintSpec, seed: int
+) -> list[int]:
+    """Random choices among allowed ids until the constraint is finished, half the time among
+    the allowed one-byte closers and control ids (so unbounded strings end); asserts that every
     unfinished state allows something (no dead end)."""
     rng = random.Random(seed)
     state = compiler.start(spec)
@@ -82,18 +86,24 @@ def random_walk(compiler: ConstraintCompiler, spec: ConstraintSpec, seed: int) -
     while (mask := state.allowed()) is not None:
         allowed = mask.nonzero().flatten().tolist()
         assert allowed, f"dead end after {out}"
-        token = rng.choice(allowed)
+        closing = [t for t in allowed if t >= tokenizer.n_base or _closer(tokenizer, t)]
+        token = rng.choice(closing if closing and rng.random() < 0.5 else allowed)
         state.advance(token)
         out.append(token)
         assert len(out) < MAX_CALL_TOKENS
     return out
 
 
+def _closer(tokenizer: Tokenizer, token: int) -> bool:
+    piece = tokenizer.id_to_piece(token)
+    return len(piece) == 1 and piece[0] in CLOSERS
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32))
 def test_forced_call_always_parses_to_a_schema_valid_call(compiler, tokenizer, seed) -> None:
     spec = forced(("get_weather", WEATHER), ("search", SEARCH), ("ping", None), index=3)
-    ids = random_walk(compiler, spec, seed)
+    ids = random_walk(compiler, tokenizer, spec, seed)
     assert ids[-1] == tokenizer.special_id(tok.IM_END)
     parsed = parse_output(
         decode_pieces(tokenizer, ids, markers_for(False)),
@@ -111,31 +121,35 @@ def test_forced_call_always_parses_to_a_schema_valid_call(compiler, tokenizer, s
 def test_named_tool_is_the_only_one_called(compiler, tokenizer) -> None:
     spec = forced(("search", SEARCH))
     for seed in range(5):
-        pieces = decode_pieces(tokenizer, random_walk(compiler, spec, seed), markers_for(False))
+        pieces = decode_pieces(
+            tokenizer, random_walk(compiler, tokenizer, spec, seed), markers_for(False)
+        )
         [call] = parse_output(pieces, declared={"search"}).tool_calls
         assert call.name == "search" and isinstance(json.loads(call.arguments)["query"], str)
 
 
-def test_masks_equal_a_brute_force_check_of_every_token(compiler, tokenizer) -> None:
-    """The trie walk with pruning allows exactly the ids whose whole piece keeps the automaton
-    alive (checked token by token, without the walk), plus the grammar's own control ids."""
-    spec = forced(("get_weather", WEATHER))
-    state = compiler.start(spec)
-    compiled: CompiledConstraint = state.compiled
+def test_masks_allow_only_ids_the_matcher_accepts(compiler, tokenizer) -> None:
+    """Every id the engine's mask allows is one a copy of the matcher accepts on its own (the
+    mask may be narrower: where the grammar spells a fixed text, only its canonical tokens)."""
+    state = compiler.start(forced(("get_weather", WEATHER)))
     rng = random.Random(7)
-    dfa_state = state._state
-    for _ in range(25):
-        mask = compiled.mask(dfa_state)
+    for _ in range(8):
+        mask = state.allowed()
         assert mask is not None
-        brute = set()
-        for token in range(MODEL_VOCAB):
-            if compiled.step(dfa_state, token) != DEAD:
-                brute.add(token)
-        assert set(mask.nonzero().flatten().tolist()) == brute
-        token = rng.choice(sorted(brute))
-        dfa_state = compiled.step(dfa_state, token)
-        if compiled.mask(dfa_state) is None:
-            break
+        matcher = state._matcher
+        assert matcher is not None
+        one_by_one = {
+            t for t in range(MODEL_VOCAB) if matcher.deep_copy().try_consume_tokens([t]) == 1
+        }
+        allowed = set(mask.nonzero().flatten().tolist())
+        assert allowed and allowed <= one_by_one
+        state.advance(rng.choice(sorted(allowed)))
+
+
+def test_bitmask_unpacking_reads_bit_b_of_word_w_as_id_32w_plus_b() -> None:
+    words = torch.tensor([0b101, -(2**31), 1], dtype=torch.int32)
+    assert unpack_bitmask(words, 70).nonzero().flatten().tolist() == [0, 2, 63, 64]
+    assert unpack_bitmask(words, 64).numel() == 64
 
 
 def test_only_grammar_controls_are_ever_allowed(compiler, tokenizer) -> None:
@@ -159,70 +173,53 @@ def test_advance_rejects_a_token_outside_the_mask(compiler) -> None:
         state.advance(5)  # an ordinary token where the section must open
 
 
-def dfa_for(build) -> LazyDfa:
-    nfa = Nfa()
-    return LazyDfa(nfa, build(SchemaGrammar(nfa)))
+def accepts_arguments(compiler, tokenizer, schema: dict, arguments: str) -> bool:
+    """Whether a forced call of a tool with `schema` can spell `arguments` token by token."""
+    state = compiler.start(forced(("t", schema)))
+    head = [tokenizer.special_id(tok.SECTION_BEGIN), tokenizer.special_id(tok.CALL_BEGIN)]
+    head += tokenizer.encode("functions.t:0") + [tokenizer.special_id(tok.ARG_BEGIN)]
+    for token in head + tokenizer.encode(arguments) + [tokenizer.special_id(tok.CALL_END)]:
+        if not state.accepts(token):
+            return False
+        state.advance(token)
+    return True
 
 
-def accepts(dfa: LazyDfa, text: str) -> bool:
-    return dfa.accepting(dfa.walk(dfa.start, text.encode()))
-
-
-@pytest.mark.parametrize("lo,hi", [(0, 0), (-7, 3), (5, 123), (-1200, -999), (98, 1001)])
-def test_integer_ranges_accept_exactly_the_canonical_integers_inside(lo: int, hi: int) -> None:
-    dfa = dfa_for(lambda g: g.int_range(lo, hi))
-    for n in range(lo - 60, hi + 60):
-        assert accepts(dfa, str(n)) == (lo <= n <= hi), n
-    for text in ("-0", "007", "1.5", "", "-"):
-        assert not accepts(dfa, text)
-
-
-def test_strings_respect_length_bounds_and_json_escapes() -> None:
-    dfa = dfa_for(lambda g: g.string(2, 4))
-    assert accepts(dfa, '"ab"') and accepts(dfa, '"a\\nc"') and accepts(dfa, '"日本語x"')
-    assert not accepts(dfa, '"a"') and not accepts(dfa, '"abcde"')
-    assert not accepts(dfa, '"a\\qb"') and not accepts(dfa, '"a\x01b"')
-    # No overlong, surrogate or truncated UTF-8 gets through.
-    for bad in (b'"\xc0\xafa"', b'"\xed\xa0\x80a"', b'"\xe6\x97a"'):
-        assert not dfa.accepting(dfa.walk(dfa.start, bad))
-
-
-def test_object_fields_in_schema_order_required_always_optional_maybe() -> None:
-    schema = {
+def test_strings_are_not_capped_and_schemas_are_honoured_in_full(compiler, tokenizer) -> None:
+    text = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    long = "a file path /srv/data/" + "x" * 178  # 200 characters
+    assert accepts_arguments(compiler, tokenizer, text, json.dumps({"q": long}))
+    # json.dumps's layout only: no run of whitespace can eat the budget
+    assert not accepts_arguments(compiler, tokenizer, text, '{"q":     "x"}')
+    assert not accepts_arguments(compiler, tokenizer, text, '\n{"q": "x"}')
+    referenced = {
         "type": "object",
-        "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"const": 1}},
-        "required": ["b"],
+        "$defs": {"id": {"type": "string", "pattern": "^[a-z]{2}-[0-9]+$"}},
+        "properties": {"a": {"$ref": "#/$defs/id"}, "n": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
     }
-    dfa = dfa_for(lambda g: g.arguments(schema))
-    for text in ('{"b":null}', '{"a":true, "b": null,"c":1}', '{"b":null,"c":1}'):
-        assert accepts(dfa, text), text
-    for text in ('{"a":true}', '{"b":null,"a":true}', "{}", '{,"b":null}', '{"b":null,}'):
-        assert not accepts(dfa, text), text
+    assert accepts_arguments(compiler, tokenizer, referenced, '{"a": "ab-12", "n": 1234567890}')
+    assert not accepts_arguments(compiler, tokenizer, referenced, '{"a": "AB-12"}')  # pattern
+    assert not accepts_arguments(compiler, tokenizer, referenced, '{"a": "ab-1", "z": 1}')
+    assert not accepts_arguments(compiler, tokenizer, referenced, '{"n": 1}')  # required
+    # an object that does not say additionalProperties takes only its declared properties
+    assert not accepts_arguments(compiler, tokenizer, text, '{"q": "x", "extra": 1}')
+    open_ = {**text, "additionalProperties": True}
+    assert accepts_arguments(compiler, tokenizer, open_, '{"q": "x", "extra": 1}')
 
 
 @pytest.mark.parametrize(
     "schema",
     [
-        {"type": "object", "properties": {"x": {"enum": []}}},
-        {"type": "object", "properties": {"x": {"type": "string", "minLength": 100_000}}},
-        {"type": "object", "properties": {"x": {"type": "integer", "minimum": 5, "maximum": 4}}},
         {"type": "object", "properties": {"x": {"type": "widget"}}},
         {"type": "object", "properties": {"x": {"type": 7}}},
+        {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}},
     ],
 )
-def test_schemas_that_cannot_be_bounded_are_refused(schema: dict) -> None:
+def test_schemas_the_engine_cannot_compile_are_refused(schema: dict) -> None:
     with pytest.raises(GrammarError):
-        SchemaGrammar(Nfa()).arguments(schema)
-
-
-def test_grammar_size_is_capped() -> None:
-    deep: dict = {"type": "string"}
-    for _ in range(6):
-        deep = {"type": "array", "items": deep, "minItems": 16}
-    with pytest.raises(GrammarError, match="states"):
-        SchemaGrammar(Nfa(max_states=50_000)).arguments(
-            {"type": "object", "properties": {"x": deep}}
-        )
+        check_arguments_schema("t", schema)
 
 
 def test_spec_checks() -> None:
@@ -291,10 +288,3 @@ def test_unconstrained_rows_are_unchanged_by_a_masked_neighbour() -> None:
         full = sample(logits[1:], [SamplingRow(params, 9, 2, (1, 2), (3,), everything)])
         assert mixed[1] == alone[0] == full.token_ids[0]
         assert bool(some[mixed[0]])
-
-
-def test_control_symbols_stay_apart_from_bytes() -> None:
-    nfa = Nfa()
-    dfa = LazyDfa(nfa, nfa.seq([nfa.literal([CONTROL_BASE + 7]), nfa.literal(b"x")]))
-    assert dfa.step(dfa.start, 7) == DEAD
-    assert dfa.accepting(dfa.walk(dfa.start, [CONTROL_BASE + 7, ord("x")]))

@@ -310,7 +310,9 @@ def test_past_the_request_timeout_the_stream_ends_and_frees_the_decode_kv(stack)
         (req(sampling=SamplingParams(temperature=0.0, logit_bias={5000: 1.0})), InvalidArgument),
         (
             req(
-                tools=(Tool("f", None, {"type": "object", "properties": {"x": {"enum": []}}}),),
+                tools=(
+                    Tool("f", None, {"type": "object", "properties": {"x": {"type": "widget"}}}),
+                ),
                 tool_choice="f",
             ),
             InvalidArgument,
