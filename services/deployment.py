@@ -89,7 +89,7 @@ class Instance:
     max_running: int = 64
     max_queue: int = 256
     chunk_tokens: int = 512
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int = 4096  # prefill: tokens per step over all prompts
     ranks: int = 1  # experts: processes in the DeepSpeed job
     master_port: int = 0  # experts: the job's rendezvous port on its host
     config: Path | None = None  # gateway: its YAML (required there, refused elsewhere)

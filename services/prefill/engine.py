@@ -60,7 +60,7 @@ class PrefillLimits:
     num_blocks: int = 1024
     block_size: int = 16
     chunk_tokens: int = 512  # longest slice of one prompt per step
-    max_batch_tokens: int = 2048  # tokens per step over all prompts
+    max_batch_tokens: int = 4096  # tokens per step over all prompts (docs/performance.md)
     max_queue: int = 256
 
 

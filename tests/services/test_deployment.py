@@ -106,7 +106,7 @@ def test_kv_pools_are_auto_unless_set_and_auto_sizes_from_memory() -> None:
     big = kv_sizing.kv_blocks(dep, auto, cfg, torch.bfloat16, available=2**40)
     assert big == 64 * cfg.max_position_embeddings // 16
     prefill = kv_sizing.kv_blocks(dep, dep.instance("prefill-0"), cfg, torch.bfloat16, 2**40)
-    assert prefill == max(cfg.max_position_embeddings, 4 * 2048) // 16
+    assert prefill == max(cfg.max_position_embeddings, 4 * 4096) // 16
     assert kv_sizing.kv_blocks(dep, capped, cfg, torch.bfloat16) == int(
         0.001 * 2**30 // (per_token * 16)
     )
