@@ -218,10 +218,6 @@ class ConstraintState:
         """The id that finishes a forced call (must be a stop id of the sequence)."""
         return self.compiled.end_id
 
-    @property
-    def finished(self) -> bool:
-        return self._matcher is not None and self._matcher.is_stopped()
-
     def allowed(self) -> torch.Tensor | None:
         """Bool [vocab size]: the ids allowed next; None = anything."""
         if self._matcher is None:
