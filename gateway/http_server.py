@@ -96,12 +96,13 @@ def bounded_protocol(limits: Limits) -> type[H11Protocol]:
 
 
 def server_config(app: Any, host: str, port: int, limits: Limits, **kwargs: Any) -> uvicorn.Config:
-    """The uvicorn configuration every gateway server uses (the tests' servers too)."""
+    """The uvicorn configuration every gateway server uses (the tests' servers too). uvicorn's
+    own access log is off: gateway/request_ids.py logs each request once, with its id."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         http=bounded_protocol(limits),
         h11_max_incomplete_event_size=limits.max_header_bytes,
-        **kwargs,
+        **{"access_log": False, **kwargs},
     )

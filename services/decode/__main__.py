@@ -13,7 +13,7 @@ from services.decode.prefill_client import PrefillPool
 from services.decode.servicer import DecodeServicer
 from services.pb.k2.v1 import decode_pb2, decode_pb2_grpc
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("services.decode")
 SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 
 
