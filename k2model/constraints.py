@@ -171,17 +171,28 @@ def _schema(tool: ToolSchema) -> dict:
     other whitespace, so no run of blanks can fill the budget), and every object with declared
     `properties` that does not say `additionalProperties` closed to them, as xgrammar's strict
     mode and OpenAI's strict tools do: a forced call spells the declared arguments only."""
-    closed = _closed(_user_schema(tool))
-    assert isinstance(closed, dict)
-    return {**closed, "x-guidance": JSON_LAYOUT}
+    return {**_closed(_user_schema(tool)), "x-guidance": JSON_LAYOUT}
 
 
-def _closed(node: object) -> object:
-    if isinstance(node, list):
-        return [_closed(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: _closed(value) for key, value in node.items()}
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+
+
+def _closed(schema: dict) -> dict:
+    """`schema` with every object schema that declares `properties` and not
+    `additionalProperties` closed, walking subschema positions only (a property named
+    "properties", or a `const` / `enum` / `default` value, is data, never rewritten)."""
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = _closed(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(s) if isinstance(s, dict) else s for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {n: _closed(s) if isinstance(s, dict) else s for n, s in out[key].items()}
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out

@@ -207,6 +207,18 @@ def test_strings_are_not_capped_and_schemas_are_honoured_in_full(compiler, token
     assert not accepts_arguments(compiler, tokenizer, text, '{"q": "x", "extra": 1}')
     open_ = {**text, "additionalProperties": True}
     assert accepts_arguments(compiler, tokenizer, open_, '{"q": "x", "extra": 1}')
+    # closing walks subschemas only: a property named "properties" and a const value are data
+    data = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"k": {"type": "integer"}}},
+            "mode": {"const": {"properties": 1}},
+        },
+        "required": ["properties", "mode"],
+    }
+    call = '{"properties": {"k": 1}, "mode": {"properties": 1}}'
+    assert accepts_arguments(compiler, tokenizer, data, call)
+    assert not accepts_arguments(compiler, tokenizer, data, '{"properties": {"k": 1, "j": 2}, ')
 
 
 @pytest.mark.parametrize(
