@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.common import format_table, write_json  # noqa: E402
-from k2model.constraints import ConstraintCompiler, ConstraintSpec, ToolSchema, Vocabulary  # noqa: E402
+from k2model.constraint_spec import ConstraintSpec, ToolSchema  # noqa: E402
+from k2model.constraints import ConstraintCompiler, Vocabulary  # noqa: E402
 from k2model.text import chat_tokens as tok  # noqa: E402
 from k2model.text.tokenizer import PAT_STR  # noqa: E402
 

@@ -12,6 +12,7 @@ in the schema (so /openapi.json states them); deployment bounds are checked in `
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -24,6 +25,7 @@ from gateway.registry import LocalModel, Model
 from k2model.sampling_params import SamplingParams
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
 from services.chat.types import ChatRequest
+from services.chat.types import ResponseFormat as AnswerFormat
 
 MAX_N = 128
 MAX_STOP = 4
@@ -126,8 +128,8 @@ class FunctionDef(Strict):
     name: str = Field(pattern=TOOL_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    # strict=true promises schema-valid arguments (constrained decoding), which is not offered.
-    strict: Literal[False] | None = None
+    # strict=true: every call's arguments follow `parameters` (constrained decoding).
+    strict: bool | None = None
 
 
 class ToolDef(Strict):
@@ -150,17 +152,28 @@ class StreamOptions(Strict):
     include_obfuscation: Any = ignored("random padding against side channels on OpenAI's wire")
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    # Constrained either way: the answer always follows the schema here.
+    strict: bool | None = None
+
+
 class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
     def _schema_present(self) -> ResponseFormat:
-        if self.type == "json_schema" and not isinstance(
-            (self.json_schema or {}).get("schema"), dict
-        ):
-            raise ValueError("a json_schema response_format needs json_schema.schema")
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
         return self
+
+    def to_format(self) -> AnswerFormat | None:
+        if self.type == "text":
+            return None
+        return AnswerFormat(None if self.json_schema is None else self.json_schema.schema_)
 
 
 class Thinking(Strict):
@@ -197,6 +210,17 @@ class SamplingFields(Strict):
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    # vLLM's extensions that load generators send: a fixed output length.
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool | None = None
+
+    def _min_tokens(self, max_tokens: int | None) -> int:
+        if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
+            raise errors.invalid_value(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({max_tokens})",
+                "min_tokens",
+            )
+        return self.min_tokens or 0
 
     def _check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -251,11 +275,6 @@ class ChatCompletionRequest(SamplingFields):
     ) -> ChatRequest:
         self._check_stream_options()
         self._check_output_kinds()
-        if self.response_format is not None and self.response_format.type != "text":
-            raise errors.invalid_value(
-                "structured output (json_object / json_schema) is not supported by this server",
-                "response_format.type",
-            )
         if self.top_logprobs and not self.logprobs:
             raise errors.invalid_value("top_logprobs requires logprobs=true", "top_logprobs")
         max_tokens = self._max_tokens(model)
@@ -275,6 +294,11 @@ class ChatCompletionRequest(SamplingFields):
             max_tokens=max_tokens,
             sampling=self._sampling(model, thinking, bool(self.logprobs), self.top_logprobs or 0),
             thinking=thinking,
+            strict_tools=frozenset(t.function.name for t in self.tools or () if t.function.strict),
+            response_format=self.response_format and self.response_format.to_format(),
+            keep_reasoning=self.thinking is not None and self.thinking.keep == "all",
+            min_tokens=self._min_tokens(max_tokens),
+            ignore_eos=bool(self.ignore_eos),
         )
 
     def _check_output_kinds(self) -> None:
@@ -305,10 +329,9 @@ class ChatCompletionRequest(SamplingFields):
                     "reasoning_effort",
                 )
             asked = effort
-        if self.thinking is not None and self.thinking.keep is not None:
+        if self.thinking is not None and self.thinking.keep and asked is False:
             raise errors.invalid_value(
-                "thinking.keep: Preserved Thinking (earlier replies' reasoning in the prompt) "
-                "is not supported by this server; omit it",
+                "thinking.keep keeps earlier reasoning for a thinking turn; thinking is off",
                 "thinking.keep",
             )
         return default if asked is None else asked
@@ -322,33 +345,85 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    """Legacy completions. K2 is a chat model and the pipeline speaks chat, so the prompt is
-    rendered as one user turn (on local models with Thinking off: the reply is plain text)."""
+    """Legacy completions. A text prompt is rendered as one user turn (K2 is a chat model; on
+    local models with Thinking off, so the reply is plain text); a token-id prompt is the prompt
+    exactly, no chat format (as vLLM's load generators send it). A list of prompts is one set of
+    n choices per prompt, indexed prompt by prompt (OpenAI's order)."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: str | Annotated[list[Any], Field(min_length=1)]
     max_tokens: PositiveInt | None = 16  # OpenAI's default for this route
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    echo: Literal[False] | None = None
+    echo: bool | None = None
     suffix: None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
 
-    def to_chat_request(self, model: Model, limits: Limits) -> ChatRequest:
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_forms(cls, prompt: str | list[Any]) -> str | list[Any]:
+        if isinstance(prompt, str) or _token_ids(prompt):
+            return prompt
+        if all(isinstance(p, str) for p in prompt) or all(_token_ids(p) for p in prompt):
+            return prompt
+        raise ValueError(
+            "a string, a list of strings, a list of token ids (integers >= 0), or a list of "
+            "non-empty token-id lists"
+        )
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if _token_ids(self.prompt):
+            return [list(self.prompt)]  # one token-id prompt
+        return list(self.prompt)
+
+    def to_chat_requests(self, model: Model, limits: Limits) -> list[ChatRequest]:
+        """One ChatRequest per prompt."""
         self._check_stream_options()
-        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        if not prompt:
-            raise errors.invalid_value("prompt must not be empty", "prompt")
+        prompts = self.prompts()
         n = checks.check_n(self.n or 1, limits)
+        if len(prompts) * n > limits.max_n:
+            raise errors.invalid_value(
+                f"{len(prompts)} prompts x n={n} choices is more than the {limits.max_n} "
+                "sequences one request may run on this server",
+                "prompt",
+            )
+        max_tokens = checks.check_max_tokens(self.max_tokens, model, "max_tokens")
         if self.best_of is not None and self.best_of != n:
             raise errors.invalid_value("best_of other than n is not supported", "best_of")
-        return ChatRequest(
+        if self.echo and self.logprobs is not None:
+            raise errors.invalid_value(
+                "echo with logprobs asks for the prompt's logprobs, which are not computed here",
+                "echo",
+            )
+        base = ChatRequest(
             model=model.id,
-            messages=(Message("user", prompt),),
+            messages=(),
             n=n,
             stop=self._stop(limits),
-            max_tokens=checks.check_max_tokens(self.max_tokens, model, "max_tokens"),
+            max_tokens=max_tokens,
             sampling=self._sampling(model, False, self.logprobs is not None, self.logprobs or 0),
             thinking=False if isinstance(model, LocalModel) else None,  # upstream: its own way
+            min_tokens=self._min_tokens(max_tokens),
+            ignore_eos=bool(self.ignore_eos),
+            echo=bool(self.echo),
         )
+        return [self._one(base, p, i) for i, p in enumerate(prompts)]
+
+    @staticmethod
+    def _one(base: ChatRequest, prompt: str | list[int], i: int) -> ChatRequest:
+        if isinstance(prompt, list):
+            return replace(base, prompt_ids=tuple(prompt), thinking=None)
+        if not prompt:
+            raise errors.invalid_value("prompt must not be empty", f"prompt[{i}]")
+        return replace(base, messages=(Message("user", prompt),))
+
+
+def _token_ids(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
 
 
 def _tool(t: ToolDef) -> Tool:

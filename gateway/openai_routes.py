@@ -14,6 +14,7 @@ from gateway import openai_responses as out
 from gateway.auth import Key
 from gateway.events import collect
 from gateway.field_policy import ignored_fields
+from gateway.merged import MergedGeneration, start_all
 from gateway.openai_models import ChatCompletionRequest, CompletionRequest
 from gateway.serving import Gateway, Generation, gateway_of
 from gateway.sse import EventStream, cancel_on_disconnect
@@ -23,7 +24,7 @@ router = APIRouter()
 
 async def _respond(
     request: Request,
-    gen: Generation,
+    gen: Generation | MergedGeneration,
     env: out.Envelope,
     n: int,
     stream: bool,
@@ -66,14 +67,25 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key: K
 async def completions(body: CompletionRequest, request: Request, key: Key) -> Response:
     gw = gateway_of(request)
     model = gw.resolve(key, body.model)
-    chat = body.to_chat_request(model, gw.config.limits)
+    chats = body.to_chat_requests(model, gw.config.limits)
     _count_ignored(gw, "/v1/completions", body)
     env = out.Envelope.new("text_completion", model.id, "cmpl")
     request.state.completion_id = env.id
-    gen = await cancel_on_disconnect(request, gw.start(chat, env.id))
+    n = chats[0].n
+    starts = [
+        gw.start(chat, env.id if len(chats) == 1 else f"{env.id}-p{p}")
+        for p, chat in enumerate(chats)
+    ]
+    gen = await cancel_on_disconnect(request, start_all(starts, n))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(
-        request, gen, env, chat.n, bool(body.stream), include_usage, body.logprobs is not None
+        request,
+        gen,
+        env,
+        n * len(chats),
+        bool(body.stream),
+        include_usage,
+        body.logprobs is not None,
     )
 
 

@@ -31,6 +31,12 @@ def chat_body(request: ChatRequest, upstream_model: str) -> dict[str, Any]:
         raise svc.InvalidArgument(
             "top_k, min_p, repetition_penalty and thinking are not offered by upstream models"
         )
+    if request.min_tokens or request.ignore_eos or request.keep_reasoning:
+        raise svc.InvalidArgument(
+            "min_tokens, ignore_eos and thinking.keep are not offered by upstream models"
+        )
+    if request.prompt_ids or request.echo:
+        raise svc.InvalidArgument("token-id prompts and echo are not offered by upstream models")
     messages = [
         {**message_to_dict(m), **({"partial": True} if m.partial else {})} for m in request.messages
     ]
@@ -55,14 +61,27 @@ def chat_body(request: ChatRequest, upstream_model: str) -> dict[str, Any]:
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if request.tools:
-        body["tools"] = [t.to_dict() for t in request.tools]
+        body["tools"] = [_tool(t.to_dict(), t.name in request.strict_tools) for t in request.tools]
         body["parallel_tool_calls"] = request.parallel_tool_calls
         choice = request.tool_choice
         named = choice not in ("none", "auto", "required")
         body["tool_choice"] = (
             {"type": "function", "function": {"name": choice}} if named else choice
         )
+    if request.response_format is not None:
+        schema = request.response_format.schema
+        body["response_format"] = (
+            {"type": "json_object"}
+            if schema is None
+            else {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        )
     return body
+
+
+def _tool(declared: dict[str, Any], strict: bool) -> dict[str, Any]:
+    if strict:
+        declared["function"]["strict"] = True
+    return declared
 
 
 def _int64(seed: int) -> int:

@@ -113,7 +113,10 @@ def render(
     *,
     flavor: Flavor,
     add_generation_prompt: bool = True,
+    keep_reasoning: bool = False,
 ) -> list[Segment]:
+    """keep_reasoning: every assistant turn keeps its reasoning_content (Moonshot's thinking
+    keep "all"); by default only the turns after the last finished answer do, as the template."""
     if flavor not in FLAVORS:
         raise ChatFormatError(f"unknown chat flavor {flavor!r}; expected one of {FLAVORS}")
     validate_messages(messages)
@@ -122,7 +125,8 @@ def render(
     if flavor == "k2-instruct-0711":
         _render_v1(out, messages, tools or ())
     else:
-        _render_current(out, messages, tools or (), thinking=flavor == "k2-thinking")
+        thinking = flavor == "k2-thinking"
+        _render_current(out, messages, tools or (), thinking=thinking, keep=keep_reasoning)
     if messages and messages[-1].partial:
         out.items.pop()  # the partial turn's <|im_end|>: the model continues that turn
     elif add_generation_prompt:
@@ -138,8 +142,15 @@ def render_text(
     *,
     flavor: Flavor,
     add_generation_prompt: bool = True,
+    keep_reasoning: bool = False,
 ) -> str:
-    segments = render(messages, tools, flavor=flavor, add_generation_prompt=add_generation_prompt)
+    segments = render(
+        messages,
+        tools,
+        flavor=flavor,
+        add_generation_prompt=add_generation_prompt,
+        keep_reasoning=keep_reasoning,
+    )
     return "".join(text for text, _ in segments)
 
 
@@ -160,7 +171,12 @@ def _render_v1(out: _Segments, messages: Sequence[Message], tools: Sequence[Tool
 
 
 def _render_current(
-    out: _Segments, messages: Sequence[Message], tools: Sequence[Tool], *, thinking: bool
+    out: _Segments,
+    messages: Sequence[Message],
+    tools: Sequence[Tool],
+    *,
+    thinking: bool,
+    keep: bool,
 ) -> None:
     if tools:
         declared = json.dumps(
@@ -169,7 +185,7 @@ def _render_current(
         out.block(tok.IM_SYSTEM, "tool_declare", declared)
     if not messages or messages[0].role != "system":
         out.block(tok.IM_SYSTEM, "system", DEFAULT_SYSTEM)
-    history_end = _last_plain_assistant(messages)
+    history_end = -1 if keep else _last_plain_assistant(messages)
     for i, m in enumerate(messages):
         out.control(_ROLE_TOKEN[m.role])
         out.text(m.name or m.role)

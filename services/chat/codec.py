@@ -32,6 +32,7 @@ from services.chat.types import (
     TOOL_CHOICE_MODES,
     ChatEvent,
     ChatRequest,
+    ResponseFormat,
     TokenLogprob,
     ToolCallDelta,
     ToolChoice,
@@ -148,8 +149,8 @@ def message_to_proto(m: Message) -> pb.ChatMessage:
     return msg
 
 
-def tool_to_proto(tool: Tool) -> pb.Tool:
-    msg = pb.Tool(name=tool.name)
+def tool_to_proto(tool: Tool, strict: bool = False) -> pb.Tool:
+    msg = pb.Tool(name=tool.name, strict=strict)
     if tool.description is not None:
         msg.description = tool.description
     if tool.parameters is not None:
@@ -190,21 +191,51 @@ def request_from_proto(msg: pb.ChatRequest) -> ChatRequest:
         sampling=sampling_from_proto(msg.sampling),
         thinking=msg.thinking if msg.HasField("thinking") else None,
         request_id=msg.request_id,
+        strict_tools=frozenset(t.name for t in msg.tools if t.strict),
+        response_format=_response_format(msg),
+        keep_reasoning=msg.keep_reasoning,
+        min_tokens=msg.min_tokens,
+        ignore_eos=msg.ignore_eos,
+        prompt_ids=tuple(msg.prompt_ids),
+        echo=msg.echo,
     )
+
+
+def _response_format(msg: pb.ChatRequest) -> ResponseFormat | None:
+    if not msg.HasField("response_format"):
+        return None
+    if not msg.response_format.schema_json:
+        return ResponseFormat()
+    try:
+        schema = json.loads(msg.response_format.schema_json)
+    except ValueError as e:
+        raise InvalidArgument(f"response_format.schema_json: not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument("response_format.schema_json: expected a JSON object schema")
+    return ResponseFormat(schema)
 
 
 def request_to_proto(request: ChatRequest) -> pb.ChatRequest:
     msg = pb.ChatRequest(
         model=request.model,
         messages=[message_to_proto(m) for m in request.messages],
-        tools=[tool_to_proto(t) for t in request.tools],
+        tools=[tool_to_proto(t, t.name in request.strict_tools) for t in request.tools],
         tool_choice=_tool_choice_to_proto(request.tool_choice),
         parallel_tool_calls=request.parallel_tool_calls,
         n=request.n,
         stop=request.stop,
         sampling=sampling_to_proto(request.sampling),
         request_id=request.request_id,
+        keep_reasoning=request.keep_reasoning,
+        min_tokens=request.min_tokens,
+        ignore_eos=request.ignore_eos,
+        prompt_ids=request.prompt_ids,
+        echo=request.echo,
     )
+    if request.response_format is not None:
+        schema = request.response_format.schema
+        text = "" if schema is None else json.dumps(schema, ensure_ascii=False)
+        msg.response_format.schema_json = text
     if request.max_tokens is not None:
         msg.max_tokens = request.max_tokens
     if request.thinking is not None:

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from k2model.sampling_params import SamplingParams
 from k2model.text.messages import Message, Tool
 
 ToolChoice = Literal["none", "auto", "required"] | str  # a str other than those = a tool name
 TOOL_CHOICE_MODES = ("auto", "none", "required")
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """The answer is one JSON value: an object (schema None, OpenAI's json_object) or one valid
+    for `schema` (json_schema)."""
+
+    schema: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,13 @@ class ChatRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     thinking: bool | None = None  # None: the model's default (K2-Thinking reasons, Instruct not)
     request_id: str = ""
+    strict_tools: frozenset[str] = frozenset()  # tools whose every call follows its schema
+    response_format: ResponseFormat | None = None  # None: text
+    keep_reasoning: bool = False  # earlier turns keep their reasoning_content in the prompt
+    min_tokens: int = 0  # the turn cannot end before this many tokens
+    ignore_eos: bool = False  # the end-of-turn id does not stop generation
+    prompt_ids: tuple[int, ...] = ()  # a raw prompt (no chat format; messages then empty)
+    echo: bool = False  # each choice's output starts with the prompt's text
 
 
 @dataclass(frozen=True)

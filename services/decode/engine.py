@@ -13,11 +13,12 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from k2model.constraints import ConstraintCompiler, ConstraintSpec, ConstraintState
+from k2model.constraint_spec import ConstraintSpec
+from k2model.constraints import ConstraintCompiler, ConstraintState
 from k2model.model import K2Model
 from k2model.runner import ModelRunner, StepInput
 from k2model.sampled import Sampled
@@ -92,14 +93,19 @@ class DecodeEngine:
         max_new_tokens: int,
         stop_ids: frozenset[int],
         constraint: ConstraintSpec | None = None,
+        min_new_tokens: int = 0,
     ) -> Seq:
-        """max_new_tokens 0: as many as the context and this instance's KV pool leave."""
+        """max_new_tokens 0: as many as the context and this instance's KV pool leave;
+        min_new_tokens: the stop ids are not sampled before this many tokens (prefill's first
+        token included)."""
         if max_new_tokens == 0:
             max_new_tokens = self._room(prompt)
         check_prompt(prompt, self.model.cfg, max_new_tokens)
         check_sampling(params, self.model.cfg)
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if min_new_tokens < 0:
+            raise ValueError("min_new_tokens must be >= 0")
         guide = self._guide(constraint, stop_ids)
         params, seed = params.seeded()
         seq = Seq(
@@ -112,6 +118,10 @@ class DecodeEngine:
             constraint=constraint,
             guide=guide,
         )
+        if min_new_tokens and stop_ids:
+            seq.min_new_tokens, seq.unstoppable = min_new_tokens, self._unstoppable(stop_ids)
+            first = constraint or ConstraintSpec()
+            seq.constraint = replace(first, banned_ids=(*first.banned_ids, *stop_ids))
         if not self.sched.fits_ever(seq):
             # Retrying cannot help (unlike a full queue), so this is not RESOURCE_EXHAUSTED.
             most = self.sched.alloc.num_blocks * self.limits.block_size
@@ -125,6 +135,11 @@ class DecodeEngine:
         self.sched.enqueue(seq)
         self._wake.set()
         return seq
+
+    def _unstoppable(self, stop_ids: frozenset[int]) -> torch.Tensor:
+        mask = torch.ones(self.model.cfg.vocab_size, dtype=torch.bool)
+        mask[[i for i in stop_ids if i < mask.numel()]] = False
+        return mask
 
     def _room(self, prompt: list[int]) -> int:
         most = min(
@@ -149,7 +164,7 @@ class DecodeEngine:
         except ValueError as e:
             raise InvalidArgument(f"constraint: {e}") from None
         if guide.end_id is not None and guide.end_id not in stop_ids:
-            raise InvalidArgument("constraint: a forced tool call's end id must be a stop id")
+            raise InvalidArgument("constraint: the grammar's end id must be a stop id")
         return guide
 
     async def events(self, seq: Seq) -> AsyncIterator[TokenBatch]:

@@ -17,7 +17,10 @@ from k2model.block_allocator import BlockAllocator, blocks_needed
 from k2model.sampling_params import SamplingParams, SamplingRow
 
 if TYPE_CHECKING:
-    from k2model.constraints import ConstraintSpec, ConstraintState
+    from torch import Tensor
+
+    from k2model.constraint_spec import ConstraintSpec
+    from k2model.constraints import ConstraintState
 
 
 class State(enum.Enum):
@@ -42,6 +45,8 @@ class Seq:
     finish_reason: str | None = None
     constraint: ConstraintSpec | None = None  # forwarded to prefill for the first token
     guide: ConstraintState | None = None  # follows `out`; masks the next token
+    min_new_tokens: int = 0  # the stop ids are masked until `out` holds this many
+    unstoppable: Tensor | None = None  # bool [vocab]: False at the stop ids
 
     @property
     def cached_after_step(self) -> int:
@@ -50,6 +55,11 @@ class Seq:
 
     def row(self) -> SamplingRow:
         allowed = self.guide.allowed() if self.guide is not None else None
+        if len(self.out) < self.min_new_tokens and self.unstoppable is not None:
+            if allowed is None:
+                allowed = self.unstoppable
+            elif bool((both := allowed & self.unstoppable).any()):
+                allowed = both  # a grammar that can only end now ends: it outranks min_tokens
         return SamplingRow(self.params, self.seed, len(self.out), self.prompt, self.out, allowed)
 
     def step_tokens(self) -> tuple[list[int], int]:

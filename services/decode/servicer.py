@@ -27,6 +27,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             request.max_new_tokens,
             frozenset(request.stop_ids),
             constraint_from_proto(request.constraint),
+            request.min_new_tokens,
         )
         first = True
         async for batch in self.engine.events(seq):

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from k2model.block_allocator import BlockAllocator, blocks_needed
-from k2model.constraints import ConstraintCompiler, ConstraintSpec
+from k2model.constraint_spec import ConstraintSpec
+from k2model.constraints import ConstraintCompiler
 from k2model.model import K2Model
 from k2model.runner import ModelRunner, StepInput
 from k2model.sampled import Sampled

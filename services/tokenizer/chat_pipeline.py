@@ -3,7 +3,8 @@
 Per request (README, request lifecycle):
 1. Render the conversation with the model's chat format, here (a worker thread: a long prompt
    must not stall the loop that serves every stream) -> prompt ids and stop ids.
-2. Plan tools (tool_choice.py) and thinking, which may extend the prompt and add a constraint.
+2. Plan tools, response_format (output_plan.py) and thinking, which may extend the prompt and
+   add a constraint.
 3. For each of the n choices, placement (services/common/placement.py) picks the least-loaded
    decode instance; each choice's ChoiceRun streams decode `Generate` and detokenizes every token
    batch in this process into a ChatEvent (content, reasoning, structured tool-call deltas,
@@ -47,7 +48,7 @@ from services.pb.k2.v1 import decode_pb2_grpc
 from services.tokenizer.chat_text import ChatText
 from services.tokenizer.choice_run import ChoiceRun, Prepared
 from services.tokenizer.detokenize_session import DetokenizeOptions
-from services.tokenizer.tool_choice import ToolPlan, plan_tools
+from services.tokenizer.output_plan import ToolPlan, answer_schema, plan_tools
 
 _UINT64 = 1 << 64
 
@@ -92,6 +93,7 @@ class ChatPipeline:
             for i, peer in enumerate(peers)
         ]
         tasks = [asyncio.create_task(run.run(queue.put_nowait)) for run in runs]
+        echo = {run.choice: prepared.echo for run in runs if prepared.echo}
         try:
             finished = completion = 0
             while finished < len(tasks):
@@ -99,6 +101,8 @@ class ChatPipeline:
                 if isinstance(item, BaseException):
                     raise item
                 event, tokens = item
+                if event.choice in echo:  # before the choice's first output, not before errors
+                    event = replace(event, content=echo.pop(event.choice) + event.content)
                 if event.finish_reason is not None:
                     finished += 1
                     completion += tokens
@@ -111,12 +115,23 @@ class ChatPipeline:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _prepare(self, request: ChatRequest) -> Prepared:
+        _check_lengths(request)
+        if request.prompt_ids:
+            return self._prepare_raw(request)
         if not request.messages:
             raise InvalidArgument("messages: at least one message is required")
         plan = plan_tools(request, self.tokenizer)
         thinking = self._thinking(request, plan)
         partial = request.messages[-1].partial
-        rendered = await asyncio.to_thread(self.text.render, request.messages, request.tools, True)
+        answer = answer_schema(request.response_format)
+        if answer is not None and partial:
+            raise InvalidArgument(
+                "response_format: a partial assistant message has already begun the answer; "
+                "JSON output cannot be constrained from its middle"
+            )
+        rendered = await asyncio.to_thread(
+            self.text.render, request.messages, request.tools, True, request.keep_reasoning
+        )
         prompt = list(rendered.prompt_ids)
         banned: list[int] = []
         if self.thinking_model and not thinking:
@@ -128,11 +143,17 @@ class ChatPipeline:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
                 f"context of {self.context} tokens"
             )
+        constraint = plan.constraint(banned, answer, after_think=thinking)
+        if request.ignore_eos and constraint is not None and constraint.has_grammar:
+            raise InvalidArgument(
+                "ignore_eos: a constrained output (a forced or strict tool call, parallel_tool_calls"
+                " false, or a JSON response_format) ends at the end of its turn"
+            )
         return Prepared(
             prompt_ids=prompt,
-            stop_ids=list(rendered.stop_ids),
+            stop_ids=[] if request.ignore_eos else list(rendered.stop_ids),
             max_tokens=request.max_tokens,
-            constraint=plan.constraint(banned),
+            constraint=constraint,
             detokenize=DetokenizeOptions(
                 stop=request.stop,
                 parse_tool_calls=plan.parse_tool_calls,
@@ -141,6 +162,41 @@ class ChatPipeline:
                 skip_special_tokens=True,
             ),
             parallel_tool_calls=request.parallel_tool_calls,
+            min_tokens=request.min_tokens,
+            echo=_echo_text(request),
+        )
+
+    def _prepare_raw(self, request: ChatRequest) -> Prepared:
+        """A raw prompt: its ids exactly, no chat format, plain text out."""
+        if request.messages or request.tools or request.response_format is not None:
+            raise InvalidArgument("prompt_ids: a raw prompt takes no messages, tools or format")
+        bad = [i for i in request.prompt_ids if not 0 <= i < self.text.vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"prompt_ids: {bad[0]} is not a token id (the vocabulary has "
+                f"{self.text.vocab_size})"
+            )
+        prompt = list(request.prompt_ids)
+        if request.max_tokens is not None and len(prompt) + request.max_tokens > self.context:
+            raise OutOfRange(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+                f"context of {self.context} tokens"
+            )
+        return Prepared(
+            prompt_ids=prompt,
+            stop_ids=[] if request.ignore_eos else sorted(self.tokenizer.stop_ids),
+            max_tokens=request.max_tokens,
+            constraint=None,
+            detokenize=DetokenizeOptions(
+                stop=request.stop,
+                parse_tool_calls=False,
+                parse_reasoning=False,
+                tool_names=(),
+                skip_special_tokens=True,
+            ),
+            parallel_tool_calls=True,
+            min_tokens=request.min_tokens,
+            echo=self.tokenizer.decode(prompt) if request.echo else "",
         )
 
     def _thinking(self, request: ChatRequest, plan: ToolPlan) -> bool:
@@ -149,6 +205,25 @@ class ChatPipeline:
         if plan.forced:
             return False
         return self.thinking_model if request.thinking is None else request.thinking
+
+
+def _echo_text(request: ChatRequest) -> str:
+    """The prompt's text, for `echo`: the last message's (a legacy completion's prompt)."""
+    if not request.echo:
+        return ""
+    content = request.messages[-1].content
+    if not isinstance(content, str):
+        raise InvalidArgument("echo: the last message must be plain text")
+    return content
+
+
+def _check_lengths(request: ChatRequest) -> None:
+    if request.min_tokens < 0:
+        raise InvalidArgument(f"min_tokens must be >= 0, got {request.min_tokens}")
+    if request.max_tokens is not None and request.min_tokens > request.max_tokens:
+        raise InvalidArgument(
+            f"min_tokens ({request.min_tokens}) must be <= max_tokens ({request.max_tokens})"
+        )
 
 
 def _choice_params(sampling: SamplingParams, choice: int) -> SamplingParams:

@@ -32,8 +32,8 @@ from services.common.errors import InvalidArgument
 ChatFormat = Literal["checkpoint", Flavor]
 CHAT_FORMATS: tuple[str, ...] = ("checkpoint", *get_args(Flavor))
 
-# messages, tools, add_generation_prompt -> segments
-Renderer = Callable[[Sequence[Message], Sequence[Tool], bool], list[Segment]]
+# messages, tools, add_generation_prompt, keep_reasoning -> segments
+Renderer = Callable[[Sequence[Message], Sequence[Tool], bool, bool], list[Segment]]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def native_flavor(tokenizer: Tokenizer) -> Flavor:
 def _make_renderer(chat_format: ChatFormat, checkpoint: Path, tokenizer: Tokenizer) -> Renderer:
     if chat_format != "checkpoint":
         native = functools.partial(render, flavor=chat_format)
-        return lambda messages, tools, gen: native(messages, tools, add_generation_prompt=gen)
+        return lambda messages, tools, gen, keep: native(
+            messages, tools, add_generation_prompt=gen, keep_reasoning=keep
+        )
     template = load_checkpoint_template(checkpoint)
     if template is None:
         raise ValueError("chat_format 'checkpoint': the checkpoint ships no chat template")
@@ -60,7 +62,18 @@ def _make_renderer(chat_format: ChatFormat, checkpoint: Path, tokenizer: Tokeniz
         control_tokens=control_tokens(native_flavor(tokenizer)),
         sort_tool_keys=sorts_tool_keys(checkpoint),
     )
-    return lambda messages, tools, gen: jinja.render(messages, tools, add_generation_prompt=gen)
+
+    def render_template(
+        messages: Sequence[Message], tools: Sequence[Tool], gen: bool, keep: bool
+    ) -> list[Segment]:
+        if keep:
+            raise InvalidArgument(
+                "thinking.keep: this checkpoint's chat template decides which reasoning it "
+                "keeps; keeping all of it needs the native chat format (chat_format: k2-thinking)"
+            )
+        return jinja.render(messages, tools, add_generation_prompt=gen)
+
+    return render_template
 
 
 class ChatText:
@@ -79,10 +92,14 @@ class ChatText:
         self._stop_ids = sorted(self.tokenizer.stop_ids)
 
     def render(
-        self, messages: Sequence[Message], tools: Sequence[Tool], add_generation_prompt: bool
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Tool],
+        add_generation_prompt: bool,
+        keep_reasoning: bool = False,
     ) -> Rendered:
         try:
-            segments = self._render(messages, tools, add_generation_prompt)
+            segments = self._render(messages, tools, add_generation_prompt, keep_reasoning)
         except (ChatFormatError, TemplateError) as e:
             raise InvalidArgument(f"chat format: {e}") from None
         return Rendered(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from k2model.constraints import ConstraintSpec
+from k2model.constraint_spec import ConstraintSpec
 from k2model.sampling_params import SamplingParams
 from k2model.text.tokenizer import Tokenizer
 from services.chat.types import ChatEvent, TokenLogprob, ToolCallDelta
@@ -42,6 +42,8 @@ class Prepared:
     constraint: ConstraintSpec | None
     detokenize: DetokenizeOptions
     parallel_tool_calls: bool
+    min_tokens: int = 0
+    echo: str = ""  # each choice's output starts with this text
 
 
 @dataclass
@@ -114,6 +116,7 @@ class ChoiceRun:
             max_new_tokens=self._max_new_tokens(),
             stop_ids=prepared.stop_ids,
             constraint=constraint_to_proto(prepared.constraint),
+            min_new_tokens=prepared.min_tokens,
         )
         calls = CallTracker(prepared.parallel_tool_calls)
         with self.peer.busy():

@@ -292,13 +292,3 @@ def corpus() -> list[tuple[str, Body]]:
     return [
         (f"{client}: {name}", body) for client, make in CLIENTS.items() for name, body in make()
     ]
-
-
-def expected_refusal(body: Body) -> str | None:
-    """The param of the README's documented refusal this body hits, or None."""
-    if any(t["function"].get("strict") for t in body.get("tools") or ()):
-        strict = next(i for i, t in enumerate(body["tools"]) if t["function"].get("strict"))
-        return f"tools[{strict}].function.strict"
-    if (body.get("response_format") or {}).get("type", "text") != "text":
-        return "response_format.type"
-    return None

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.field_policy import declared_ignored, ignored_fields
 from gateway.openai_models import ChatCompletionRequest, CompletionRequest
+from services.chat.types import ResponseFormat as AnswerFormat
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ScriptedChat
 from tests.gateway.rest_server import HTTP, running
 from tests.gateway.test_limits import assert_openai_error
@@ -156,6 +157,40 @@ def test_max_completion_tokens_wins_over_max_tokens(gateway) -> None:
     assert fake.requests[-1].max_tokens == 7
 
 
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
+WEATHER_TOOL = {"type": "function", "function": {"name": "w", "parameters": WEATHER_SCHEMA}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"tools": [{**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "strict": True}}]},
+            {"strict_tools": frozenset({"w"})},
+        ),
+        ({"tools": [WEATHER_TOOL]}, {"strict_tools": frozenset()}),
+        ({"response_format": {"type": "text"}}, {"response_format": None}),
+        ({"response_format": {"type": "json_object"}}, {"response_format": AnswerFormat()}),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "w", "schema": WEATHER_SCHEMA, "strict": True},
+                }
+            },
+            {"response_format": AnswerFormat(WEATHER_SCHEMA)},
+        ),
+        ({"thinking": {"type": "enabled", "keep": "all"}}, {"keep_reasoning": True}),
+        ({"min_tokens": 3, "ignore_eos": True}, {"min_tokens": 3, "ignore_eos": True}),
+    ],
+)
+def test_output_controls_are_honoured(gateway, fields, expected) -> None:
+    base, fake = gateway
+    assert post(base, chat(**fields)).status_code == 200
+    request = fake.requests[-1]
+    assert {k: getattr(request, k) for k in expected} == expected
+
+
 def test_a_refusal_in_history_is_that_reply_s_text(gateway) -> None:
     base, fake = gateway
     history = [USER, {"role": "assistant", "content": None, "refusal": "I can't help"}, USER]
@@ -168,7 +203,15 @@ REFUSED = {
         chat(reasoning_effort="none", thinking={"type": "enabled"}),
         "reasoning_effort",
     ),
-    "preserved thinking": (chat(thinking={"type": "enabled", "keep": "all"}), "thinking.keep"),
+    "preserved thinking, thinking off": (
+        chat(thinking={"type": "disabled", "keep": "all"}),
+        "thinking.keep",
+    ),
+    "json_schema without its schema": (
+        chat(response_format={"type": "json_schema"}),
+        "response_format",
+    ),
+    "min_tokens above max_tokens": (chat(max_tokens=4, min_tokens=5), "min_tokens"),
     "audio modality": (chat(modalities=["text", "audio"]), "modalities"),
     "audio output": (chat(audio={"voice": "alloy", "format": "mp3"}), "audio"),
     "web search": (chat(web_search_options={}), "web_search_options"),

@@ -79,10 +79,6 @@ BAD_CHAT = {
         chat(tools=[tool(f"t{i}", {"description": "x" * 40_000}) for i in range(2)]),
         "tools[1]",
     ),
-    "strict tool schema": (
-        chat(tools=[{**TOOL, "function": {**TOOL["function"], "strict": True}}]),
-        "tools[0].function.strict",
-    ),
     "tool_choice required without tools": (chat(tool_choice="required"), "tool_choice"),
     "tool_choice names a missing tool": (
         chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
@@ -93,13 +89,9 @@ BAD_CHAT = {
         "tool_choice.function.name",
     ),
     "tool_choice unknown mode": (chat(tool_choice="sometimes"), "tool_choice"),
-    "json_object response_format": (
-        chat(response_format={"type": "json_object"}),
-        "response_format.type",
-    ),
     "json_schema without a schema": (
         chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-        "response_format",
+        "response_format.json_schema.schema",
     ),
     "image content": (
         chat(
@@ -130,10 +122,12 @@ BAD_CHAT = {
 }
 
 BAD_COMPLETIONS = {
-    "empty prompt": ({"prompt": ""}, "prompt"),
-    "two prompts": ({"prompt": ["a", "b"]}, "prompt"),
-    "token-id prompt": ({"prompt": [1, 2, 3]}, "prompt"),
-    "echo": ({"prompt": "a", "echo": True}, "echo"),
+    "empty prompt": ({"prompt": ""}, "prompt[0]"),
+    "an empty prompt in a list": ({"prompt": ["a", ""]}, "prompt[1]"),
+    "no prompts": ({"prompt": []}, "prompt"),
+    "a negative token id": ({"prompt": [1, -2]}, "prompt"),
+    "prompts x n over max_n": ({"prompt": ["a"] * 5, "n": 2}, "prompt"),
+    "echo with logprobs": ({"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
     "suffix": ({"prompt": "a", "suffix": "z"}, "suffix"),
     "best_of other than n": ({"prompt": "a", "best_of": 3}, "best_of"),
     "logprobs over 5": ({"prompt": "a", "logprobs": 6}, "logprobs"),

@@ -59,6 +59,46 @@ def test_completions_render_the_prompt_as_one_user_turn(serve) -> None:
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
+def test_a_list_of_prompts_is_n_choices_per_prompt_in_order(serve) -> None:
+    fake = ScriptedChat()
+    base = serve(fake)
+    reply = client(base).completions.create(
+        model="kimi-k2-instruct", prompt=["one two", "three"], n=2
+    )
+    streamed = list(
+        client(base).completions.create(
+            model="kimi-k2-instruct",
+            prompt=["one two", "three"],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert sorted(r.messages[0].content for r in fake.requests[:2]) == ["one two", "three"]
+    assert [(c.index, c.text) for c in reply.choices] == [
+        (0, "one two"),
+        (1, "one two"),
+        (2, "three"),
+        (3, "three"),
+    ]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 6)
+    texts: dict[int, str] = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {0: "one two", 1: "three"}
+    assert streamed[-1].usage.completion_tokens == 3 and not streamed[-1].choices
+
+
+def test_token_id_prompts_and_echo_reach_the_pipeline(serve) -> None:
+    fake = ScriptedChat()
+    base = serve(fake)
+    client(base).completions.create(model="kimi-k2-instruct", prompt=[5, 6, 7], echo=True)
+    client(base).completions.create(model="kimi-k2-instruct", prompt=[[1], [2, 3]])
+    single, *pair = fake.requests
+    assert (single.prompt_ids, single.messages, single.echo) == ((5, 6, 7), (), True)
+    assert sorted(r.prompt_ids for r in pair) == [(1,), (2, 3)]
+
+
 def test_completion_logprobs_use_the_legacy_shape(serve) -> None:
     tokens = (
         TokenLogprob("ab", -0.5, (97, 98), top=(("ab", -0.5, (97, 98)), ("x", -2.0, (120,)))),

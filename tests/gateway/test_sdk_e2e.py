@@ -13,21 +13,18 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 import time
 
 import anthropic
 import openai
 import pytest
-import yaml
 
 from tests.e2e.client import decode_stats
-from tests.e2e.suite_fixtures import free_port, start_suite, write_deployment
-from tests.gateway.rest_fakes import ENTERPRISE_KEY, ORDINARY_KEY, config_dict
+from tests.gateway.conftest import RunningSuite, openai_client
+from tests.gateway.rest_fakes import ENTERPRISE_KEY, ORDINARY_KEY
 from tests.gateway.rest_server import HTTP
 
 KEY = ENTERPRISE_KEY
-GRPC_PORT = free_port()  # the gateway's gRPC Chat API
 ORDINARY = ORDINARY_KEY
 WEATHER_TOOL = {
     "type": "function",
@@ -42,54 +39,11 @@ WEATHER_TOOL = {
     },
 }
 
-GATEWAY_CONFIG = config_dict()  # the REST tests' keys, profiles and registry
-
-
-def wait_healthy(proc: subprocess.Popen, base: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited with {proc.returncode}")
-        try:
-            if HTTP.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the gateway did not become healthy")
-
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    """(gateway base URL, Suite). The gateway starts first: it loads while the backends do.
-    64 KV blocks of 16 on decode (1,024 tokens) so that a few long requests press on the pool."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    dep = write_deployment(tmp / "deployment.yaml", decode={"kv_blocks": 64})
-    config = tmp / "gateway.yaml"
-    config.write_text(yaml.safe_dump(GATEWAY_CONFIG))
-    port = free_port()
-    with (tmp / "gateway.log").open("w") as log:
-        cmd = [sys.executable, "-m", "gateway", "--config", str(config), "--deployment", str(dep)]
-        gateway = subprocess.Popen(
-            [*cmd, "--port", str(port), "--grpc-port", str(GRPC_PORT)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    backends = None
-    try:
-        backends = start_suite(dep)
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(gateway, base)
-        yield base, backends
-    finally:
-        gateway.terminate()
-        gateway.wait(30)
-        if backends is not None:
-            backends.stop()
-
-
-def openai_client(base: str, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, http_client=HTTP)
+def suite(real_suite: RunningSuite):
+    """(gateway base URL, Suite)."""
+    return real_suite.base, real_suite.backends
 
 
 def test_list_models_take_the_first_and_stream_text_parts(suite) -> None:
@@ -334,13 +288,13 @@ def test_concurrent_long_requests_against_a_small_kv_pool_all_finish(suite) -> N
     assert [r.usage.completion_tokens for r in replies] == [300] * 4
 
 
-def test_grpc_chat_api_beside_rest_gives_the_same_text(suite) -> None:
+def test_grpc_chat_api_beside_rest_gives_the_same_text(real_suite: RunningSuite) -> None:
     """Internal gRPC clients reach the same models and the same code path as REST."""
     import grpc
 
     from services.pb.k2.v1 import chat_pb2, chat_pb2_grpc, chat_types_pb2, common_pb2
 
-    base, _ = suite
+    base, grpc_port = real_suite.base, real_suite.grpc_port
     rest = openai_client(base).chat.completions.create(
         model="kimi-k2-instruct",
         messages=[{"role": "user", "content": "Say hi."}],
@@ -350,7 +304,7 @@ def test_grpc_chat_api_beside_rest_gives_the_same_text(suite) -> None:
 
     async def over_grpc() -> tuple[list[str], str, str]:
         auth = (("authorization", f"Bearer {KEY}"),)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = chat_pb2_grpc.ChatStub(channel)
             models = await stub.ListModels(chat_pb2.ListModelsRequest(), metadata=auth, timeout=30)
             request = chat_types_pb2.ChatRequest(

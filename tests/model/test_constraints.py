@@ -16,15 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2model import EMBEDDED_CHECKPOINT
-from k2model.constraints import (
-    ConstraintCompiler,
-    ConstraintSpec,
-    GrammarError,
-    ToolSchema,
-    Vocabulary,
-    check_arguments_schema,
-    unpack_bitmask,
-)
+from k2model.constraint_grammar import check
+from k2model.constraint_spec import ConstraintSpec, GrammarError, ToolSchema
+from k2model.constraints import ConstraintCompiler, Vocabulary, unpack_bitmask
 from k2model.sampling import sample
 from k2model.sampling_params import SamplingParams, SamplingRow
 from k2model.text import chat_tokens as tok
@@ -75,15 +69,22 @@ def forced(*tools: tuple[str, dict | None], index: int = 0) -> ConstraintSpec:
 
 
 def random_walk(
-    compiler: ConstraintCompiler, tokenizer: Tokenizer, spec: ConstraintSpec, seed: int
+    compiler: ConstraintCompiler,
+    tokenizer: Tokenizer,
+    spec: ConstraintSpec,
+    seed: int,
+    prefix: tuple[int, ...] = (),
 ) -> list[int]:
-    """Random choices among allowed ids until the constraint is finished, half the time among
-    the allowed one-byte closers and control ids (so unbounded strings end); asserts that every
-    unfinished state allows something (no dead end)."""
+    """`prefix` (fed as the model's tokens), then random choices among allowed ids until the
+    grammar is finished, half the time among the allowed one-byte closers and control ids (so
+    unbounded strings end); asserts that every unfinished state allows something (no dead end)."""
     rng = random.Random(seed)
     state = compiler.start(spec)
     out: list[int] = []
-    while (mask := state.allowed()) is not None:
+    for token in prefix:
+        state.advance(token)
+        out.append(token)
+    while (mask := state.allowed()) is not None and not _only_bans(mask, spec):
         allowed = mask.nonzero().flatten().tolist()
         assert allowed, f"dead end after {out}"
         closing = [t for t in allowed if t >= tokenizer.n_base or _closer(tokenizer, t)]
@@ -92,6 +93,11 @@ def random_walk(
         out.append(token)
         assert len(out) < MAX_CALL_TOKENS
     return out
+
+
+def _only_bans(mask: torch.Tensor, spec: ConstraintSpec) -> bool:
+    """The mask is the banned ids' alone: the grammar is waiting or finished."""
+    return int((~mask).sum()) == len(spec.banned_ids) and not any(mask[list(spec.banned_ids)])
 
 
 def _closer(tokenizer: Tokenizer, token: int) -> bool:
@@ -116,6 +122,130 @@ def test_forced_call_always_parses_to_a_schema_valid_call(compiler, tokenizer, s
     schema = {"get_weather": WEATHER, "search": SEARCH, "ping": {"type": "object"}}[call.name]
     jsonschema.validate(arguments, schema)
     assert parsed.finish_reason == "tool_calls"
+
+
+def auto(*tools: tuple[str, dict | None, bool], **fields) -> ConstraintSpec:
+    schemas = tuple(ToolSchema(n, json.dumps(s) if s else "", strict) for n, s, strict in tools)
+    return ConstraintSpec(tools=schemas, auto_tools=True, **fields)
+
+
+def test_auto_mode_leaves_text_free_until_a_section_opens(compiler, tokenizer) -> None:
+    state = compiler.start(auto(("search", SEARCH, True)))
+    for token in tokenizer.encode("Let me look that up. <|tool_call_begin|> is just text here"):
+        assert state.allowed() is None
+        state.advance(token)
+    state.advance(tokenizer.special_id(tok.SECTION_BEGIN))
+    mask = state.allowed()
+    assert mask is not None and mask.nonzero().flatten().tolist() == [
+        tokenizer.special_id(tok.CALL_BEGIN)
+    ]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32), single=st.booleans())
+def test_auto_mode_calls_name_declared_tools_and_strict_arguments_follow_the_schema(
+    compiler, tokenizer, seed, single
+) -> None:
+    spec = auto(("get_weather", WEATHER, True), ("note", None, False), single_call=single)
+    prefix = (*tokenizer.encode("Checking."), tokenizer.special_id(tok.SECTION_BEGIN))
+    ids = random_walk(compiler, tokenizer, spec, seed, prefix)
+    assert ids[-1] == tokenizer.special_id(tok.IM_END)
+    pieces = decode_pieces(tokenizer, ids, markers_for(False))
+    parsed = parse_output(pieces, declared={"get_weather", "note"})
+    assert parsed.content == "Checking." and parsed.tool_calls
+    assert len(parsed.tool_calls) == 1 or not single
+    for call in parsed.tool_calls:
+        if call.name == "get_weather":
+            jsonschema.validate(json.loads(call.arguments), WEATHER)
+
+
+def test_a_non_strict_tool_s_arguments_are_any_json_object(compiler, tokenizer) -> None:
+    spec = auto(("note", SEARCH, False), ("search", SEARCH, True))
+    head = [tokenizer.special_id(n) for n in (tok.SECTION_BEGIN, tok.CALL_BEGIN)]
+
+    def spells(name: str, arguments: str) -> bool:
+        state = compiler.start(spec)
+        ids = [*head, *tokenizer.encode(f"functions.{name}:7"), tokenizer.special_id(tok.ARG_BEGIN)]
+        ids += tokenizer.encode(arguments) + [tokenizer.special_id(tok.CALL_END)]
+        for token in ids:
+            if not state.accepts(token):
+                return False
+            state.advance(token)
+        return True
+
+    assert spells("note", '{"anything": [1, 2]}')  # its schema is not enforced
+    assert not spells("search", '{"anything": [1, 2]}')  # strict: query is required
+    assert spells("search", '{"query": "x"}')
+    assert not spells("note", "not JSON")
+
+
+def test_undeclared_names_cannot_be_called(compiler, tokenizer) -> None:
+    def spells(head: str) -> bool:
+        state = compiler.start(auto(("search", SEARCH, True), single_call=True))
+        opening = [tokenizer.special_id(n) for n in (tok.SECTION_BEGIN, tok.CALL_BEGIN)]
+        for token in [*opening, *tokenizer.encode(head), tokenizer.special_id(tok.ARG_BEGIN)]:
+            if not state.accepts(token):
+                return False
+            state.advance(token)
+        return True
+
+    assert spells("functions.search:0") and spells("functions.search:12")
+    assert not spells("functions.delete_all:0") and not spells("search:0")
+
+
+ANSWER = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]+$"}},
+        "score": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+    },
+    "required": ["title", "tags"],
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32))
+def test_an_answer_schema_yields_a_valid_json_answer(compiler, tokenizer, seed) -> None:
+    spec = ConstraintSpec(answer_schema=json.dumps(ANSWER))
+    ids = random_walk(compiler, tokenizer, spec, seed)
+    assert ids[-1] == tokenizer.special_id(tok.IM_END)
+    jsonschema.validate(json.loads(tokenizer.decode(ids[:-1])), ANSWER)
+
+
+def test_json_object_answers_are_objects(compiler, tokenizer) -> None:
+    spec = ConstraintSpec(answer_schema='{"type": "object"}')
+    for seed in range(5):
+        ids = random_walk(compiler, tokenizer, spec, seed)
+        assert isinstance(json.loads(tokenizer.decode(ids[:-1])), dict)
+
+
+def test_an_answer_after_think_leaves_the_reasoning_free(compiler, tokenizer) -> None:
+    spec = ConstraintSpec(answer_schema=json.dumps(ANSWER), answer_after_think=True)
+    reasoning = [tokenizer.special_id(tok.THINK_BEGIN), *tokenizer.encode("hmm, plain words")]
+    prefix = (*reasoning, tokenizer.special_id(tok.THINK_END))
+    ids = random_walk(compiler, tokenizer, spec, 3, prefix)
+    answer = tokenizer.decode(ids[len(prefix) : -1])
+    jsonschema.validate(json.loads(answer), ANSWER)
+
+
+def test_an_answer_with_auto_tools_may_call_instead(compiler, tokenizer) -> None:
+    spec = auto(("search", SEARCH, True), answer_schema=json.dumps(ANSWER))
+    state = compiler.start(spec)
+    first = state.allowed()
+    assert first is not None
+    assert first[tokenizer.special_id(tok.SECTION_BEGIN)] and first[tokenizer.encode("{")[0]]
+    assert not first[tokenizer.encode("Sure")[0]]
+
+
+def test_banned_ids_hold_while_a_grammar_waits_and_runs(compiler, tokenizer) -> None:
+    think = (tokenizer.special_id(tok.THINK_BEGIN),)
+    spec = auto(("search", SEARCH, True), banned_ids=think)
+    state = compiler.start(spec)
+    assert not state.accepts(think[0])
+    state.advance(tokenizer.special_id(tok.SECTION_BEGIN))
+    mask = state.allowed()
+    assert mask is not None and not mask[think[0]]
 
 
 def test_named_tool_is_the_only_one_called(compiler, tokenizer) -> None:
@@ -231,12 +361,16 @@ def test_strings_are_not_capped_and_schemas_are_honoured_in_full(compiler, token
 )
 def test_schemas_the_engine_cannot_compile_are_refused(schema: dict) -> None:
     with pytest.raises(GrammarError):
-        check_arguments_schema("t", schema)
+        check(ConstraintSpec(tools=(ToolSchema("t", json.dumps(schema)),)))
 
 
 def test_spec_checks() -> None:
     with pytest.raises(ValueError, match="exclusive"):
-        ConstraintSpec(banned_ids=(1,), tools=(ToolSchema("f"),))
+        ConstraintSpec(tools=(ToolSchema("f"),), answer_schema="{}")
+    with pytest.raises(ValueError, match="need tools"):
+        ConstraintSpec(single_call=True)
+    with pytest.raises(ValueError, match="needs an answer schema"):
+        ConstraintSpec(answer_after_think=True)
     with pytest.raises(ValueError, match="unique"):
         ConstraintSpec(tools=(ToolSchema("f"), ToolSchema("f")))
     with pytest.raises(ValueError, match="name"):

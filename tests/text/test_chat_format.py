@@ -230,6 +230,10 @@ def test_thinking_reasoning_kept_only_after_last_plain_answer() -> None:
     assert "<think>live thought</think><|tool_calls_section_begin|>" in text
     assert "## Return of functions.f:0\nr<|im_end|>" in text
     assert "thought" not in render_text(messages, flavor="k2-instruct")
+    kept = render_text(messages, flavor="k2-thinking", keep_reasoning=True)
+    assert "<think>old thought</think>a1<|im_end|>" in kept
+    assert kept.replace("old thought", "") == text  # nothing else changes
+    assert "thought" not in render_text(messages, flavor="k2-instruct", keep_reasoning=True)
 
 
 def test_partial_mode_leaves_last_turn_open() -> None:

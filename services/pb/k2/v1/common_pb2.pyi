@@ -50,22 +50,32 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class Constraint(_message.Message):
-    __slots__ = ("banned_ids", "tools", "first_call_index")
+    __slots__ = ("banned_ids", "tools", "first_call_index", "auto_tools", "single_call", "answer_schema_json", "answer_after_think")
     BANNED_IDS_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     FIRST_CALL_INDEX_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_CALL_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_AFTER_THINK_FIELD_NUMBER: _ClassVar[int]
     banned_ids: _containers.RepeatedScalarFieldContainer[int]
     tools: _containers.RepeatedCompositeFieldContainer[ToolSchema]
     first_call_index: int
-    def __init__(self, banned_ids: _Optional[_Iterable[int]] = ..., tools: _Optional[_Iterable[_Union[ToolSchema, _Mapping]]] = ..., first_call_index: _Optional[int] = ...) -> None: ...
+    auto_tools: bool
+    single_call: bool
+    answer_schema_json: str
+    answer_after_think: bool
+    def __init__(self, banned_ids: _Optional[_Iterable[int]] = ..., tools: _Optional[_Iterable[_Union[ToolSchema, _Mapping]]] = ..., first_call_index: _Optional[int] = ..., auto_tools: _Optional[bool] = ..., single_call: _Optional[bool] = ..., answer_schema_json: _Optional[str] = ..., answer_after_think: _Optional[bool] = ...) -> None: ...
 
 class ToolSchema(_message.Message):
-    __slots__ = ("name", "parameters_json")
+    __slots__ = ("name", "parameters_json", "strict")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
     name: str
     parameters_json: str
-    def __init__(self, name: _Optional[str] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+    strict: bool
+    def __init__(self, name: _Optional[str] = ..., parameters_json: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")

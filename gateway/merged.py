@@ -1,0 +1,72 @@
+"""Several admitted generations as one response: a legacy completion with a list of prompts.
+
+Prompt p's choice c becomes choice p * n + c (OpenAI's order); each generation's usage is held
+back and one event with their sum ends the stream, as one response has one usage. The
+generations run concurrently; closing the merge closes every one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
+from typing import Any
+
+from gateway.serving import Generation
+from services.chat.types import ChatEvent, Usage
+
+_DONE = object()
+
+
+class MergedGeneration:
+    def __init__(self, generations: list[Generation], n: int) -> None:
+        self._generations, self._n = generations, n
+
+    async def __aiter__(self) -> AsyncIterator[ChatEvent]:
+        queue: asyncio.Queue[ChatEvent | BaseException | object] = asyncio.Queue()
+
+        async def pump(p: int, generation: Generation) -> None:
+            try:
+                async for event in generation:
+                    queue.put_nowait(replace(event, choice=p * self._n + event.choice))
+                queue.put_nowait(_DONE)
+            except BaseException as e:
+                queue.put_nowait(e)
+
+        tasks = [asyncio.create_task(pump(p, g)) for p, g in enumerate(self._generations)]
+        prompt = completion = done = 0
+        try:
+            while done < len(tasks):
+                item = await queue.get()
+                if item is _DONE:
+                    done += 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, ChatEvent)
+                if item.usage is not None:
+                    prompt += item.usage.prompt_tokens
+                    completion += item.usage.completion_tokens
+                    item = replace(item, usage=None)
+                yield item
+            yield ChatEvent(usage=Usage(prompt, completion))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(g.close() for g in self._generations))
+
+
+async def start_all(
+    starts: list[Coroutine[Any, Any, Generation]], n: int
+) -> Generation | MergedGeneration:
+    """Awaits every start (coroutines of Gateway.start); one failure closes the others."""
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    generations = [r for r in results if isinstance(r, Generation)]
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        await asyncio.gather(*(g.close() for g in generations))
+        raise failure
+    return generations[0] if len(generations) == 1 else MergedGeneration(generations, n)
