@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import anthropic, errors, openai_routes
+from gateway import anthropic, errors, openai_routes, responses_routes
 from gateway.config import GatewayConfig, Limits
 from gateway.json_text import lone_surrogate
 from gateway.metrics import GatewayMetrics, RequestCounter, StatsSource
@@ -233,6 +233,7 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(anthropic.router)
+    app.include_router(responses_routes.router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
@@ -21,6 +21,7 @@ from gateway.config import GatewayConfig
 from gateway.events import settle
 from gateway.metrics import GatewayMetrics
 from gateway.registry import LocalModel, Model
+from gateway.response_store import ResponseStore
 from services.chat.types import ChatEvent, ChatRequest, ChatService
 
 
@@ -56,6 +57,7 @@ class Gateway:
     services: dict[str, ChatService]
     metrics: GatewayMetrics
     in_flight: int = 0
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses, stored
 
     def resolve(self, key: ApiKey, requested: str | None) -> Model:
         """No model: the key's default; an empty name is a mistake, not a request for it."""

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.field_policy import declared_ignored, ignored_fields
 from gateway.openai_models import ChatCompletionRequest, CompletionRequest
+from gateway.responses_models import ResponsesRequest
 from services.chat.types import ResponseFormat as AnswerFormat
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ScriptedChat
 from tests.gateway.rest_server import HTTP, running
@@ -90,7 +91,11 @@ def test_readme_table_lists_exactly_the_ignored_fields() -> None:
     section = readme.split("### Field policy", 1)[1].split("\n\n", 3)[2]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     documented = {f for row in rows for f in re.findall(r"`([^`]+)`", row.split("|")[1])}
-    declared = declared_ignored(ChatCompletionRequest) | declared_ignored(CompletionRequest)
+    declared = (
+        declared_ignored(ChatCompletionRequest)
+        | declared_ignored(CompletionRequest)
+        | declared_ignored(ResponsesRequest)
+    )
     assert documented == declared
 
 
