@@ -1,7 +1,7 @@
 """Several admitted generations as one response: a legacy completion with a list of prompts.
 
-Prompt p's choice c becomes choice p * n + c (OpenAI's order); each generation's usage is held
-back and one event with their sum ends the stream, as one response has one usage. The
+Prompt p's choice c becomes choice p * n + c (OpenAI's order); an event's usage becomes the sum
+of every generation's latest, and one event with the total ends the stream. The
 generations run concurrently; closing the merge closes every one of them.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from gateway.serving import Generation
 from services.chat.types import ChatEvent, Usage
@@ -23,18 +23,19 @@ class MergedGeneration:
         self._generations, self._n = generations, n
 
     async def __aiter__(self) -> AsyncIterator[ChatEvent]:
-        queue: asyncio.Queue[ChatEvent | BaseException | object] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, ChatEvent] | BaseException | object] = asyncio.Queue()
 
         async def pump(p: int, generation: Generation) -> None:
             try:
                 async for event in generation:
-                    queue.put_nowait(replace(event, choice=p * self._n + event.choice))
+                    queue.put_nowait((p, replace(event, choice=p * self._n + event.choice)))
                 queue.put_nowait(_DONE)
             except BaseException as e:
                 queue.put_nowait(e)
 
         tasks = [asyncio.create_task(pump(p, g)) for p, g in enumerate(self._generations)]
-        prompt = completion = done = 0
+        latest: dict[int, Usage] = {}  # per prompt
+        done = 0
         try:
             while done < len(tasks):
                 item = await queue.get()
@@ -43,13 +44,12 @@ class MergedGeneration:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, ChatEvent)
-                if item.usage is not None:
-                    prompt += item.usage.prompt_tokens
-                    completion += item.usage.completion_tokens
-                    item = replace(item, usage=None)
-                yield item
-            yield ChatEvent(usage=Usage(prompt, completion))
+                p, event = cast(tuple[int, ChatEvent], item)
+                if event.usage is not None:
+                    latest[p] = event.usage
+                    event = replace(event, usage=_total(latest))
+                yield event
+            yield ChatEvent(usage=_total(latest))
         finally:
             for task in tasks:
                 task.cancel()
@@ -70,3 +70,10 @@ async def start_all(
         await asyncio.gather(*(g.close() for g in generations))
         raise failure
     return generations[0] if len(generations) == 1 else MergedGeneration(generations, n)
+
+
+def _total(latest: dict[int, Usage]) -> Usage:
+    return Usage(
+        sum(u.prompt_tokens for u in latest.values()),
+        sum(u.completion_tokens for u in latest.values()),
+    )

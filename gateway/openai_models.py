@@ -149,6 +149,7 @@ class NamedToolChoice(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
     include_obfuscation: Any = ignored("random padding against side channels on OpenAI's wire")
 
 
@@ -213,6 +214,9 @@ class SamplingFields(Strict):
     # vLLM's extensions that load generators send: a fixed output length.
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     ignore_eos: bool | None = None
+
+    def _continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def _min_tokens(self, max_tokens: int | None) -> int:
         if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
@@ -299,6 +303,7 @@ class ChatCompletionRequest(SamplingFields):
             keep_reasoning=self.thinking is not None and self.thinking.keep == "all",
             min_tokens=self._min_tokens(max_tokens),
             ignore_eos=bool(self.ignore_eos),
+            continuous_usage=self._continuous_usage(),
         )
 
     def _check_output_kinds(self) -> None:
@@ -406,6 +411,7 @@ class CompletionRequest(SamplingFields):
             min_tokens=self._min_tokens(max_tokens),
             ignore_eos=bool(self.ignore_eos),
             echo=bool(self.echo),
+            continuous_usage=self._continuous_usage(),
         )
         return [self._one(base, p, i) for i, p in enumerate(prompts)]
 

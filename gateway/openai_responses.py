@@ -95,21 +95,33 @@ def _chat_choice(c: Choice, logprobs: bool) -> dict[str, Any]:
     }
 
 
+def _chunk_usage(include_usage: bool, continuous: bool, usage: Usage | None) -> dict[str, Any]:
+    """The usage field of a chunk with choices: the usage so far with vLLM's
+    continuous_usage_stats, null with include_usage alone (OpenAI), else absent."""
+    if continuous:
+        return {"usage": usage_body(usage or Usage(0, 0))}
+    return {"usage": None} if include_usage else {}
+
+
 async def chat_chunks(
-    env: Envelope, events: AsyncIterator[ChatEvent], include_usage: bool, logprobs: bool
+    env: Envelope,
+    events: AsyncIterator[ChatEvent],
+    include_usage: bool,
+    logprobs: bool,
+    continuous: bool = False,
 ) -> AsyncIterator[bytes]:
-    extra = {"usage": None} if include_usage else {}
+    usage = Usage(0, 0)
 
     def chunk(
         index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None
     ) -> bytes:
         choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
-        return data_frame(env.body([choice], **extra))
+        return data_frame(env.body([choice], **_chunk_usage(include_usage, continuous, usage)))
 
     started: set[int] = set()
-    usage = Usage(0, 0)
     try:
         async for e in events:
+            usage = e.usage or usage
             if e.choice not in started:
                 started.add(e.choice)
                 yield chunk(e.choice, {"role": "assistant", "content": ""})
@@ -124,7 +136,6 @@ async def chat_chunks(
                 yield chunk(e.choice, delta, lp=chat_logprobs(e.logprobs) if logprobs else None)
             if e.finish_reason is not None:
                 yield chunk(e.choice, {}, e.finish_reason)
-            usage = e.usage or usage
         if include_usage:
             yield data_frame(env.body([], usage=usage_body(usage)))
     except Exception as exc:
@@ -163,13 +174,17 @@ def completion(
 
 
 async def completion_chunks(
-    env: Envelope, events: AsyncIterator[ChatEvent], include_usage: bool, logprobs: bool
+    env: Envelope,
+    events: AsyncIterator[ChatEvent],
+    include_usage: bool,
+    logprobs: bool,
+    continuous: bool = False,
 ) -> AsyncIterator[bytes]:
-    extra = {"usage": None} if include_usage else {}
     offsets: dict[int, int] = {}
     usage = Usage(0, 0)
     try:
         async for e in events:
+            usage = e.usage or usage
             # An event may carry only logprobs: tokens whose text is held back (an incomplete
             # UTF-8 character, a possible stop string) still get their entries now.
             if e.content or e.finish_reason is not None or (logprobs and e.logprobs):
@@ -182,8 +197,9 @@ async def completion_chunks(
                     "logprobs": lp,
                     "finish_reason": e.finish_reason,
                 }
-                yield data_frame(env.body([choice], **extra))
-            usage = e.usage or usage
+                yield data_frame(
+                    env.body([choice], **_chunk_usage(include_usage, continuous, usage))
+                )
         if include_usage:
             yield data_frame(env.body([], usage=usage_body(usage)))
     except Exception as exc:

@@ -30,10 +30,12 @@ async def _respond(
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    continuous: bool = False,
 ) -> Response:
     if stream:
         chunks = out.chat_chunks if env.object == "chat.completion.chunk" else out.completion_chunks
-        return EventStream(chunks(env, aiter(gen), include_usage, logprobs), gen.close)
+        frames = chunks(env, aiter(gen), include_usage, logprobs, continuous)
+        return EventStream(frames, gen.close)
     try:
         choices, usage = await cancel_on_disconnect(request, collect(aiter(gen), n))
     finally:
@@ -59,7 +61,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key: K
     gen = await cancel_on_disconnect(request, gw.start(chat, env.id))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(
-        request, gen, env, chat.n, bool(body.stream), include_usage, bool(body.logprobs)
+        request,
+        gen,
+        env,
+        chat.n,
+        bool(body.stream),
+        include_usage,
+        bool(body.logprobs),
+        chat.continuous_usage,
     )
 
 
@@ -86,6 +95,7 @@ async def completions(body: CompletionRequest, request: Request, key: Key) -> Re
         bool(body.stream),
         include_usage,
         body.logprobs is not None,
+        chats[0].continuous_usage,
     )
 
 

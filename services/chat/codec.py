@@ -198,6 +198,7 @@ def request_from_proto(msg: pb.ChatRequest) -> ChatRequest:
         ignore_eos=msg.ignore_eos,
         prompt_ids=tuple(msg.prompt_ids),
         echo=msg.echo,
+        continuous_usage=msg.continuous_usage,
     )
 
 
@@ -231,6 +232,7 @@ def request_to_proto(request: ChatRequest) -> pb.ChatRequest:
         ignore_eos=request.ignore_eos,
         prompt_ids=request.prompt_ids,
         echo=request.echo,
+        continuous_usage=request.continuous_usage,
     )
     if request.response_format is not None:
         schema = request.response_format.schema

@@ -48,6 +48,7 @@ class ChatRequest:
     ignore_eos: bool = False  # the end-of-turn id does not stop generation
     prompt_ids: tuple[int, ...] = ()  # a raw prompt (no chat format; messages then empty)
     echo: bool = False  # each choice's output starts with the prompt's text
+    continuous_usage: bool = False  # every event carries the usage so far (vLLM's stream option)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class Usage:
 @dataclass(frozen=True)
 class ChatEvent:
     """One delta of one choice. The last event of a choice has finish_reason set; the very last
-    event of the whole response carries usage (summed over choices)."""
+    event of the whole response carries usage (summed over choices), and with continuous_usage
+    every event carries the usage so far."""
 
     choice: int = 0
     content: str = ""

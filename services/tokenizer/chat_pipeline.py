@@ -9,7 +9,8 @@ Per request (README, request lifecycle):
    decode instance; each choice's ChoiceRun streams decode `Generate` and detokenizes every token
    batch in this process into a ChatEvent (content, reasoning, structured tool-call deltas,
    logprobs).
-4. Each choice's last event has finish_reason; the last event of the response has usage.
+4. Each choice's last event has finish_reason; the last event of the response has usage (with
+   continuous_usage, every event has the usage so far).
 
 Decisions:
 - Thinking (docs/model.md, thinking): a K2-Thinking prompt ends at
@@ -95,19 +96,18 @@ class ChatPipeline:
         tasks = [asyncio.create_task(run.run(queue.put_nowait)) for run in runs]
         echo = {run.choice: prepared.echo for run in runs if prepared.echo}
         try:
-            finished = completion = 0
+            finished = 0
+            counts = [0] * len(tasks)  # tokens generated per choice so far
             while finished < len(tasks):
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                event, tokens = item
+                event, counts[event.choice] = item
                 if event.choice in echo:  # before the choice's first output, not before errors
                     event = replace(event, content=echo.pop(event.choice) + event.content)
-                if event.finish_reason is not None:
-                    finished += 1
-                    completion += tokens
-                    if finished == len(tasks):
-                        event = replace(event, usage=Usage(len(prepared.prompt_ids), completion))
+                finished += event.finish_reason is not None
+                if finished == len(tasks) or request.continuous_usage:
+                    event = replace(event, usage=Usage(len(prepared.prompt_ids), sum(counts)))
                 yield event
         finally:
             for task in tasks:

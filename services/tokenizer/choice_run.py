@@ -86,7 +86,7 @@ class ChoiceRun:
     tokens: int = 0
 
     async def run(self, emit: Emit) -> None:
-        """Emits (event, 0) per delta and (last event, tokens generated) at the end, or the
+        """Emits (event, tokens generated so far) per delta and for the last event, or the
         error that ended the choice."""
         try:
             await self._run(emit)
@@ -138,7 +138,7 @@ class ChoiceRun:
                         emit((replace(event, finish_reason=reason), self.tokens))
                         return
                     if _has_output(event):
-                        emit((event, 0))
+                        emit((event, self.tokens))
                 if decode_reason is None:
                     raise errors.Unavailable("decode ended the stream before finishing")
                 last = self._event(session.finish(), None, calls)

@@ -216,3 +216,26 @@ def test_client_that_leaves_before_the_first_token_frees_its_place(serve, path: 
     assert wait_for(lambda: fake.closed_early)
     assert fake.finished == []
     assert wait_for(lambda: "k2_gateway_requests_in_flight 0.0" in HTTP.get(f"{base}/metrics").text)
+
+
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(serve) -> None:
+    fake = ScriptedChat(
+        script=lambda _: [
+            ChatEvent(content="a", usage=Usage(4, 1)),
+            ChatEvent(content="b", usage=Usage(4, 2)),
+            ChatEvent(finish_reason="stop", usage=Usage(4, 2)),
+        ]
+    )
+    base = serve(fake)
+    chunks = list(
+        client(base).chat.completions.create(
+            model="kimi-k2-instruct",
+            messages=USER,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    assert fake.requests[0].continuous_usage
+    with_text = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert [c.usage.completion_tokens for c in with_text] == [1, 2]
+    assert chunks[-1].usage.completion_tokens == 2 and not chunks[-1].choices

@@ -124,3 +124,20 @@ def test_ignore_eos_generates_exactly_max_tokens(client, route) -> None:
     else:
         reply = client.completions.create(model=MODEL, prompt="Once upon a time", **fields)
     assert reply.usage.completion_tokens == 9 and reply.choices[0].finish_reason == "length"
+
+
+def test_continuous_usage_stats_count_up_to_the_final_usage(client) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    final = chunks[-1].usage
+    assert counts == sorted(counts) and counts[-1] == final.completion_tokens <= 10
+    assert {c.usage.prompt_tokens for c in chunks} == {final.prompt_tokens}
