@@ -10,6 +10,8 @@ Mapping onto the OpenAI-style conversation K2's chat format renders:
 - tool_choice auto/any/tool/none -> auto/required/<name>/none; disable_parallel_tool_use ->
   parallel_tool_calls=false; thinking enabled/disabled -> Thinking on/off (budget_tokens is
   advisory in Anthropic's API too: the reply is bounded by max_tokens).
+- tools with `strict: true` and `output_format` json_schema (structured outputs) are constrained
+  as on the OpenAI routes (k2model/constraint_grammar.py).
 - temperature is scaled by 0.6, as Moonshot's Anthropic-compatible endpoint does (Anthropic's
   default 1.0 becomes K2's recommended 0.6).
 Cache-control hints and metadata are accepted: they change nothing in the output.
@@ -28,7 +30,7 @@ from gateway.config import Limits
 from gateway.openai_models import MAX_STOP, MAX_TOOLS, TOOL_NAME, PositiveInt, Strict
 from gateway.registry import Model
 from k2model.text.messages import Message, TextPart, Tool, ToolCall
-from services.chat.types import ChatRequest
+from services.chat.types import ChatRequest, ResponseFormat
 
 TEMPERATURE_SCALE = 0.6
 
@@ -115,6 +117,14 @@ class AnthropicTool(Strict):
     input_schema: dict[str, Any]
     type: Literal["custom"] | None = None
     cache_control: dict[str, Any] | None = None
+    strict: bool | None = None  # structured outputs: every call's input follows input_schema
+
+
+class OutputFormat(Strict):
+    """Anthropic's structured outputs: the answer is JSON valid for `schema`."""
+
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
 
 
 class AnthropicToolChoice(Strict):
@@ -144,6 +154,7 @@ class CountTokensRequest(Strict):
     tools: Annotated[list[AnthropicTool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: AnthropicToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    output_format: OutputFormat | None = None
 
     def _messages(self) -> tuple[Message, ...]:
         out = []
@@ -175,6 +186,10 @@ class CountTokensRequest(Strict):
                 self.tool_choice and self.tool_choice.disable_parallel_tool_use
             ),
             thinking=thinking,
+            strict_tools=frozenset(t.name for t in self.tools or () if t.strict),
+            response_format=(
+                None if self.output_format is None else ResponseFormat(self.output_format.schema_)
+            ),
         )
 
 

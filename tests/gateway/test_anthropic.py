@@ -10,7 +10,7 @@ import httpx2
 import pytest
 
 from k2model.text.messages import TextPart
-from services.chat.types import ChatEvent, ToolCallDelta, Usage
+from services.chat.types import ChatEvent, ResponseFormat, ToolCallDelta, Usage
 from services.common import errors as svc
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ScriptedChat
 from tests.gateway.rest_server import HTTP, switched
@@ -170,6 +170,22 @@ def test_tool_choice_mapping(serve, choice, internal, parallel) -> None:
         internal,
         parallel,
     )
+
+
+def test_structured_outputs_reach_the_pipeline(serve) -> None:
+    fake = ScriptedChat()
+    base = serve(fake)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    client(base).messages.create(
+        model="kimi-k2-instruct",
+        max_tokens=5,
+        messages=HI,
+        tools=[{**WEATHER, "strict": True}],
+        extra_body={"output_format": {"type": "json_schema", "schema": schema}},
+    )
+    [request] = fake.requests
+    assert request.strict_tools == {"get_weather"}
+    assert request.response_format == ResponseFormat(schema)
 
 
 def test_final_assistant_message_is_a_prefill_continued_in_partial_mode(serve) -> None:
