@@ -2,8 +2,7 @@
 
 Each client function yields (name, body) pairs: what that client puts on the wire for the common
 calls (plain, streamed, tools, history replayed after a tool call, structured output), with the
-defaults it adds on its own. `expected_refusal(body)` is the README's documented refusal a body
-hits, or None when it must be accepted. Shapes:
+defaults it adds on its own; all of them must be accepted. Shapes:
 - OpenAI Python SDK: `chat.completions.create` / `.parse` / `pydantic_function_tool`, stream
   with `stream_options.include_usage`, history with the SDK's own message objects dumped back
   (`refusal`, `annotations`, `audio`, `function_call` as null; tool calls without `index`);
@@ -292,3 +291,127 @@ def corpus() -> list[tuple[str, Body]]:
     return [
         (f"{client}: {name}", body) for client, make in CLIENTS.items() for name, body in make()
     ]
+
+
+AGENT_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the weather.",
+    "parameters": {**WEATHER, "additionalProperties": False, "title": "get_weather_args"},
+    "strict": True,
+}
+FINAL_OUTPUT = {
+    "type": "json_schema",
+    "name": "final_output",
+    "schema": {
+        "type": "object",
+        "properties": {"answer": {"title": "Answer", "type": "string"}},
+        "required": ["answer"],
+        "title": "Out",
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+def responses_bodies() -> Iterator[tuple[str, Body]]:
+    """`POST /v1/responses` bodies: the openai-agents SDK's default model (captured from the
+    SDK: `include: []`, instructions, strict function tools, model settings as fields) and the
+    OpenAI SDK's `responses.create` shapes from its docs."""
+    for q, tools in itertools.product(QUESTIONS, ([], [AGENT_TOOL])):
+        yield (
+            "agents: run",
+            {
+                "model": MODEL,
+                "include": [],
+                "input": [{"content": q, "role": "user"}],
+                "instructions": "You are helpful.",
+                "tools": tools,
+            },
+        )
+    call = {
+        "type": "function_call",
+        "call_id": "functions.get_weather:0",
+        "name": "get_weather",
+        "arguments": '{"city": "Paris"}',
+        "id": "fc_1",
+        "status": "completed",
+    }
+    turn = [
+        {"content": "Weather in Paris?", "role": "user"},
+        {
+            "id": "rs_1",
+            "type": "reasoning",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": "call the tool"}],
+        },
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [
+                {"type": "output_text", "text": "Checking.", "annotations": [], "logprobs": []}
+            ],
+        },
+        call,
+        {"type": "function_call_output", "call_id": "functions.get_weather:0", "output": "sunny"},
+    ]
+    yield (
+        "agents: after a tool call",
+        {"model": MODEL, "include": [], "input": turn, "instructions": "i", "tools": [AGENT_TOOL]},
+    )
+    settings = {
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "max_output_tokens": 200,
+        "parallel_tool_calls": False,
+        "tool_choice": "required",
+        "store": True,
+        "metadata": {"run": "1"},
+        "top_logprobs": 2,
+        "include": ["message.output_text.logprobs", "reasoning.encrypted_content"],
+        "reasoning": {"effort": "low", "summary": "auto"},
+        "text": {"format": FINAL_OUTPUT, "verbosity": "low"},
+        "truncation": "disabled",
+        "prompt_cache_key": "k",
+        "safety_identifier": "u",
+        "service_tier": "auto",
+        "max_tool_calls": 4,
+        "user": "u",
+        "stream": True,
+        "stream_options": {"include_obfuscation": False},
+    }
+    for name, value in settings.items():
+        tools = [AGENT_TOOL] if name == "tool_choice" else []
+        fields = {name: value, **({"stream": True} if name == "stream_options" else {})}
+        yield f"agents: {name}", {"model": MODEL, "input": "hi", "tools": tools, **fields}
+    yield "sdk: string input", {"model": MODEL, "input": "Tell me a joke."}
+    yield (
+        "sdk: developer message",
+        {
+            "model": MODEL,
+            "input": [
+                {"role": "developer", "content": "Talk like a pirate."},
+                {"role": "user", "content": "Are semicolons optional in JavaScript?"},
+            ],
+        },
+    )
+    yield (
+        "sdk: json_object",
+        {"model": MODEL, "input": "JSON please", "text": {"format": {"type": "json_object"}}},
+    )
+    yield (
+        "sdk: named tool",
+        {
+            "model": MODEL,
+            "input": "weather?",
+            "tools": [AGENT_TOOL],
+            "tool_choice": {"type": "function", "name": "get_weather"},
+        },
+    )
+    yield (
+        "sdk: non-strict tool",
+        {"model": MODEL, "input": "weather?", "tools": [{**AGENT_TOOL, "strict": False}]},
+    )
+    yield "sdk: background off", {"model": MODEL, "input": "x", "background": False}

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.config import GatewayConfig
 from gateway.registry import ModelShape
-from tests.gateway.client_corpus import CLIENTS, corpus
+from tests.gateway.client_corpus import CLIENTS, corpus, responses_bodies
 from tests.gateway.rest_fakes import ENTERPRISE_KEY, ScriptedChat, config_dict
 from tests.gateway.rest_server import HTTP, running
 
@@ -46,3 +46,18 @@ def test_a_client_body_is_accepted_and_its_output_controls_honoured(gateway, nam
     assert (request.response_format is None) == (kind == "text")
     if kind == "json_schema":
         assert request.response_format.schema == body["response_format"]["json_schema"]["schema"]
+
+
+RESPONSES = list(responses_bodies())
+
+
+@pytest.mark.parametrize(("name", "body"), RESPONSES, ids=[n for n, _ in RESPONSES])
+def test_a_responses_body_is_accepted(gateway, name, body) -> None:
+    base, fake = gateway
+    before = len(fake.requests)
+    response = HTTP.post(f"{base}/v1/responses", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert len(fake.requests) == before + 1
+    request = fake.requests[-1]
+    strict = {t["name"] for t in body.get("tools") or () if t.get("strict") is not False}
+    assert request.strict_tools == strict
