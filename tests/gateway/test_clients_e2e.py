@@ -9,6 +9,7 @@ structured output parses into the pydantic model)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 import litellm
 import pytest
@@ -41,7 +42,7 @@ def test_openai_agents_default_model_calls_a_strict_tool(real_suite: RunningSuit
     calls: list[tuple[str, int]] = []
 
     @function_tool
-    def get_weather(city: str, days: int) -> str:
+    def get_weather(city: Annotated[str, Field(max_length=16)], days: int) -> str:
         """Get the weather for a city over some days."""
         calls.append((city, days))
         return "sunny"
@@ -118,3 +119,38 @@ def test_litellm_completion_and_stream(real_suite: RunningSuite) -> None:
     )
     assert reply.choices[0].message.content == streamed
     assert reply.usage.completion_tokens <= 8
+
+
+def test_responses_parse_and_a_streamed_agent_run(real_suite: RunningSuite) -> None:
+    calls: list[str] = []
+
+    @function_tool
+    def lookup(city: Annotated[str, Field(max_length=16)]) -> str:
+        """Look a city up."""
+        calls.append(city)
+        return "found"
+
+    async def run() -> tuple[object, list[str]]:
+        client = AsyncOpenAI(base_url=f"{real_suite.base}/v1", api_key=ORDINARY_KEY, max_retries=0)
+        parsed = await client.responses.parse(
+            model=MODEL, input="Forecast for Paris.", text_format=Forecast, max_output_tokens=200
+        )
+        set_default_openai_client(client, use_for_tracing=False)
+        set_default_openai_api("responses")
+        set_tracing_disabled(True)
+        agent = Agent(
+            name="Lookup",
+            model=MODEL,
+            tools=[lookup],
+            model_settings=ModelSettings(tool_choice="required", max_tokens=200),
+            tool_use_behavior="stop_on_first_tool",
+        )
+        streamed = Runner.run_streamed(agent, "Find Paris.")
+        kinds = [event.type async for event in streamed.stream_events()]
+        assert streamed.final_output == "found"
+        return parsed, kinds
+
+    parsed, kinds = asyncio.run(run())
+    assert isinstance(parsed.output_parsed, Forecast)
+    assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+    assert len(calls) == 1
