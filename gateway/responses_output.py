@@ -48,9 +48,10 @@ class _Item:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     call: ToolCall | None = None
     done: bool = False
+    cut: bool = False  # max_output_tokens ended it
 
     def body(self) -> dict[str, Any]:
-        status = "completed" if self.done else "in_progress"
+        status = ("incomplete" if self.cut else "completed") if self.done else "in_progress"
         if self.kind == "reasoning":
             content = [{"type": "reasoning_text", "text": self.text}] if self.done else []
             return {"type": "reasoning", "id": self.id, "summary": [], "content": content}
@@ -146,6 +147,8 @@ class ResponseBuilder:
         return out
 
     def finish(self) -> list[Event]:
+        if self.finish_reason == "length" and self.items and not self.items[-1].done:
+            self.items[-1].cut = True
         out = self._close()
         status = self.status()
         kind = "response.completed" if status == "completed" else "response.incomplete"

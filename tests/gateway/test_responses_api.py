@@ -134,6 +134,7 @@ def test_a_cut_output_is_incomplete(serve) -> None:
     response = client(serve(fake)).responses.create(model=MODEL, input="x", max_output_tokens=1)
     assert response.status == "incomplete"
     assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.output[0].status == "incomplete"
 
 
 def test_previous_response_id_continues_the_stored_conversation(serve) -> None:
