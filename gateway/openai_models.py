@@ -187,8 +187,18 @@ class Thinking(Strict):
 REASONING_EFFORT = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
 
-class SamplingFields(Strict):
-    """Fields both routes share."""
+class VendorHints(Strict):
+    """Hints for a vendor's own machinery, on every OpenAI route: they change no output."""
+
+    user: Any = ignored("an end-user id for the vendor's abuse monitoring")
+    safety_identifier: Any = ignored("an end-user id for the vendor's abuse monitoring")
+    service_tier: Any = ignored("a billing and latency tier of the vendor's; one tier here")
+    prompt_cache_key: Any = ignored("a routing hint for the vendor's prompt cache")
+    prompt_cache_retention: Any = ignored("how long the vendor keeps its prompt cache")
+
+
+class SamplingFields(VendorHints):
+    """Fields both chat-style routes share."""
 
     model: str | None = None  # None: the key's default model
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
@@ -201,13 +211,8 @@ class SamplingFields(Strict):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Bias] | None = None
     seed: Seed | None = None
-    user: Any = ignored("an end-user id for the vendor's abuse monitoring")
-    safety_identifier: Any = ignored("an end-user id for the vendor's abuse monitoring")
     store: Any = ignored("asks the vendor to keep the completion for its dashboard")
     metadata: Any = ignored("tags for the vendor's stored completions")
-    service_tier: Any = ignored("a billing and latency tier of the vendor's; one tier here")
-    prompt_cache_key: Any = ignored("a routing hint for the vendor's prompt cache")
-    prompt_cache_retention: Any = ignored("how long the vendor keeps its prompt cache")
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None

@@ -33,6 +33,7 @@ from gateway.openai_models import (
     Strict,
     Temperature,
     TopP,
+    VendorHints,
 )
 from gateway.registry import Model
 from k2model.text.messages import Message, Tool, ToolCall
@@ -156,7 +157,7 @@ class StreamOptions(Strict):
     include_obfuscation: Any = ignored("random padding against side channels on OpenAI's wire")
 
 
-class ResponsesRequest(Strict):
+class ResponsesRequest(VendorHints):
     model: str | None = None
     input: str | list[Item]
     instructions: str | None = None
@@ -176,11 +177,6 @@ class ResponsesRequest(Strict):
     metadata: dict[str, str] | None = None  # returned on the response, as OpenAI does
     include: list[str] | None = None
     truncation: Literal["disabled"] | None = None  # "auto" (dropping old items) is not done
-    user: Any = ignored("an end-user id for the vendor's abuse monitoring")
-    safety_identifier: Any = ignored("an end-user id for the vendor's abuse monitoring")
-    service_tier: Any = ignored("a billing and latency tier of the vendor's; one tier here")
-    prompt_cache_key: Any = ignored("a routing hint for the vendor's prompt cache")
-    prompt_cache_retention: Any = ignored("how long the vendor keeps its prompt cache")
     max_tool_calls: Any = ignored("a cap on the vendor's hosted tool calls; none here")
     background: Literal[False] | None = None  # background runs are not offered
     conversation: None = None  # the Conversations API is not offered; use previous_response_id

@@ -17,18 +17,15 @@ import random
 from typing import Any
 
 import jsonschema
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from k2model import EMBEDDED_CHECKPOINT
 from k2model.constraint_spec import ConstraintSpec, ToolSchema
-from k2model.constraints import ConstraintCompiler, Vocabulary
+from k2model.constraints import ConstraintCompiler
 from k2model.text import chat_tokens as tok
 from k2model.text.tokenizer import Tokenizer
 
-MODEL_VOCAB = 4096
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 leaves = st.one_of(
@@ -75,16 +72,6 @@ roots = st.builds(
     st.dictionaries(st.sampled_from(["x", "y", "z"]), schemas, min_size=1, max_size=3),
     st.lists(st.sampled_from(["x", "y", "z"])),
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_dir(EMBEDDED_CHECKPOINT)
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: Tokenizer) -> ConstraintCompiler:
-    return ConstraintCompiler(Vocabulary.from_tokenizer(tokenizer, MODEL_VOCAB))
 
 
 def walk(compiler: ConstraintCompiler, tokenizer: Tokenizer, spec: ConstraintSpec, seed: int):

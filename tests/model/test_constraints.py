@@ -15,10 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from k2model import EMBEDDED_CHECKPOINT
 from k2model.constraint_grammar import check
 from k2model.constraint_spec import ConstraintSpec, GrammarError, ToolSchema
-from k2model.constraints import ConstraintCompiler, Vocabulary, unpack_bitmask
+from k2model.constraints import ConstraintCompiler, unpack_bitmask
 from k2model.sampling import sample
 from k2model.sampling_params import SamplingParams, SamplingRow
 from k2model.text import chat_tokens as tok
@@ -51,16 +50,6 @@ WEATHER = {
     "required": ["city", "days", "where"],
 }
 SEARCH = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_dir(EMBEDDED_CHECKPOINT)
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: Tokenizer) -> ConstraintCompiler:
-    return ConstraintCompiler(Vocabulary.from_tokenizer(tokenizer, MODEL_VOCAB))
 
 
 def forced(*tools: tuple[str, dict | None], index: int = 0) -> ConstraintSpec:
