@@ -50,6 +50,7 @@ from k2model.kernels.moe_align import moe_align  # noqa: E402
 from k2model.kv_cache import PagedKVCache  # noqa: E402
 from k2model.model import DecoderLayer  # noqa: E402
 from k2model.rope import RotaryTable  # noqa: E402
+from k2model.runtime import Runtime  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BF16 = torch.bfloat16 if DEV.type == "cuda" else torch.float16  # the interpreter lacks bf16 dots
@@ -339,7 +340,7 @@ def k2_config(sh: Shapes) -> K2Config:
 def k2_layer(cfg: K2Config) -> DecoderLayer:
     """Layer 1 (the first MoE layer) with random fp8 weights at full size, on the device."""
     with torch.device(DEV):
-        layer = DecoderLayer(cfg, 1, BF16)
+        layer = DecoderLayer(cfg, 1, Runtime.resolve(BF16))
     experts = layer.ffn.experts
     experts.set_fp8([])  # drop the dense buffers before the fp8 ones are made
     attn, shared = layer.attn, layer.ffn.shared

@@ -27,6 +27,7 @@ from bench.common import format_table, write_json  # noqa: E402
 from k2model.batch import SeqSlice, build_batch  # noqa: E402
 from k2model.config import K2Config  # noqa: E402
 from k2model.mla import MLA  # noqa: E402
+from k2model.runtime import Runtime  # noqa: E402
 
 
 def layer(heads: int, dtype: torch.dtype) -> MLA:
@@ -44,7 +45,7 @@ def layer(heads: int, dtype: torch.dtype) -> MLA:
             v_head_dim=64,
         )
     )
-    attn = MLA(cfg, 0, dtype)
+    attn = MLA(cfg, 0, Runtime.resolve(dtype))
     torch.nn.init.normal_(attn.kv_b.weight, std=0.05)
     return attn
 

@@ -105,6 +105,9 @@ class TokenizerBackend:
                     p.stats.running,
                     p.stats.kv_blocks_total,
                     p.stats.kv_blocks_free,
+                    p.stats.backend.device,
+                    p.stats.backend.ops,
+                    p.stats.backend.dtype,
                 )
                 for p in reply.decodes
             ]

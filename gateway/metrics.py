@@ -35,6 +35,9 @@ class DecodeLoad:
     running: int
     kv_blocks_total: int
     kv_blocks_free: int
+    device: str = ""  # where it computes, and with which kernels (its Stats' Backend)
+    ops: str = ""
+    dtype: str = ""
 
     @property
     def kv_usage(self) -> float:
@@ -114,6 +117,12 @@ class GatewayMetrics:
         self.kv_usage = Gauge(
             "k2_decode_kv_usage_ratio", "Used / total KV blocks", ["instance"], registry=r
         )
+        self.backend = Gauge(
+            "k2_decode_backend_info",
+            "1 per decode instance: its device, ops backend and compute dtype",
+            ["instance", "device", "ops", "dtype"],
+            registry=r,
+        )
         self._stats_source = stats_source or _no_stats
 
     async def render(self) -> bytes:
@@ -126,6 +135,8 @@ class GatewayMetrics:
             self.queued.labels(load.instance).set(load.queued)
             self.running.labels(load.instance).set(load.running)
             self.kv_usage.labels(load.instance).set(load.kv_usage)
+            if load.ops:
+                self.backend.labels(load.instance, load.device, load.ops, load.dtype).set(1)
         return generate_latest(self.registry)
 
     async def timed(

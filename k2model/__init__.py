@@ -17,7 +17,8 @@ EMBEDDED_CHECKPOINT = Path(__file__).parent / "embedded"
 _HOME = {
     "ConfigError": "k2model.config",
     "K2Config": "k2model.config",
-    "default_dtype": "k2model.checkpoint.loader",
+    "default_dtype": "k2model.runtime",
+    "Runtime": "k2model.runtime",
     "load_model": "k2model.checkpoint.loader",
     "GenerationRequest": "k2model.generation",
     "TokenEvent": "k2model.generation",
@@ -36,6 +37,7 @@ __all__ = [
     "GenerationRequest",
     "K2Config",
     "K2Model",
+    "Runtime",
     "SampleResult",
     "SamplingParams",
     "SamplingRow",
@@ -48,10 +50,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from k2model.checkpoint.loader import default_dtype, load_model
+    from k2model.checkpoint.loader import load_model
     from k2model.config import ConfigError, K2Config
     from k2model.generation import GenerationRequest, TokenEvent, generate, generate_ids
     from k2model.model import K2Model
+    from k2model.runtime import Runtime, default_dtype
     from k2model.sampling import SampleResult, sample
     from k2model.sampling_params import SamplingParams, SamplingRow
 

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from k2model.kernels import cpu_ext
+from k2model.kernels.ops import rms_norm_ref
 from k2model.linear import Linear
+from k2model.runtime import Runtime
 
 
 def as_f32(x: torch.Tensor) -> torch.Tensor:
@@ -22,33 +23,27 @@ def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """y = w * (x / rms(x)) with the statistics in fp32, cast back before the weight (docs/model.md, norms)."""
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, dim: int, eps: float, rt: Runtime) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Buffer(torch.ones(dim, dtype=dtype))
+        self.eps, self.ops = eps, rt.ops
+        self.weight = nn.Buffer(rt.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.stride(-1) == 1 and cpu_ext.takes(x):  # one C++ pass per row
-            out = torch.empty(x.shape, dtype=x.dtype)
-            cpu_ext.extension().rms_norm(x, self.weight, self.eps, out)
-            return out
-        return self.reference(x)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The twin of the C++ path (csrc/rms_norm.cpp), and the path for every other input."""
-        h = as_f32(x)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * as_dtype(h, x.dtype)
+        """The twin of every backend's path."""
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up are fused into one [2I, D] projection."""
 
-    def __init__(self, dim: int, inter: int, dtype: torch.dtype) -> None:
+    def __init__(self, dim: int, inter: int, rt: Runtime) -> None:
         super().__init__()
         self.inter = inter
-        self.gate_up = Linear(dim, 2 * inter, dtype)
-        self.down = Linear(inter, dim, dtype)
+        self.gate_up = Linear(dim, 2 * inter, rt)
+        self.down = Linear(inter, dim, rt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.inter, dim=-1)

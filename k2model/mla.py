@@ -18,19 +18,19 @@ from torch import nn
 
 from k2model.batch import BatchMeta
 from k2model.config import K2Config
-from k2model.kernels import bf16_weights, dispatch
 from k2model.kv_cache import PagedKVCache
 from k2model.layers import RMSNorm, as_dtype, as_f32
 from k2model.linear import Linear
 from k2model.rope import apply_rope
+from k2model.runtime import Runtime
 
 AttentionForm = Literal["naive", "absorbed"]
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: K2Config, layer: int, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: K2Config, layer: int, rt: Runtime) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.ops = layer, rt.ops
         self.h, self.d_n, self.d_r = (
             cfg.num_attention_heads,
             cfg.qk_nope_head_dim,
@@ -41,13 +41,13 @@ class MLA(nn.Module):
         self.scale = cfg.softmax_scale
         d, qk = cfg.hidden_size, self.h * cfg.qk_head_dim
         # x -> [c_q | c_kv | k_pe] in one projection (q_a_proj and kv_a_proj_with_mqa fused).
-        self.qkv_a = Linear(d, (self.r_q or qk) + self.r + self.d_r, dtype)
+        self.qkv_a = Linear(d, (self.r_q or qk) + self.r + self.d_r, rt)
         # The checkpoint's q_a/kv_a norms have no eps in HF remote code, hence 1e-6 (docs/model.md, norms).
-        self.q_norm = RMSNorm(self.r_q, 1e-6, dtype) if self.r_q else None
-        self.q_b = Linear(self.r_q, qk, dtype) if self.r_q else None
-        self.kv_norm = RMSNorm(self.r, 1e-6, dtype)
-        self.kv_b = Linear(self.r, self.h * (self.d_n + self.d_v), dtype)
-        self.o = Linear(self.h * self.d_v, d, dtype)
+        self.q_norm = RMSNorm(self.r_q, 1e-6, rt) if self.r_q else None
+        self.q_b = Linear(self.r_q, qk, rt) if self.r_q else None
+        self.kv_norm = RMSNorm(self.r, 1e-6, rt)
+        self.kv_b = Linear(self.r, self.h * (self.d_n + self.d_v), rt)
+        self.o = Linear(self.h * self.d_v, d, rt)
         self._absorbed: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(
@@ -70,7 +70,7 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, rot[:, None])
         k_pe = apply_rope(k_pe, rot)  # [T, d_r], one rope key shared by all heads
         cache.write(self.layer, meta.write_slots, torch.cat((self.kv_norm(c_kv), k_pe), -1))
-        if meta.decode and form == "absorbed" and dispatch.paged_decode(x):  # no gather
+        if meta.decode and form == "absorbed" and self.ops.paged_decode(x):  # no gather
             o = self._decode_paged(q_nope, q_pe, cache, meta)
             return self.o(o.reshape(t, self.h * self.d_v))
 
@@ -137,24 +137,24 @@ class MLA(nn.Module):
         b, q_len = q_nope.shape[:2]
         n = b * q_len
         w_uk_t, w_uv = self.absorbed_weights()
-        q_lat = bf16_weights.head_linear(q_nope.reshape(n, self.h, self.d_n), w_uk_t)  # [N, H, r]
+        q_lat = self.ops.head_linear(q_nope.reshape(n, self.h, self.d_n), w_uk_t)  # [N, H, r]
         q = torch.cat((q_lat, q_pe.reshape(n, self.h, self.d_r)), -1)
         q = q.view(b, q_len * self.h, self.r + self.d_r)  # [B, Q*H, r + d_r]
         # One latent key [c_kv | k_pe] per token, shared by every head and query.
         scores = torch.bmm(q, ctx.transpose(1, 2)).view(b, q_len, self.h, -1).transpose(1, 2)
         p = self._softmax(scores, mask)  # [B, H, Q, L]
         o_lat = torch.bmm(p.transpose(1, 2).reshape(b, q_len * self.h, -1), ctx[..., : self.r])
-        o = bf16_weights.head_linear(o_lat.view(n, self.h, self.r), w_uv)  # [N, H, d_v]
+        o = self.ops.head_linear(o_lat.view(n, self.h, self.r), w_uv)  # [N, H, d_v]
         return o.view(b, q_len, self.h, self.d_v)
 
     def _decode_paged(self, q_nope, q_pe, cache: PagedKVCache, meta: BatchMeta) -> torch.Tensor:
         """`_attend_absorbed` for one query per sequence, attending straight off the paged cache
         (kernels/mla_decode.py). q_nope [B, H, d_n], q_pe [B, H, d_r] -> [B, H, d_v]."""
         w_uk_t, w_uv = self.absorbed_weights()
-        q = torch.cat((bf16_weights.head_linear(q_nope, w_uk_t), q_pe), -1)  # [B, H, r + d_r]
+        q = torch.cat((self.ops.head_linear(q_nope, w_uk_t), q_pe), -1)  # [B, H, r + d_r]
         kv = cache.data[self.layer]  # [slots, r + d_r]; a decode row attends to its whole context
-        o_lat = dispatch.mla_decode(q, kv, meta.ctx_slots, meta.ctx_lens, self.scale, self.r)
-        return bf16_weights.head_linear(o_lat, w_uv)  # [B, H, d_v]
+        o_lat = self.ops.mla_decode(q, kv, meta.ctx_slots, meta.ctx_lens, self.scale, self.r)
+        return self.ops.head_linear(o_lat, w_uv)  # [B, H, d_v]
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scaled, masked softmax in fp32 over the last (context) axis. mask [B, 1, Q, L]."""

@@ -13,26 +13,25 @@ from torch import nn
 
 from k2model.batch import BatchMeta
 from k2model.config import K2Config
-from k2model.kernels import bf16_weights
+from k2model.kernels.ops import Ops
 from k2model.kv_cache import PagedKVCache
 from k2model.layers import MLP, RMSNorm, as_dtype, as_f32
 from k2model.mla import MLA, AttentionForm
 from k2model.moe import MoE
 from k2model.rope import RotaryTable
+from k2model.runtime import Runtime
 
 
 class DecoderLayer(nn.Module):
-    def __init__(
-        self, cfg: K2Config, layer: int, dtype: torch.dtype, routed_experts: bool = True
-    ) -> None:
+    def __init__(self, cfg: K2Config, layer: int, rt: Runtime, routed_experts: bool = True) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = MLA(cfg, layer, dtype)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt)
+        self.attn = MLA(cfg, layer, rt)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt)
         self.ffn: MLP | MoE = (
-            MoE(cfg, dtype, routed_experts)
+            MoE(cfg, rt, routed_experts)
             if cfg.is_moe_layer(layer)
-            else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+            else MLP(cfg.hidden_size, cfg.intermediate_size, rt)
         )
 
     def forward(self, h, rot, meta: BatchMeta, cache: PagedKVCache, form: AttentionForm):
@@ -41,23 +40,25 @@ class DecoderLayer(nn.Module):
 
 
 class K2Model(nn.Module):
-    def __init__(
-        self, cfg: K2Config, dtype: torch.dtype = torch.bfloat16, routed_experts: bool = True
-    ) -> None:
+    def __init__(self, cfg: K2Config, rt: Runtime, routed_experts: bool = True) -> None:
         """routed_experts=False: MoE layers hold no routed experts (the expert service does)."""
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
-        self.embed = nn.Buffer(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
+        self.cfg, self.rt, self.dtype = cfg, rt, rt.dtype
+        self.embed = nn.Buffer(rt.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, dtype, routed_experts) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, rt, routed_experts) for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = nn.Buffer(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
-        self.rope = RotaryTable(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rt)
+        self.lm_head = nn.Buffer(rt.empty(cfg.vocab_size, cfg.hidden_size))
+        self.rope = RotaryTable(cfg, rt.device)
 
     @property
     def device(self) -> torch.device:
         return self.embed.device
+
+    @property
+    def ops(self) -> Ops:
+        return self.rt.ops
 
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
@@ -100,4 +101,4 @@ class K2Model(nn.Module):
                 on_layer(i)
         if not all_logits and not meta.decode:  # decode rows are already one per sequence
             h = h[meta.last_rows]
-        return as_f32(bf16_weights.linear(self.norm(h), self.lm_head))
+        return as_f32(self.rt.ops.linear(self.norm(h), self.lm_head))

@@ -15,16 +15,19 @@ from torch import nn
 
 from k2model.checkpoint.fp8 import dequantize_block_fp8
 from k2model.config import K2Config
-from k2model.kernels import bf16_weights, cpu_ext, dispatch
 from k2model.kernels.dispatch import ExpertWeights
 from k2model.layers import MLP, as_dtype, as_f32
+from k2model.runtime import Runtime
+
+_FP8_STACKS = ("gate", "gate_scale", "up", "up_scale", "down", "down_scale")
 
 
 class Router(nn.Module):
     """fp32 sigmoid scores; the bias only picks experts, the weights come from the unbiased scores."""
 
-    def __init__(self, cfg: K2Config, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: K2Config, rt: Runtime) -> None:
         super().__init__()
+        self.ops = rt.ops
         self.top_k, self.n_group, self.topk_group = (
             cfg.num_experts_per_tok,
             cfg.n_group,
@@ -32,13 +35,15 @@ class Router(nn.Module):
         )
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
         # The router runs in fp32 (docs/model.md, mixture of experts): its weight is held in fp32, or as the
-        # checkpoint's bf16 where kernels/bf16_weights computes with it (the same fp32 product).
-        self.weight = nn.Buffer(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        self.bias = nn.Buffer(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # checkpoint's bf16 where the ops backend computes with it (the same fp32 product).
+        self.weight = nn.Buffer(
+            rt.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32)
+        )
+        self.bias = nn.Buffer(rt.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, k] int64, weights [T, k] fp32)."""
-        scores = bf16_weights.linear(as_f32(x), self.weight).sigmoid()  # [T, E]
+        scores = self.ops.linear(as_f32(x), self.weight).sigmoid()  # [T, E]
         choice = scores + self.bias
         if self.n_group > 1:
             t, e = choice.shape
@@ -68,63 +73,54 @@ class LocalExperts(nn.Module):
     """
 
     def __init__(
-        self, n_experts: int, dim: int, inter: int, dtype: torch.dtype, allocate: bool = True
+        self, n_experts: int, dim: int, inter: int, rt: Runtime, allocate: bool = True
     ) -> None:
         super().__init__()
-        self.n_experts, self.dim, self.inter, self.dtype = n_experts, dim, inter, dtype
+        self.n_experts, self.dim, self.inter, self.dtype = n_experts, dim, inter, rt.dtype
+        self.ops, self.device = rt.ops, rt.device
         held = n_experts if allocate else 0  # 0: hosted elsewhere (the expert service)
-        self.gate_up = nn.Buffer(torch.empty(held, 2 * inter, dim, dtype=dtype))
-        self.down = nn.Buffer(torch.empty(held, dim, inter, dtype=dtype))
-        self.fp8: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]] | None = None
-        self._fp8_stacked: tuple[list, ExpertWeights] | None = None  # keyed on the fp8 list
+        self.gate_up = nn.Buffer(rt.empty(held, 2 * inter, dim))
+        self.down = nn.Buffer(rt.empty(held, dim, inter))
+        self.fp8 = False  # fp8 resident: the stacks are buffers fp8_gate, fp8_gate_scale, ...
 
     def hold(self, dtype: torch.dtype) -> None:
-        """Re-allocate the stacks in `dtype` (bf16 under an fp32 compute: kernels/bf16_weights)."""
+        """Re-allocate the stacks in `dtype` (bf16 under an fp32 compute: kernels/ops.py)."""
         if dtype != self.gate_up.dtype:
-            self.gate_up = nn.Buffer(torch.empty(self.gate_up.shape, dtype=dtype))
-            self.down = nn.Buffer(torch.empty(self.down.shape, dtype=dtype))
+            self.gate_up = nn.Buffer(
+                torch.empty(self.gate_up.shape, dtype=dtype, device=self.device)
+            )
+            self.down = nn.Buffer(torch.empty(self.down.shape, dtype=dtype, device=self.device))
 
     def set_fp8(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
-        """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s))."""
-        self.fp8 = experts
-        self.gate_up = nn.Buffer(torch.empty(0, 2 * self.inter, self.dim, dtype=self.dtype))
-        self.down = nn.Buffer(torch.empty(0, self.dim, self.inter, dtype=self.dtype))
+        """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s)), stacked over E into
+        buffers on the runtime's device once, here."""
+        rows = [tuple(t for part in trio for t in part) for trio in experts]
+        for name, column in zip(_FP8_STACKS, zip(*rows, strict=True), strict=True):
+            self.register_buffer(f"fp8_{name}", torch.stack(column).to(self.device))
+        self.fp8 = True
+        self.gate_up = nn.Buffer(self.gate_up.new_empty(0, 2 * self.inter, self.dim))
+        self.down = nn.Buffer(self.down.new_empty(0, self.dim, self.inter))
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's gate_up [2I, D] and down [D, I]: views (in the held dtype), or dequantised
         now when fp8."""
-        if self.fp8 is None:
+        if not self.fp8:
             return self.gate_up[e], self.down[e]
-        (gw, gs), (uw, us), (dw, ds) = self.fp8[e]
-        gate_up = torch.cat(
-            (dequantize_block_fp8(gw, gs, self.dtype), dequantize_block_fp8(uw, us, self.dtype))
-        )
-        return gate_up, dequantize_block_fp8(dw, ds, self.dtype)
+        w = self.stacked()
+        gate = dequantize_block_fp8(w.gate[e], w.gate_scale[e], self.dtype)
+        up = dequantize_block_fp8(w.up[e], w.up_scale[e], self.dtype)
+        return torch.cat((gate, up)), dequantize_block_fp8(w.down[e], w.down_scale[e], self.dtype)
 
     def stacked(self) -> ExpertWeights:
         """Every expert stacked over E, for the grouped kernels: views of gate_up / down, or the
-        fp8 parts stacked once; the fp8 list is then rebound to views of the stacks, so the
-        weights stay held once (reassigning `fp8` restacks)."""
-        if self.fp8 is None:
+        fp8 stacks."""
+        if not self.fp8:
             i = self.inter
             return ExpertWeights(self.gate_up[:, :i], self.gate_up[:, i:], self.down)
-        if self._fp8_stacked is None or self._fp8_stacked[0] is not self.fp8:
-            rows = [tuple(t for part in trio for t in part) for trio in self.fp8]
-            gw, gs, uw, us, dw, ds = (torch.stack(col) for col in zip(*rows, strict=True))
-            self.fp8 = [((gw[e], gs[e]), (uw[e], us[e]), (dw[e], ds[e])) for e in range(len(rows))]
-            self._fp8_stacked = (self.fp8, ExpertWeights(gw, uw, dw, gs, us, ds))
-        return self._fp8_stacked[1]
+        return ExpertWeights(**{name: getattr(self, f"fp8_{name}") for name in _FP8_STACKS})
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if dispatch.kernel_path(x):  # align + grouped GEMM kernels over the stacked experts
-            return dispatch.routed_experts(x, ids, weights, self.stacked())
-        held = self.gate_up.dtype in (torch.bfloat16, torch.float32)
-        if self.fp8 is None and held and self.gate_up.shape[0] and cpu_ext.takes(x):
-            out = torch.empty(x.shape, dtype=x.dtype)  # the whole layer in one C++ call
-            x, ids, weights = x.contiguous(), ids.contiguous(), as_f32(weights).contiguous()
-            cpu_ext.extension().routed_experts(x, ids, weights, self.gate_up, self.down, out)
-            return out
-        return self.grouped(x, ids, weights)
+        return self.ops.routed_experts(self, x, ids, weights)
 
     def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort assignments by expert; one matmul pair per active expert over its contiguous rows
@@ -139,8 +135,8 @@ class LocalExperts(nn.Module):
         start = 0
         for e, n in zip(active.tolist(), counts.tolist(), strict=True):
             gate_up, down = self.expert(e)
-            gate, up = bf16_weights.linear(xs[start : start + n], gate_up).split(self.inter, -1)
-            out[start : start + n] = bf16_weights.linear(F.silu(gate) * up, down)
+            gate, up = self.ops.linear(xs[start : start + n], gate_up).split(self.inter, -1)
+            out[start : start + n] = self.ops.linear(F.silu(gate) * up, down)
             start += n
         out = out * as_dtype(weights.flatten()[order, None], out.dtype)
         return torch.zeros_like(x).index_add_(0, rows, out)
@@ -157,19 +153,19 @@ class LocalExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: K2Config, dtype: torch.dtype, routed_experts: bool = True) -> None:
+    def __init__(self, cfg: K2Config, rt: Runtime, routed_experts: bool = True) -> None:
         super().__init__()
-        self.router = Router(cfg, dtype)
+        self.router = Router(cfg, rt)
         self.experts = LocalExperts(
-            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, routed_experts
+            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, rt, routed_experts
         )
         shared = cfg.n_shared_experts * cfg.moe_intermediate_size
-        self.shared = MLP(cfg.hidden_size, shared, dtype) if shared else None
+        self.shared = MLP(cfg.hidden_size, shared, rt) if shared else None
         self.remote: RoutedExperts | None = None  # set when the expert service hosts this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.router(x)
-        if self.remote is None and self.experts.gate_up.shape[0] == 0 and self.experts.fp8 is None:
+        if self.remote is None and self.experts.gate_up.shape[0] == 0 and not self.experts.fp8:
             raise RuntimeError("this model was loaded without routed experts and has no remote")
         out = (self.remote or self.experts)(x, ids, weights)
         return out + self.shared(x) if self.shared is not None else out

@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from k2model.config import K2Config
 from k2model.layers import as_dtype, as_f32
 
 
-def yarn_inv_freq(cfg: K2Config) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [d/2] and the cos/sin multiplier, using the checkpoint's own betas."""
+def yarn_inv_freq(cfg: K2Config, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [d/2] (computed in fp64 on `device`) and the cos/sin multiplier,
+    using the checkpoint's own betas."""
     d, theta = cfg.qk_rope_head_dim, cfg.rope_theta
-    freq_extra = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    freq_extra = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
     y = cfg.rope_scaling
     if y is None:
         return freq_extra.float(), 1.0
@@ -38,19 +40,22 @@ def yarn_inv_freq(cfg: K2Config) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    ramp = torch.arange(d // 2, dtype=torch.float64, device=device)
+    ramp = ((ramp - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 keeps the original frequency, 0 interpolates by `factor`
     inv_freq = freq_inter * (1 - extrapolate) + freq_extra * extrapolate
     return inv_freq.float(), y.attention_factor
 
 
-class RotaryTable:
-    """Complex rotations mscale * e^(i * pos * inv_freq) per position, grown on demand."""
+class RotaryTable(nn.Module):
+    """Complex rotations mscale * e^(i * pos * inv_freq) per position, grown on demand. Its
+    tensors are (non-persistent) buffers, so `.to()` moves them with the model."""
 
     def __init__(self, cfg: K2Config, device: torch.device | str = "cpu") -> None:
-        inv_freq, self.mscale = yarn_inv_freq(cfg)
-        self.inv_freq = inv_freq.to(device)
-        self.table = torch.empty(0, cfg.qk_rope_head_dim // 2, dtype=torch.complex64, device=device)
+        super().__init__()
+        inv_freq, self.mscale = yarn_inv_freq(cfg, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("table", torch.empty(0, 0, device=device), persistent=False)
         self._grow(min(cfg.max_position_embeddings, 8192))
 
     def _grow(self, n: int) -> None:

@@ -56,8 +56,8 @@ def build_kernels(require: bool) -> int:
         print(f"k2model CPU kernels ready ({time.monotonic() - started:.0f} s)", flush=True)
         return 0
     print(
-        "k2model CPU kernels not built (no AVX2 CPU, no C++ compiler, or K2_CPU_KERNELS=0): "
-        "the plain-torch paths will run",
+        f"k2model CPU kernels not built ({cpu_ext.unavailable_reason()}): ops auto will run "
+        "the plain-torch twins, and ops: cpu cannot start",
         flush=True,
     )
     return 1 if require else 0

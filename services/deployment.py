@@ -20,6 +20,9 @@ pool is `kv_blocks` blocks of `block_size` tokens, or `auto` (the default): size
 the process may use (`kv_cache_gib`, else a share of the host's; services/common/kv_sizing.py).
 `threads` on an instance overrides model.threads for that process, `dtype` on a prefill or
 decode instance model.dtype (prefill in bfloat16 beside an fp32 decode: docs/performance.md).
+`device` (auto | cpu | cuda | cuda:N; auto: the GPU the process sees, else the CPU) and `ops`
+(auto | torch | cpu | triton: k2model/kernels/ops.py) on a prefill, decode or experts instance fix
+where and with which kernels it computes; one that cannot be had here fails that process's start.
 model.kv_dtype is the latent cache's dtype (auto: model.dtype's; bfloat16 under an fp32 model
 halves KV memory and transfer but rounds the latents), the same on prefill and decode because the
 cache travels between them.
@@ -37,6 +40,7 @@ a shared-secret check on every internal gRPC call (services/common/security.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +89,8 @@ class Instance:
     dtype: str = (
         ""  # prefill/decode: this process's compute dtype; "": the deployment's model.dtype
     )
+    device: str = "auto"  # prefill/decode/experts: auto | cpu | cuda | cuda:N (k2model/runtime.py)
+    ops: str = "auto"  # prefill/decode/experts: auto | torch | cpu | triton (kernels/ops.py)
     block_size: int = 16
     max_running: int = 64
     max_queue: int = 256
@@ -139,7 +145,7 @@ class Deployment:
         instance computes in."""
         import torch
 
-        from k2model.checkpoint.loader import default_dtype
+        from k2model.runtime import default_dtype
 
         if self.kv_dtype != "auto":
             return getattr(torch, self.kv_dtype)
@@ -219,15 +225,18 @@ class Deployment:
 
 _COMMON_KEYS = ("name", "host", "port")
 _KV_KEYS = ("kv_blocks", "kv_cache_gib", "block_size", "max_queue", "threads")
+_RUNTIME_KEYS = ("dtype", "device", "ops")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+OPS = ("auto", "torch", "cpu", "triton")
 # The settings each kind takes; any other key in its entry is refused with the key's path.
 KIND_KEYS: dict[str, tuple[str, ...]] = {
     "tokenizer": _COMMON_KEYS,
-    "prefill": (*_COMMON_KEYS, *_KV_KEYS, "dtype", "chunk_tokens", "max_batch_tokens"),
-    "decode": (*_COMMON_KEYS, *_KV_KEYS, "dtype", "max_running"),
-    "experts": (*_COMMON_KEYS, "ranks", "master_port", "nodes", "threads"),
+    "prefill": (*_COMMON_KEYS, *_KV_KEYS, *_RUNTIME_KEYS, "chunk_tokens", "max_batch_tokens"),
+    "decode": (*_COMMON_KEYS, *_KV_KEYS, *_RUNTIME_KEYS, "max_running"),
+    "experts": (*_COMMON_KEYS, "ranks", "master_port", "nodes", "threads", "device", "ops"),
     "gateway": (*_COMMON_KEYS, "config"),
 }
-_TEXT_FIELDS = ("name", "host", "config", "dtype")
+_TEXT_FIELDS = ("name", "host", "config", "dtype", "device", "ops")
 _OPTIONAL = {"kv_blocks": int, "kv_cache_gib": float}  # absent or "auto": None
 
 
@@ -267,8 +276,22 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
     dtype = str(entry.get("dtype", ""))
     if "dtype" in entry and dtype not in DTYPES:
         raise DeploymentError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    device, ops = str(entry.get("device", "auto")), str(entry.get("ops", "auto"))
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise DeploymentError(f"{where}.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if ops not in OPS:
+        raise DeploymentError(f"{where}.ops: expected one of {', '.join(OPS)}, got {ops!r}")
     return Instance(
-        kind, name, host, str(hosts[host]), dtype=dtype, config=config, nodes=nodes, **values
+        kind,
+        name,
+        host,
+        str(hosts[host]),
+        dtype=dtype,
+        device=device,
+        ops=ops,
+        config=config,
+        nodes=nodes,
+        **values,
     )
 
 

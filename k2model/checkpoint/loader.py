@@ -17,10 +17,10 @@ from tqdm import tqdm
 from k2model.checkpoint.fp8 import BLOCK, dequantize_block_fp8
 from k2model.checkpoint.shards import CheckpointError, ShardedCheckpoint
 from k2model.config import K2Config
-from k2model.kernels import bf16_weights
 from k2model.linear import Linear
 from k2model.model import K2Model
 from k2model.moe import LocalExperts, MoE
+from k2model.runtime import Runtime
 
 SCALE_SUFFIX = "_scale_inv"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -125,18 +125,19 @@ def _summarise(ckpt: ShardedCheckpoint, problems: list[str], limit: int = 20) ->
 
 
 class _Filler:
-    """Reads tensors by HF name: dense (in the compute dtype, or bf16 held under an fp32 compute)
-    or as (fp8, scale) parts."""
+    """Reads tensors by HF name onto the runtime's device: dense (in the compute dtype, or held as
+    bf16 where the ops backend computes with it) or as (fp8, scale) parts."""
 
     def __init__(
         self,
         ckpt: ShardedCheckpoint,
-        dtype: torch.dtype,
+        rt: Runtime,
         fp8_resident: bool,
         bar: tqdm,
         bf16_resident: bool = True,
     ):
-        self.ckpt, self.dtype, self.fp8_resident, self.bar = ckpt, dtype, fp8_resident, bar
+        self.ckpt, self.rt, self.fp8_resident, self.bar = ckpt, rt, fp8_resident, bar
+        self.dtype = rt.dtype
         self.bf16_resident = bf16_resident
 
     def is_fp8(self, name: str) -> bool:
@@ -146,32 +147,27 @@ class _Filler:
         """The dtype `dense(name, compute)` returns."""
         compute = compute or self.dtype
         stored = self.ckpt.dtype(name)
-        return bf16_weights.held_dtype(stored, compute) if self.bf16_resident else compute
+        return self.rt.ops.held_dtype(stored, compute) if self.bf16_resident else compute
 
     def dense(self, name: str, compute: torch.dtype | None = None) -> torch.Tensor:
         """`name` for a layer computing in `compute` (default: the model's dtype)."""
         t = self.ckpt.get(name)
         self.bar.update(1)
         if t.dtype == torch.float8_e4m3fn:
-            return dequantize_block_fp8(
-                t, self.ckpt.get(name + SCALE_SUFFIX), compute or self.dtype
-            )
-        return t.to(self.held_dtype(name, compute))
+            scale = self.ckpt.get(name + SCALE_SUFFIX)
+            return dequantize_block_fp8(t, scale, compute or self.dtype).to(self.rt.device)
+        return t.to(self.rt.device, self.held_dtype(name, compute))
 
     def part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         self.bar.update(1)
-        return self.ckpt.get(name), self.ckpt.get(name + SCALE_SUFFIX).float()
+        weight = self.ckpt.get(name).to(self.rt.device)
+        return weight, self.ckpt.get(name + SCALE_SUFFIX).to(self.rt.device, torch.float32)
 
     def linear(self, layer: Linear, names: list[str]) -> None:
         if self.fp8_resident and all(self.is_fp8(n) for n in names):
             layer.set_fp8([self.part(n) for n in names])
         else:
             layer.set_dense(torch.cat([self.dense(n) for n in names]))
-
-
-def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bf16 on accelerators; fp32 on CPUs, where bf16 matmuls without AVX-512 run ~10x slower."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 def load_model(
@@ -181,23 +177,28 @@ def load_model(
     progress: bool | None = None,
     routed_experts: bool = True,
     bf16_resident: bool = True,
+    device: str | torch.device = "cpu",
+    ops: str = "auto",
 ) -> K2Model:
     """Load a K2 / DeepSeek-V3 checkpoint directory (config.json + safetensors shards).
 
-    `dtype` is the compute dtype (default: `default_dtype()`); checkpoint tensors are converted to
-    it, except that with `bf16_resident` bf16 matrices stay bf16 under an fp32 compute where the
-    CPU kernel for them is available (kernels/bf16_weights.py: the same products, half the bytes).
-    `routed_experts=False` reads everything but the routed experts, for prefill and decode
-    instances whose experts live on the expert service.
+    `device` and `ops` (k2model/runtime.py, kernels/ops.py) fix where the model computes and with
+    which kernels; every tensor is placed there as it is read. `dtype` is the compute dtype
+    (default: fp32 on CPU, bf16 on GPU); checkpoint tensors are converted to it, except that with
+    `bf16_resident` bf16 matrices stay bf16 under an fp32 compute where the ops backend computes
+    with them (the same products, half the bytes). `routed_experts=False` reads everything but
+    the routed experts, for prefill and decode instances whose experts live on the expert service.
+    DeviceUnavailable / OpsUnavailable before anything is read when the device or a named backend
+    is not here.
     """
-    dtype = dtype or default_dtype()
+    rt = Runtime.resolve(dtype, device, ops)
     cfg = K2Config.from_dir(path)
     with ShardedCheckpoint.open(Path(path)) as ckpt:
         want = validate(ckpt, cfg)
-        model = K2Model(cfg, dtype, routed_experts)
+        model = K2Model(cfg, rt, routed_experts)
         show = progress if progress is not None else ckpt.total_bytes() > 2**30
         with tqdm(total=len(want), desc="loading", unit="tensor", disable=not show) as bar:
-            _fill(model, _Filler(ckpt, dtype, fp8_resident, bar, bf16_resident))
+            _fill(model, _Filler(ckpt, rt, fp8_resident, bar, bf16_resident))
     return model.eval()
 
 
@@ -231,7 +232,7 @@ def _fill(model: K2Model, f: _Filler) -> None:
 
 def _fill_moe(moe: MoE, m: str, f: _Filler) -> None:
     moe.router.weight = f.dense(m + "gate.weight", torch.float32)  # the router runs in fp32
-    moe.router.bias.copy_(f.ckpt.get(m + "gate.e_score_correction_bias").float())
+    moe.router.bias.copy_(f.ckpt.get(m + "gate.e_score_correction_bias"))
     f.bar.update(1)
     if moe.experts.gate_up.shape[0]:
         _fill_experts(moe.experts, m, f, first=0)
@@ -266,14 +267,17 @@ def load_expert_slice(
     dtype: torch.dtype | None = None,
     fp8_resident: bool = False,
     bf16_resident: bool = True,
+    device: str | torch.device = "cpu",
+    ops: str = "auto",
 ) -> tuple[K2Config, dict[int, LocalExperts]]:
     """Routed experts first .. first + count - 1 of every MoE layer, and nothing else.
 
     What one rank of an expert-parallel pool holds: {layer: LocalExperts(count)}, expert e of the
     checkpoint at local index e - first. The whole name set is still validated (headers only), but
-    only this slice's tensors are read. `dtype` and `bf16_resident` as for `load_model`.
+    only this slice's tensors are read. `dtype`, `bf16_resident`, `device` and `ops` as for
+    `load_model`.
     """
-    dtype = dtype or default_dtype()
+    rt = Runtime.resolve(dtype, device, ops)
     cfg = K2Config.from_dir(path)
     if count < 1 or first < 0 or first + count > cfg.n_routed_experts:
         raise ValueError(
@@ -286,9 +290,9 @@ def load_expert_slice(
         show = ckpt.total_bytes() > 2**30
         total = 3 * count * len(layers)
         with tqdm(total=total, desc="loading experts", unit="tensor", disable=not show) as bar:
-            f = _Filler(ckpt, dtype, fp8_resident, bar, bf16_resident)
+            f = _Filler(ckpt, rt, fp8_resident, bar, bf16_resident)
             for i in layers:
-                ex = LocalExperts(count, cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+                ex = LocalExperts(count, cfg.hidden_size, cfg.moe_intermediate_size, rt)
                 _fill_experts(ex, f"model.layers.{i}.mlp.", f, first)
                 out[i] = ex.eval()
     return cfg, out

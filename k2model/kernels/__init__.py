@@ -6,8 +6,10 @@
 - moe_align.py: routed assignments sorted by expert and padded to whole row blocks
 - grouped_gemm.py: one GEMM over the row blocks of every selected expert (bf16 or fp8, SwiGLU fused)
 - fused_moe.py: the routed-expert forward composed from the three kernels above
-- dispatch.py: what the model calls; Triton on CUDA tensors, the torch references elsewhere
+- dispatch.py: the shapes the kernels share (stacked experts, fp8 parts) and the fp8 linear glue
+- ops.py: the ops backend a model is loaded with (torch twins, the C++ extension, or these
+  kernels), chosen once; the layers call it
 
-Triton is optional: only dispatch.py is imported by the model, and it imports the kernel files on
-first use with a CUDA tensor, so CPU-only installs never import Triton.
+Triton is optional: the kernel files are imported on first use by the triton backend, so a
+model on the torch or cpu backend never imports Triton.
 """

@@ -7,8 +7,8 @@ bytes each decode step reads, and decode on a CPU is bound by those reads (the f
 BLAS reaches ~10 GB/s from DRAM on two cores; csrc/bf16_gemm.cpp reads bf16 at about that rate,
 i.e. twice the weights per second).
 
-The kernel is csrc/bf16_gemm.cpp in cpu_ext's extension. Where that cannot be built,
-`held_dtype` widens the weights at load, as before. Each function falls back to its twin (`*_ref`,
+The kernel is csrc/bf16_gemm.cpp in cpu_ext's extension; the "cpu" ops backend (kernels/ops.py)
+holds bf16 weights for it and calls it, every other backend widens them at load. Each function falls back to its twin (`*_ref`,
 plain torch) for shapes the kernel does not take: many rows (prefill, where the BLAS's compute rate
 matters more than the bytes) and non-bf16 weights.
 """
@@ -22,18 +22,6 @@ from k2model.kernels import cpu_ext
 
 # Above this many rows the BLAS on widened weights is faster (compute-bound; see bench/model.py).
 MAX_ROWS = 96
-
-
-def held_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
-    """The dtype a model computing in `compute` holds a `stored` weight in: bf16 stays bf16 under
-    an fp32 compute where the kernel is available; anything else becomes `compute`."""
-    if stored == torch.bfloat16 and compute == torch.float32 and cpu_ext.available():
-        return stored
-    return compute
-
-
-def hold(weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
-    return weight.to(held_dtype(weight.dtype, compute))
 
 
 def _takes(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:

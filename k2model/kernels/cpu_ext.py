@@ -10,15 +10,14 @@ Built with AVX2/FMA intrinsics by torch's extension builder (~1 minute on two co
 folder of TORCH_EXTENSIONS_DIR named by the sources' content (ext_build.py: the same build
 serves every checkout, a killed build never blocks the next). `k2serve build` builds it ahead of
 serving (`make up` and the images run it); otherwise the first use does. Without an AVX2 CPU or
-a C++ compiler, or with K2_CPU_KERNELS=0, `available()` is False and every call site takes its
-twin.
+a C++ compiler `available()` is False (`unavailable_reason()` says why): the "cpu" ops backend
+(kernels/ops.py) then cannot be chosen, and "auto" takes "torch".
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -44,17 +43,25 @@ def build_args() -> tuple[str, list[Path], list[Path], tuple[str, ...], tuple[st
 
 
 @functools.cache
+def _built() -> tuple[ModuleType | None, str]:
+    """(the compiled module, "") or (None, why not)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return None, f"the CPU has no AVX2 (torch reports {capability})"
+    try:
+        return build(*build_args()), ""
+    except Exception as e:  # no compiler or headers
+        log.warning("k2model CPU extension unavailable: %s", e)
+        return None, f"the build failed: {e}"
+
+
 def extension() -> ModuleType | None:
     """The compiled module, or None where it cannot be had."""
-    if os.environ.get("K2_CPU_KERNELS", "1") == "0":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    try:
-        return build(*build_args())
-    except Exception as e:  # no compiler or headers: every call site keeps its torch twin
-        log.warning("k2model CPU extension unavailable, using the torch paths: %s", e)
-        return None
+    return _built()[0]
+
+
+def unavailable_reason() -> str:
+    return _built()[1]
 
 
 def available() -> bool:

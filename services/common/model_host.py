@@ -11,8 +11,10 @@ import torch
 
 from k2model import K2Model, load_model
 from k2model.constraints import ConstraintCompiler, Vocabulary
-from k2model.kernels import cpu_ext
+from k2model.kernels.ops import OpsUnavailable
+from k2model.runtime import DeviceUnavailable, Runtime
 from services.common import kv_sizing
+from services.common.server import StartupError
 from services.deployment import Deployment, Instance
 from services.experts.client import ExpertsClient, attach_remote_experts
 
@@ -72,16 +74,22 @@ async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClien
     the deployment says `experts: remote` (close the returned client at shutdown)."""
     threads = cpu_threads(dep, me)
     torch.set_num_threads(threads)
-    # Built (or found built) before SERVING, never inside the first request's model step.
-    await asyncio.to_thread(cpu_ext.available)
+    # The device and ops backend are checked, and the CPU extension built (or found built),
+    # before anything is read: never inside the first request's model step.
+    try:
+        rt = await asyncio.to_thread(Runtime.resolve, dep.torch_dtype(me), me.device, me.ops)
+    except (DeviceUnavailable, OpsUnavailable) as e:
+        raise StartupError(f"{me.name}: {e}") from None
     model = await asyncio.to_thread(
         load_model,
         dep.checkpoint,
-        dep.torch_dtype(me),
+        rt.dtype,
         dep.fp8_resident,
         routed_experts=dep.remote_experts is None,
+        device=rt.device,
+        ops=rt.ops.name,
     )
-    log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.dtype, threads)
+    log.info("%s: model loaded (%s, %d CPU threads)", me.name, model.rt.describe(), threads)
     remote = dep.remote_experts
     if remote is None:
         return model, None

@@ -373,11 +373,23 @@ async def run_until_signal(running: RunningServer, grace_s: float) -> None:
             loop.remove_signal_handler(sig)
 
 
+EXIT_STARTUP = 2  # the instance cannot start as its deployment entry says
+
+
+class StartupError(RuntimeError):
+    """The instance cannot start here as its deployment entry says (the message says why)."""
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a service's main coroutine on uvloop (the entry point of every service __main__)."""
+    """Run a service's main coroutine on uvloop (the entry point of every service __main__). A
+    StartupError ends the process with its message on one line and EXIT_STARTUP, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except StartupError as e:
+        log.critical("cannot start: %s", e)
+        raise SystemExit(EXIT_STARTUP) from None
 
 
 def deadline_remaining(context: grpc.aio.ServicerContext) -> float | None:

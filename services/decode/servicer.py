@@ -41,4 +41,5 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Stats(
         self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> decode_pb2.DecodeStats:
-        return decode_pb2.DecodeStats(**self.engine.stats())
+        backend = common_pb2.Backend(**self.engine.model.rt.fields())
+        return decode_pb2.DecodeStats(**self.engine.stats(), backend=backend)

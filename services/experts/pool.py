@@ -29,6 +29,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
+from k2model.runtime import resolve_device
 from services.experts.plan import Part, combine, pack, packed_bytes, split, unpack
 from services.experts.rendezvous import GENERATION_ENV, job_store
 from services.experts.routed import Routed
@@ -43,13 +44,18 @@ class PoolBroken(RuntimeError):
     """A collective failed (a peer died, hung past the timeout, or the job is going down)."""
 
 
-def device_for(local_rank: int) -> torch.device:
-    """This rank's GPU (local ranks spread over the visible GPUs), else the CPU."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+def device_for(local_rank: int, requested: str = "auto") -> torch.device:
+    """This rank's device: for auto and cuda, its GPU (local ranks spread over the visible
+    GPUs; auto: else the CPU); cuda:N as given; cpu. DeviceUnavailable when a GPU is asked for
+    and none is visible."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if requested in ("auto", "cuda"):
+        count = torch.cuda.device_count()
+        requested = f"cuda:{local_rank % count}" if count else "cuda"
+    device = resolve_device(requested)
+    torch.cuda.set_device(device)
+    return device
 
 
 class ExpertPool:
@@ -67,6 +73,7 @@ class ExpertPool:
         device: torch.device,
         load_timeout_s: float,
         collective_timeout_s: float,
+        ops: str = "auto",
     ) -> ExpertPool:
         """Rendezvous (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and the generation from the
         environment, in the supervisor's store: rendezvous.py; DeepSpeed adopts the process
@@ -92,8 +99,10 @@ class ExpertPool:
         rank, ranks = dist.get_rank(), dist.get_world_size()
         groups._create_expert_and_data_parallel(ranks)
         group = groups._get_expert_parallel_group(f"ep_size_{ranks}")
-        shard = ExpertShard.load(checkpoint, rank, ranks, dtype, fp8_resident, device)
-        log.info("rank %d/%d: experts [%d, %d) loaded", rank, ranks, *_span(shard))
+        shard = ExpertShard.load(checkpoint, rank, ranks, dtype, fp8_resident, device, ops)
+        log.info(
+            "rank %d/%d: experts [%d, %d) loaded (%s)", rank, ranks, *_span(shard), shard.describe
+        )
         dist.barrier(group=group)
         _set_pg_timeout(timedelta(seconds=collective_timeout_s), group)
         return cls(shard, group, device)

@@ -21,9 +21,17 @@ import torch
 import uvloop
 
 from k2model.config import K2Config
+from k2model.kernels.ops import OpsUnavailable
+from k2model.runtime import DeviceUnavailable
 from services.common.main_args import parse
 from services.common.model_host import cpu_threads
-from services.common.server import ServerOptions, run_until_signal, start_server
+from services.common.server import (
+    EXIT_STARTUP,
+    ServerOptions,
+    StartupError,
+    run_until_signal,
+    start_server,
+)
 from services.deployment import Deployment, Instance
 from services.experts.batcher import Batcher
 from services.experts.pool import ExpertPool, PoolBroken, device_for
@@ -49,16 +57,20 @@ def die_with_parent() -> None:
             os._exit(1)
 
 
-def join(dep: Deployment, local_rank: int) -> ExpertPool:
-    device = device_for(local_rank)
-    return ExpertPool.join(
-        dep.checkpoint,
-        dep.torch_dtype(),
-        dep.fp8_resident,
-        device,
-        LOAD_TIMEOUT_S,
-        COLLECTIVE_TIMEOUT_S,
-    )
+def join(dep: Deployment, me: Instance, local_rank: int) -> ExpertPool:
+    try:
+        device = device_for(local_rank, me.device)
+        return ExpertPool.join(
+            dep.checkpoint,
+            dep.torch_dtype(),
+            dep.fp8_resident,
+            device,
+            LOAD_TIMEOUT_S,
+            COLLECTIVE_TIMEOUT_S,
+            me.ops,
+        )
+    except (DeviceUnavailable, OpsUnavailable) as e:
+        raise StartupError(f"{me.name}: {e}") from None
 
 
 async def lead(dep: Deployment, me: Instance) -> int:
@@ -71,7 +83,7 @@ async def lead(dep: Deployment, me: Instance) -> int:
         [SERVICE],
         ServerOptions(bind=me.target, security=dep.security),
     )
-    pool = await asyncio.to_thread(join, dep, 0)
+    pool = await asyncio.to_thread(join, dep, me, 0)
     rounds = asyncio.create_task(batcher.run(pool.lead, pool.heartbeat))
     running.set_serving()
     print(f"{me.name} listening on {running.address} ({spec.ranks} ranks)", flush=True)
@@ -90,8 +102,8 @@ async def lead(dep: Deployment, me: Instance) -> int:
     return 0
 
 
-def follow(dep: Deployment, local_rank: int) -> int:
-    pool = join(dep, local_rank)
+def follow(dep: Deployment, me: Instance, local_rank: int) -> int:
+    pool = join(dep, me, local_rank)
     try:
         pool.follow()
     except PoolBroken as exc:
@@ -101,13 +113,21 @@ def follow(dep: Deployment, local_rank: int) -> int:
 
 
 def main() -> None:
+    try:
+        _main()
+    except StartupError as e:
+        log.critical("cannot start: %s", e)
+        sys.exit(EXIT_STARTUP)
+
+
+def _main() -> None:
     die_with_parent()
     dep, me = parse("experts", __doc__)
     if int(os.environ["WORLD_SIZE"]) != me.ranks:
         sys.exit(f"WORLD_SIZE {os.environ['WORLD_SIZE']} but {me.name} has {me.ranks} ranks")
     torch.set_num_threads(cpu_threads(dep, me))
     if int(os.environ["RANK"]) != 0:
-        sys.exit(follow(dep, int(os.environ["LOCAL_RANK"])))
+        sys.exit(follow(dep, me, int(os.environ["LOCAL_RANK"])))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         sys.exit(runner.run(lead(dep, me)))
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from k2model.checkpoint.loader import default_dtype, load_expert_slice
+from k2model.checkpoint.loader import load_expert_slice
 from k2model.config import K2Config
-from k2model.kernels import cpu_ext
 from k2model.moe import LocalExperts
 from services.experts.plan import Part
 from services.experts.routed import PoolSpec
@@ -32,15 +31,20 @@ class ExpertShard:
         dtype: torch.dtype | None,
         fp8_resident: bool,
         device: torch.device,
+        ops: str = "auto",
     ) -> ExpertShard:
         spec = PoolSpec.of(K2Config.from_dir(checkpoint), ranks)
-        dtype = dtype or default_dtype(device)
-        if device.type == "cpu":
-            cpu_ext.available()  # built before the pool serves, not in its first round
         _, experts = load_expert_slice(
-            checkpoint, spec.first(rank), spec.per_rank, dtype, fp8_resident
+            checkpoint, spec.first(rank), spec.per_rank, dtype, fp8_resident, device=device, ops=ops
         )
-        return cls(rank, spec, {i: _to(ex, device) for i, ex in experts.items()})
+        return cls(rank, spec, experts)
+
+    @property
+    def describe(self) -> str:
+        ex = next(iter(self.experts.values()))
+        return (
+            f"device {ex.device}, compute {str(ex.dtype).removeprefix('torch.')}, ops {ex.ops.name}"
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,10 +61,3 @@ class ExpertShard:
             y = self.experts[layer](part.x[r], local[sel, None], part.weights[sel, None])
             out.index_add_(0, r, y)
         return out
-
-
-def _to(ex: LocalExperts, device: torch.device) -> LocalExperts:
-    """Module.to moves the stacked buffers; resident fp8 parts are a plain list, moved here."""
-    if ex.fp8 is not None:
-        ex.fp8 = [tuple((w.to(device), sc.to(device)) for w, sc in trio) for trio in ex.fp8]
-    return ex.to(device)

@@ -45,4 +45,5 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Stats(
         self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillStats:
-        return prefill_pb2.PrefillStats(**self.engine.stats())
+        backend = common_pb2.Backend(**self.engine.model.rt.fields())
+        return prefill_pb2.PrefillStats(**self.engine.stats(), backend=backend)

@@ -31,6 +31,7 @@ LAYOUTS = {
     "local": ("local.yaml", "cpu"),
     "node": ("node.yaml", "cuda"),
     "cluster": ("cluster.yaml", "cuda"),
+    "gpu": ("gpu.yaml", "cuda"),
 }
 IN_CONTAINER = Path("/etc/k2serve/deployment.yaml")
 
@@ -195,6 +196,7 @@ def test_gpu_reservations_only_in_the_cuda_variant(name: str) -> None:
     dep, out, variant = layout(name)
     for host, spec in files(out).items():
         used: list[str] = []
+        named = set()  # GPUs the description names (cuda:N): instances may share those
         for service_name, service in spec["services"].items():
             devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
             devices = devices.get("devices", [])
@@ -207,7 +209,23 @@ def test_gpu_reservations_only_in_the_cuda_variant(name: str) -> None:
             for d in devices:
                 assert d["driver"] == "nvidia" and d["capabilities"] == ["gpu"]
                 used += d["device_ids"]
-        assert len(used) == len(set(used)), f"{host}: a GPU reserved twice"
+            if inst is not None and inst.device.startswith("cuda:"):
+                assert [d["device_ids"][0] for d in devices] == [inst.device.split(":")[1]]
+                named.add(inst.device.split(":")[1])
+        unnamed = [g for g in used if g not in named]
+        assert len(unnamed) == len(set(unnamed)), f"{host}: a GPU reserved twice"
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_each_container_computes_on_what_it_reserved(name: str) -> None:
+    """Inside a container its reserved GPU is cuda:0 (a pool's ranks spread over theirs)."""
+    dep, out, variant = layout(name)
+    view = Deployment.load(out / "deployment.yaml")
+    for inst in dep.processes():
+        if inst.kind in ("prefill", "decode", "experts"):
+            inside = view.instance(inst.name)
+            gpu = {"experts": "cuda"}.get(inst.kind, "cuda:0")
+            assert inside.device == (gpu if variant == "cuda" else "cpu"), inst.name
 
 
 def test_scaling_decode_is_a_change_in_the_description(tmp_path: Path) -> None:

@@ -151,7 +151,7 @@ def test_estimate_token_count_like_moonshot(serve) -> None:
 
 def test_health_and_metrics_need_no_key() -> None:
     async def stats():
-        return [DecodeLoad("decode-0", queued=3, running=5, kv_blocks_total=200, kv_blocks_free=50)]
+        return [DecodeLoad("decode-0", 3, 5, 200, 50, device="cpu", ops="cpu", dtype="float32")]
 
     with running(ScriptedChat(), decode_stats=stats) as base:
         client(base).chat.completions.create(model="kimi-k2-instruct", messages=USER)
@@ -168,6 +168,8 @@ def test_health_and_metrics_need_no_key() -> None:
     assert 'k2_decode_queued_requests{instance="decode-0"} 3.0' in text
     assert 'k2_decode_running_requests{instance="decode-0"} 5.0' in text
     assert 'k2_decode_kv_usage_ratio{instance="decode-0"} 0.75' in text
+    info = 'k2_decode_backend_info{device="cpu",dtype="float32",instance="decode-0",ops="cpu"} 1.0'
+    assert info in text
 
 
 def long_reply(request):

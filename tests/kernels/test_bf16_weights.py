@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from k2model.kernels import bf16_weights, cpu_ext
+from k2model.kernels.ops import Ops
 from tests.kernels.helpers import assert_near, poisoned_outputs
 
 needs_kernel = pytest.mark.skipif(
@@ -75,27 +76,13 @@ def test_other_dtypes_and_many_rows_take_the_twin(gen: torch.Generator) -> None:
     assert torch.equal(bf16_weights.linear(many, w.bfloat16()), many @ w.bfloat16().float().T)
 
 
-@needs_kernel
-def test_hold_keeps_bf16_only_under_fp32() -> None:
-    bf16 = torch.zeros(4, 4, dtype=torch.bfloat16)
-    assert bf16_weights.hold(bf16, torch.float32).dtype == torch.bfloat16
-    assert bf16_weights.hold(bf16, torch.bfloat16).dtype == torch.bfloat16
-    assert bf16_weights.hold(bf16.half(), torch.float32).dtype == torch.float32
-    assert bf16_weights.hold(bf16.float(), torch.float32).dtype == torch.float32
-
-
-def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """K2_CPU_KERNELS=0 turns the kernel off: weights are then widened at load."""
-    monkeypatch.setenv("K2_CPU_KERNELS", "0")
-    cpu_ext.extension.cache_clear()
-    try:
-        assert not cpu_ext.available()
-        assert bf16_weights.hold(torch.zeros(2, dtype=torch.bfloat16), torch.float32).dtype == (
-            torch.float32
-        )
-    finally:
-        monkeypatch.delenv("K2_CPU_KERNELS")
-        cpu_ext.extension.cache_clear()
+def test_only_the_cpu_backend_holds_bf16_and_only_under_fp32() -> None:
+    cpu, torch_ops = Ops("cpu"), Ops("torch")
+    assert cpu.held_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
+    assert cpu.held_dtype(torch.bfloat16, torch.bfloat16) == torch.bfloat16
+    assert cpu.held_dtype(torch.float16, torch.float32) == torch.float32
+    assert cpu.held_dtype(torch.float32, torch.float32) == torch.float32
+    assert torch_ops.held_dtype(torch.bfloat16, torch.float32) == torch.float32
 
 
 @needs_kernel

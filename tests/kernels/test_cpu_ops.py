@@ -13,6 +13,7 @@ import torch
 from k2model.kernels import cpu_ext, mla_decode
 from k2model.layers import RMSNorm
 from k2model.moe import LocalExperts
+from k2model.runtime import Runtime
 from tests.kernels.helpers import assert_near, poisoned_outputs
 
 pytestmark = pytest.mark.skipif(
@@ -28,7 +29,7 @@ def gen() -> torch.Generator:
 
 @pytest.mark.parametrize(("rows", "dim"), [(1, 8), (3, 13), (17, 512), (64, 100)])
 def test_rms_norm(rows: int, dim: int, gen: torch.Generator, monkeypatch) -> None:
-    norm = RMSNorm(dim, 1e-6, torch.float32)
+    norm = RMSNorm(dim, 1e-6, Runtime.resolve(torch.float32))
     norm.weight.copy_(torch.rand(dim, generator=gen) + 0.5)
     wide = torch.randn(rows, dim + 5, generator=gen) * 3
     x = wide[:, :dim]  # strided rows, as the q/kv latents split from one projection are
@@ -40,7 +41,7 @@ def test_rms_norm(rows: int, dim: int, gen: torch.Generator, monkeypatch) -> Non
 def _experts(
     n: int, dim: int, inter: int, gen: torch.Generator, held: torch.dtype = torch.bfloat16
 ) -> LocalExperts:
-    ex = LocalExperts(n, dim, inter, torch.float32)
+    ex = LocalExperts(n, dim, inter, Runtime.resolve(torch.float32))
     ex.hold(held)
     ex.gate_up.copy_(torch.randn(ex.gate_up.shape, generator=gen) * 0.2)
     ex.down.copy_(torch.randn(ex.down.shape, generator=gen) * 0.2)

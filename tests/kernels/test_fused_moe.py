@@ -12,6 +12,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 from k2model.kernels import fused_moe as fused_moe_module
 from k2model.kernels.act_quant import act_quant_ref
 from k2model.kernels.fused_moe import fused_moe, fused_moe_ref
+from k2model.runtime import Runtime
 
 E, D, INTER, K = 6, 160, 144, 2  # D and INTER are ragged against 128-channel fp8 blocks
 # fp8: the SwiGLU output is quantised again for the down GEMM, so an fp32 difference in the
@@ -21,7 +22,7 @@ REQUANT_TOL = 1e-3
 
 
 def local_experts(fp8: bool) -> LocalExperts:
-    ex = LocalExperts(E, D, INTER, torch.float32)
+    ex = LocalExperts(E, D, INTER, Runtime.resolve(torch.float32))
     ex.gate_up.copy_(torch.randn_like(ex.gate_up) * 0.2)
     ex.down.copy_(torch.randn_like(ex.down) * 0.2)
     if fp8:

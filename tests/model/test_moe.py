@@ -8,11 +8,12 @@ import torch
 from k2model.checkpoint.random_init import tiny_config
 from k2model.config import K2Config
 from k2model.moe import LocalExperts, Router
+from k2model.runtime import Runtime
 
 
 def experts(seed: int) -> LocalExperts:
     torch.manual_seed(seed)
-    ex = LocalExperts(n_experts=6, dim=32, inter=16, dtype=torch.float32)
+    ex = LocalExperts(6, 32, 16, Runtime.resolve(torch.float32))
     ex.gate_up.copy_(torch.randn_like(ex.gate_up) * 0.2)
     ex.down.copy_(torch.randn_like(ex.down) * 0.2)
     return ex
@@ -29,7 +30,7 @@ def test_grouped_equals_loop(tokens: int) -> None:
 
 def test_router_weights_use_unbiased_scores() -> None:
     cfg = K2Config.from_dict(tiny_config(n_routed_experts=4, num_experts_per_tok=2))
-    r = Router(cfg, torch.float32)
+    r = Router(cfg, Runtime.resolve(torch.float32))
     r.weight.zero_()
     r.weight[:, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])
     r.bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))  # the bias alone picks experts 0 and 1
@@ -45,7 +46,7 @@ def test_group_limited_selection_keeps_best_groups() -> None:
     cfg = K2Config.from_dict(
         tiny_config(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2)
     )
-    r = Router(cfg, torch.float32)
+    r = Router(cfg, Runtime.resolve(torch.float32))
     r.weight.zero_()
     # Expert 0 has the single best score, but group 3 (experts 6, 7) has the best top-2 sum.
     r.weight[:, 0] = torch.tensor([5.0, -5.0, 0, 0, 0, 0, 3.0, 3.0])

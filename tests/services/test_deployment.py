@@ -74,6 +74,29 @@ def test_decode_steps_yield_to_a_prefill_on_their_host() -> None:
     assert step_priority(dep, dep.instance("prefill-0")) == 0
 
 
+def test_model_processes_choose_their_device_and_ops() -> None:
+    dep = Deployment.from_dict(
+        minimal(
+            prefill=[{"port": 2, "device": "cuda:1", "ops": "triton"}],
+            decode=[{"port": 3, "device": "cpu", "ops": "cpu"}],
+        )
+    )
+    prefill, decode = dep.instance("prefill-0"), dep.instance("decode-0")
+    assert (prefill.device, prefill.ops, decode.device, decode.ops) == (
+        "cuda:1",
+        "triton",
+        "cpu",
+        "cpu",
+    )
+    assert (dep.instance("tokenizer-0").device, dep.instance("tokenizer-0").ops) == ("auto", "auto")
+    with pytest.raises(DeploymentError, match=r"decode\[0\]\.device: expected auto, cpu, cuda"):
+        Deployment.from_dict(minimal(decode=[{"port": 3, "device": "gpu"}]))
+    with pytest.raises(DeploymentError, match=r"prefill\[0\]\.ops: expected one of auto, torch"):
+        Deployment.from_dict(minimal(prefill=[{"port": 2, "ops": "cuda"}]))
+    with pytest.raises(DeploymentError, match=r"tokenizer\[0\]\.device: not a setting"):
+        Deployment.from_dict(minimal(tokenizer=[{"port": 1, "device": "cpu"}]))
+
+
 def test_prefill_and_decode_may_compute_in_their_own_dtype() -> None:
     dep = Deployment.from_dict(
         minimal(model={"dtype": "float32"}, prefill=[{"port": 2, "dtype": "bfloat16"}])

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2model.moe import LocalExperts
+from k2model.runtime import Runtime
 from services.experts.plan import combine, pack, packed_bytes, split, unpack
 from services.experts.routed import PoolSpec, Routed
 from services.experts.shard import ExpertShard
@@ -20,7 +21,7 @@ def full_layers(seed: int) -> dict[int, LocalExperts]:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for layer in LAYERS:
-        ex = LocalExperts(E, D, INTER, torch.float32)
+        ex = LocalExperts(E, D, INTER, Runtime.resolve(torch.float32))
         ex.gate_up.copy_(torch.randn(ex.gate_up.shape, generator=gen) * 0.2)
         ex.down.copy_(torch.randn(ex.down.shape, generator=gen) * 0.2)
         out[layer] = ex
@@ -35,7 +36,7 @@ def shards(layers: dict[int, LocalExperts], ranks: int) -> list[ExpertShard]:
         lo, hi = spec.first(r), spec.first(r) + spec.per_rank
         mine = {}
         for layer, ex in layers.items():
-            part = LocalExperts(spec.per_rank, D, INTER, torch.float32)
+            part = LocalExperts(spec.per_rank, D, INTER, Runtime.resolve(torch.float32))
             part.gate_up.copy_(ex.gate_up[lo:hi])
             part.down.copy_(ex.down[lo:hi])
             mine[layer] = part

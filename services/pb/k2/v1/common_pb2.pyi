@@ -95,6 +95,16 @@ class SampledToken(_message.Message):
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
+class Backend(_message.Message):
+    __slots__ = ("device", "ops", "dtype")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    ops: str
+    dtype: str
+    def __init__(self, device: _Optional[str] = ..., ops: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

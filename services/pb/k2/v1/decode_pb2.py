@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.pb.k2.v1 import common_pb2 as k2_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12k2/v1/decode.proto\x12\x05k2.v1\x1a\x12k2/v1/common.proto\"\xcb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\'\n\x08sampling\x18\x03 \x01(\x0b\x32\x15.k2.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x10\n\x08stop_ids\x18\x05 \x03(\x05\x12%\n\nconstraint\x18\x06 \x01(\x0b\x32\x11.k2.v1.Constraint\x12\x16\n\x0emin_new_tokens\x18\x07 \x01(\x05\"b\n\rGenerateEvent\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.k2.v1.SampledToken\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"\xa1\x01\n\x0b\x44\x65\x63odeStats\x12\x0e\n\x06queued\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x03\x12\x17\n\x0frequests_served\x18\x07 \x01(\x03\x32v\n\x06\x44\x65\x63ode\x12:\n\x08Generate\x12\x16.k2.v1.GenerateRequest\x1a\x14.k2.v1.GenerateEvent0\x01\x12\x30\n\x05Stats\x12\x13.k2.v1.StatsRequest\x1a\x12.k2.v1.DecodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12k2/v1/decode.proto\x12\x05k2.v1\x1a\x12k2/v1/common.proto\"\xcb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\'\n\x08sampling\x18\x03 \x01(\x0b\x32\x15.k2.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x10\n\x08stop_ids\x18\x05 \x03(\x05\x12%\n\nconstraint\x18\x06 \x01(\x0b\x32\x11.k2.v1.Constraint\x12\x16\n\x0emin_new_tokens\x18\x07 \x01(\x05\"b\n\rGenerateEvent\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.k2.v1.SampledToken\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"\xc2\x01\n\x0b\x44\x65\x63odeStats\x12\x0e\n\x06queued\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x03\x12\x17\n\x0frequests_served\x18\x07 \x01(\x03\x12\x1f\n\x07\x62\x61\x63kend\x18\x08 \x01(\x0b\x32\x0e.k2.v1.Backend2v\n\x06\x44\x65\x63ode\x12:\n\x08Generate\x12\x16.k2.v1.GenerateRequest\x1a\x14.k2.v1.GenerateEvent0\x01\x12\x30\n\x05Stats\x12\x13.k2.v1.StatsRequest\x1a\x12.k2.v1.DecodeStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEEVENT']._serialized_start=255
   _globals['_GENERATEEVENT']._serialized_end=353
   _globals['_DECODESTATS']._serialized_start=356
-  _globals['_DECODESTATS']._serialized_end=517
-  _globals['_DECODE']._serialized_start=519
-  _globals['_DECODE']._serialized_end=637
+  _globals['_DECODESTATS']._serialized_end=550
+  _globals['_DECODE']._serialized_start=552
+  _globals['_DECODE']._serialized_end=670
 # @@protoc_insertion_point(module_scope)

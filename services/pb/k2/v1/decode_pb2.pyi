@@ -36,7 +36,7 @@ class GenerateEvent(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[_common_pb2.SampledToken, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeStats(_message.Message):
-    __slots__ = ("queued", "running", "kv_blocks_total", "kv_blocks_free", "block_size", "preemptions", "requests_served")
+    __slots__ = ("queued", "running", "kv_blocks_total", "kv_blocks_free", "block_size", "preemptions", "requests_served", "backend")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class DecodeStats(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     queued: int
     running: int
     kv_blocks_total: int
@@ -51,4 +52,5 @@ class DecodeStats(_message.Message):
     block_size: int
     preemptions: int
     requests_served: int
-    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ..., preemptions: _Optional[int] = ..., requests_served: _Optional[int] = ...) -> None: ...
+    backend: _common_pb2.Backend
+    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ..., preemptions: _Optional[int] = ..., requests_served: _Optional[int] = ..., backend: _Optional[_Union[_common_pb2.Backend, _Mapping]] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.pb.k2.v1 import common_pb2 as k2_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13k2/v1/prefill.proto\x12\x05k2.v1\x1a\x12k2/v1/common.proto\"\x88\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\'\n\x08sampling\x18\x03 \x01(\x0b\x32\x15.k2.v1.SamplingParams\x12%\n\nconstraint\x18\x04 \x01(\x0b\x32\x11.k2.v1.Constraint\"L\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0btoken_start\x18\x02 \x01(\x05\x12\x1d\n\x06latent\x18\x03 \x01(\x0b\x32\r.k2.v1.Tensor\"`\n\x0cPrefillChunk\x12\x1c\n\x02kv\x18\x01 \x01(\x0b\x32\x0e.k2.v1.KvChunkH\x00\x12*\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x13.k2.v1.SampledTokenH\x00\x42\x06\n\x04part\"\x8f\x01\n\x0cPrefillStats\x12\x0e\n\x06queued\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x05\x12\x16\n\x0eprompts_served\x18\x05 \x01(\x03\x12\x15\n\rkv_bytes_sent\x18\x06 \x01(\x03\x32u\n\x07Prefill\x12\x37\n\x07Prefill\x12\x15.k2.v1.PrefillRequest\x1a\x13.k2.v1.PrefillChunk0\x01\x12\x31\n\x05Stats\x12\x13.k2.v1.StatsRequest\x1a\x13.k2.v1.PrefillStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13k2/v1/prefill.proto\x12\x05k2.v1\x1a\x12k2/v1/common.proto\"\x88\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\'\n\x08sampling\x18\x03 \x01(\x0b\x32\x15.k2.v1.SamplingParams\x12%\n\nconstraint\x18\x04 \x01(\x0b\x32\x11.k2.v1.Constraint\"L\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0btoken_start\x18\x02 \x01(\x05\x12\x1d\n\x06latent\x18\x03 \x01(\x0b\x32\r.k2.v1.Tensor\"`\n\x0cPrefillChunk\x12\x1c\n\x02kv\x18\x01 \x01(\x0b\x32\x0e.k2.v1.KvChunkH\x00\x12*\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x13.k2.v1.SampledTokenH\x00\x42\x06\n\x04part\"\xb0\x01\n\x0cPrefillStats\x12\x0e\n\x06queued\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x05\x12\x16\n\x0eprompts_served\x18\x05 \x01(\x03\x12\x15\n\rkv_bytes_sent\x18\x06 \x01(\x03\x12\x1f\n\x07\x62\x61\x63kend\x18\x07 \x01(\x0b\x32\x0e.k2.v1.Backend2u\n\x07Prefill\x12\x37\n\x07Prefill\x12\x15.k2.v1.PrefillRequest\x1a\x13.k2.v1.PrefillChunk0\x01\x12\x31\n\x05Stats\x12\x13.k2.v1.StatsRequest\x1a\x13.k2.v1.PrefillStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,7 +39,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLCHUNK']._serialized_start=267
   _globals['_PREFILLCHUNK']._serialized_end=363
   _globals['_PREFILLSTATS']._serialized_start=366
-  _globals['_PREFILLSTATS']._serialized_end=509
-  _globals['_PREFILL']._serialized_start=511
-  _globals['_PREFILL']._serialized_end=628
+  _globals['_PREFILLSTATS']._serialized_end=542
+  _globals['_PREFILL']._serialized_start=544
+  _globals['_PREFILL']._serialized_end=661
 # @@protoc_insertion_point(module_scope)

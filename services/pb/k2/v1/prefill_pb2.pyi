@@ -38,17 +38,19 @@ class PrefillChunk(_message.Message):
     def __init__(self, kv: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[_common_pb2.SampledToken, _Mapping]] = ...) -> None: ...
 
 class PrefillStats(_message.Message):
-    __slots__ = ("queued", "running", "kv_blocks_total", "kv_blocks_free", "prompts_served", "kv_bytes_sent")
+    __slots__ = ("queued", "running", "kv_blocks_total", "kv_blocks_free", "prompts_served", "kv_bytes_sent", "backend")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     queued: int
     running: int
     kv_blocks_total: int
     kv_blocks_free: int
     prompts_served: int
     kv_bytes_sent: int
-    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prompts_served: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ...) -> None: ...
+    backend: _common_pb2.Backend
+    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prompts_served: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., backend: _Optional[_Union[_common_pb2.Backend, _Mapping]] = ...) -> None: ...
