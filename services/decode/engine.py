@@ -277,7 +277,8 @@ class DecodeEngine:
 
         def write(layer: int, start: int, latent: torch.Tensor) -> None:
             pos = torch.arange(start, start + latent.shape[0])
-            blocks = torch.tensor(seq.blocks)[pos // bs]
-            cache.write(layer, blocks * bs + pos % bs, latent)
+            slots = torch.tensor(seq.blocks)[pos // bs] * bs + pos % bs
+            # straight into the pool's blocks on its device (one host-to-device copy per chunk)
+            cache.write(layer, slots.to(cache.data.device), latent.to(cache.data.device))
 
         return write

@@ -188,6 +188,9 @@ class PrefillEngine:
         offsets = list(itertools.accumulate((n for _, n in plan), initial=0))
 
         def send(layer: int, latents: torch.Tensor) -> None:  # runs on the model thread
+            # One device-to-host copy per layer and step (none on a CPU), made here, while the
+            # layer's latents are current: the event loop encodes host memory only.
+            latents = latents.to("cpu")
             for (job, n), start in zip(plan, offsets, strict=False):
                 if not job.cancelled:
                     part = KvPart(layer, job.done, latents[start : start + n])
