@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from k2model.quant_config import Int4Scheme, QuantConfigError, parse_compressed_tensors
+
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 
 
@@ -68,6 +70,7 @@ class K2Config:
     tie_word_embeddings: bool
     fp8_block_size: tuple[int, int] | None
     model_type: str = "kimi_k2"
+    int4: Int4Scheme | None = None  # compressed-tensors INT4 routed experts (K2-Thinking, K2.5)
 
     @property
     def qk_head_dim(self) -> int:
@@ -109,6 +112,10 @@ class K2Config:
     def from_dict(cls, raw: dict[str, Any]) -> K2Config:
         if not isinstance(raw, dict):
             raise ConfigError("config must be a JSON object")
+        text = raw.get("text_config")
+        if isinstance(text, dict):  # K2.5 / K2.6: the language model of a multimodal config
+            quant = text.get("quantization_config", raw.get("quantization_config"))
+            return _parse({**text, "quantization_config": quant} if quant else text)
         return _parse(raw)
 
 
@@ -176,6 +183,7 @@ def _parse(raw: dict[str, Any]) -> K2Config:
         pad_token_id=_opt_int(raw.get("pad_token_id")),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         fp8_block_size=_parse_quant(quant),
+        int4=_parse_int4(quant),
         model_type=model_type,
     )
     _check(cfg, raw)
@@ -232,14 +240,28 @@ def _parse_quant(quant: Any) -> tuple[int, int] | None:
     if not isinstance(quant, dict):
         raise ConfigError("quantization_config must be an object")
     method = quant.get("quant_method")
+    if method == "compressed-tensors":
+        return None  # INT4 experts: _parse_int4
     if method != "fp8":
-        raise ConfigError(f"quantization method {method!r} is not supported (only block fp8)")
+        raise ConfigError(
+            f"quantization_config.quant_method {method!r} is not supported "
+            "(block fp8, or compressed-tensors INT4)"
+        )
     block = quant.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block)):
         raise ConfigError(f"fp8 weight_block_size must be two integers, got {block!r}")
     if block != [128, 128]:  # K2's and DeepSeek-V3's; the dequantisation and kernels assume it
         raise ConfigError(f"fp8 weight_block_size {block} is not supported (only [128, 128])")
     return (block[0], block[1])
+
+
+def _parse_int4(quant: Any) -> Int4Scheme | None:
+    if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
+        return None
+    try:
+        return parse_compressed_tensors(quant)
+    except QuantConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check(cfg: K2Config, raw: dict[str, Any]) -> None:

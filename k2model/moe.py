@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2model.checkpoint.fp8 import dequantize_block_fp8
+from k2model.checkpoint.int4 import dequantize_int4
 from k2model.config import K2Config
 from k2model.kernels.dispatch import ExpertWeights
 from k2model.layers import MLP, as_dtype, as_f32
 from k2model.runtime import Runtime
 
-_FP8_STACKS = ("gate", "gate_scale", "up", "up_scale", "down", "down_scale")
+_STACKS = ("gate", "gate_scale", "up", "up_scale", "down", "down_scale")
 
 
 class Router(nn.Module):
@@ -82,6 +83,7 @@ class LocalExperts(nn.Module):
         self.gate_up = nn.Buffer(rt.empty(held, 2 * inter, dim))
         self.down = nn.Buffer(rt.empty(held, dim, inter))
         self.fp8 = False  # fp8 resident: the stacks are buffers fp8_gate, fp8_gate_scale, ...
+        self.int4 = False  # INT4: packed stacks int4_gate, int4_gate_scale, ... (checkpoint/int4)
 
     def hold(self, dtype: torch.dtype) -> None:
         """Re-allocate the stacks in `dtype` (bf16 under an fp32 compute: kernels/ops.py)."""
@@ -95,15 +97,30 @@ class LocalExperts(nn.Module):
         """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s)), stacked over E into
         buffers on the runtime's device once, here."""
         rows = [tuple(t for part in trio for t in part) for trio in experts]
-        for name, column in zip(_FP8_STACKS, zip(*rows, strict=True), strict=True):
+        for name, column in zip(_STACKS, zip(*rows, strict=True), strict=True):
             self.register_buffer(f"fp8_{name}", torch.stack(column).to(self.device))
         self.fp8 = True
         self.gate_up = nn.Buffer(self.gate_up.new_empty(0, 2 * self.inter, self.dim))
         self.down = nn.Buffer(self.down.new_empty(0, self.dim, self.inter))
 
+    def set_int4(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
+        """experts[e] = ((gate_packed, gate_scale), (up_..), (down_..)): stacked over E into
+        packed buffers (int32 words of eight 4-bit values, bf16 group scales), never widened."""
+        rows = [tuple(t for part in trio for t in part) for trio in experts]
+        for name, column in zip(_STACKS, zip(*rows, strict=True), strict=True):
+            self.register_buffer(f"int4_{name}", torch.stack(column).to(self.device))
+        self.int4 = True
+        self.gate_up = nn.Buffer(self.gate_up.new_empty(0, 2 * self.inter, self.dim))
+        self.down = nn.Buffer(self.down.new_empty(0, self.dim, self.inter))
+
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's gate_up [2I, D] and down [D, I]: views (in the held dtype), or dequantised
-        now when fp8."""
+        now when fp8 or INT4."""
+        if self.int4:
+            w = {name: getattr(self, f"int4_{name}")[e] for name in _STACKS}
+            gate = dequantize_int4(w["gate"], w["gate_scale"], self.dtype)
+            up = dequantize_int4(w["up"], w["up_scale"], self.dtype)
+            return torch.cat((gate, up)), dequantize_int4(w["down"], w["down_scale"], self.dtype)
         if not self.fp8:
             return self.gate_up[e], self.down[e]
         w = self.stacked()
@@ -117,7 +134,7 @@ class LocalExperts(nn.Module):
         if not self.fp8:
             i = self.inter
             return ExpertWeights(self.gate_up[:, :i], self.gate_up[:, i:], self.down)
-        return ExpertWeights(**{name: getattr(self, f"fp8_{name}") for name in _FP8_STACKS})
+        return ExpertWeights(**{name: getattr(self, f"fp8_{name}") for name in _STACKS})
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.ops.routed_experts(self, x, ids, weights)
@@ -165,7 +182,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.router(x)
-        if self.remote is None and self.experts.gate_up.shape[0] == 0 and not self.experts.fp8:
+        held = self.experts.gate_up.shape[0] or self.experts.fp8 or self.experts.int4
+        if self.remote is None and not held:
             raise RuntimeError("this model was loaded without routed experts and has no remote")
         out = (self.remote or self.experts)(x, ids, weights)
         return out + self.shared(x) if self.shared is not None else out

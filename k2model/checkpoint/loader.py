@@ -8,12 +8,16 @@ per layer on the fly (`fp8_resident=True`, about half the memory).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from k2model.checkpoint import int4 as int4_format
 from k2model.checkpoint.fp8 import BLOCK, dequantize_block_fp8
 from k2model.checkpoint.shards import CheckpointError, ShardedCheckpoint
 from k2model.config import K2Config
@@ -22,6 +26,7 @@ from k2model.model import K2Model
 from k2model.moe import LocalExperts, MoE
 from k2model.runtime import Runtime
 
+log = logging.getLogger(__name__)
 SCALE_SUFFIX = "_scale_inv"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -90,8 +95,12 @@ def validate(ckpt: ShardedCheckpoint, cfg: K2Config) -> dict[str, tuple[int, ...
     want = expected_shapes(cfg)
     names = {n for n in ckpt.names() if not _ignored(n, cfg)}
     scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
-    problems = [f"missing tensor {n}" for n in sorted(want.keys() - names)]
-    problems += [f"unexpected tensor {n}" for n in sorted(names - want.keys() - scales)]
+    # INT4 weight X.weight is stored as X.weight_packed, X.weight_scale, X.weight_shape
+    int4 = {n.removesuffix("_packed") for n in names if n.endswith("." + int4_format.PACKED)}
+    triples = {f"{b}_{part}" for b in int4 for part in ("packed", "scale", "shape")}
+    problems = [f"missing tensor {n}" for n in sorted(want.keys() - names - int4)]
+    problems += [f"unexpected tensor {n}" for n in sorted(names - want.keys() - scales - triples)]
+    problems += _int4_problems(ckpt, cfg, want, int4, names)
     for name in sorted(want.keys() & names):
         shape, dtype = tuple(ckpt.shape(name)), ckpt.dtype(name)
         if shape != want[name]:
@@ -116,6 +125,56 @@ def validate(ckpt: ShardedCheckpoint, cfg: K2Config) -> dict[str, tuple[int, ...
     if problems:
         raise CheckpointError(_summarise(ckpt, problems))
     return want
+
+
+def _int4_problems(
+    ckpt: ShardedCheckpoint,
+    cfg: K2Config,
+    want: dict[str, tuple[int, ...]],
+    bases: set[str],
+    names: set[str],
+) -> list[str]:
+    """Each INT4 weight (`<name>_packed`, `_scale`, `_shape`: checkpoint/int4.py) is a routed
+    expert's, announced by the config, with the shapes its [out, in] implies."""
+    if bases and cfg.int4 is None:
+        return [f"{min(bases)}_packed is INT4 but config.json has no compressed-tensors scheme"]
+    problems = []
+    for base in sorted(bases):
+        if base not in want or ".mlp.experts." not in base:
+            problems.append(f"{base}_packed: INT4 is served for routed experts only")
+            continue
+        out, cols = want[base]
+        for part, shape, dtypes in (
+            ("packed", (out, cols // 8), (torch.int32,)),
+            ("scale", (out, cols // int4_format.GROUP), _FLOAT_DTYPES),
+            ("shape", (2,), (torch.int32, torch.int64)),
+        ):
+            name = f"{base}_{part}"
+            if name not in names:
+                problems.append(f"missing tensor {name}")
+            elif tuple(ckpt.shape(name)) != shape or ckpt.dtype(name) not in dtypes:
+                got = f"{list(ckpt.shape(name))} {ckpt.dtype(name)}"
+                problems.append(f"{name} is {got}, expected {list(shape)} {dtypes[0]}")
+        if f"{base}_shape" in names and ckpt.get(f"{base}_shape").tolist() != [out, cols]:
+            problems.append(
+                f"{base}_shape says {ckpt.get(f'{base}_shape').tolist()}, expected {[out, cols]}"
+            )
+    return problems
+
+
+@contextlib.contextmanager
+def _open_text_model(path: Path) -> Iterator[ShardedCheckpoint]:
+    """The checkpoint's language model; a multimodal one's vision tensors are skipped, said
+    once (K2 serves text: a request with image parts is refused)."""
+    with ShardedCheckpoint.open(path) as whole:
+        ckpt, skipped = whole.text_model()
+        if skipped:
+            log.info(
+                "%s: multimodal checkpoint, %d non-text tensors skipped (text only)",
+                path,
+                len(skipped),
+            )
+        yield ckpt
 
 
 def _summarise(ckpt: ShardedCheckpoint, problems: list[str], limit: int = 20) -> str:
@@ -163,6 +222,12 @@ class _Filler:
         weight = self.ckpt.get(name).to(self.rt.device)
         return weight, self.ckpt.get(name + SCALE_SUFFIX).to(self.rt.device, torch.float32)
 
+    def int4_part(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed int32, bf16 scale) of an INT4 weight, on the device as stored."""
+        self.bar.update(1)
+        packed = self.ckpt.get(name + "_packed").to(self.rt.device)
+        return packed, self.ckpt.get(name + "_scale").to(self.rt.device, torch.bfloat16)
+
     def linear(self, layer: Linear, names: list[str]) -> None:
         if self.fp8_resident and all(self.is_fp8(n) for n in names):
             layer.set_fp8([self.part(n) for n in names])
@@ -193,7 +258,7 @@ def load_model(
     """
     rt = Runtime.resolve(dtype, device, ops)
     cfg = K2Config.from_dir(path)
-    with ShardedCheckpoint.open(Path(path)) as ckpt:
+    with _open_text_model(Path(path)) as ckpt:
         want = validate(ckpt, cfg)
         model = K2Model(cfg, rt, routed_experts)
         show = progress if progress is not None else ckpt.total_bytes() > 2**30
@@ -250,7 +315,9 @@ def _fill_experts(ex: LocalExperts, m: str, f: _Filler, first: int) -> None:
         [f"{m}experts.{e}.{w}_proj.weight" for w in ("gate", "up", "down")]
         for e in range(first, first + ex.n_experts)
     ]
-    if f.fp8_resident and all(f.is_fp8(n) for n in names[0]):
+    if names[0][0] + "_packed" in f.ckpt:  # INT4: resident packed, never widened
+        ex.set_int4([tuple(f.int4_part(n) for n in trio) for trio in names])
+    elif f.fp8_resident and all(f.is_fp8(n) for n in names[0]):
         ex.set_fp8([tuple(f.part(n) for n in trio) for trio in names])
     else:
         ex.hold(f.held_dtype(names[0][0]))
@@ -285,7 +352,7 @@ def load_expert_slice(
         )
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     out: dict[int, LocalExperts] = {}
-    with ShardedCheckpoint.open(Path(path)) as ckpt:
+    with _open_text_model(Path(path)) as ckpt:
         validate(ckpt, cfg)
         show = ckpt.total_bytes() > 2**30
         total = 3 * count * len(layers)

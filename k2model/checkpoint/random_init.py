@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from k2model.checkpoint.int4 import quantize_int4
 from k2model.checkpoint.loader import expected_shapes
 from k2model.checkpoint.shards import write_sharded
 from k2model.config import K2Config
@@ -101,3 +102,52 @@ def write_checkpoint(
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_sharded(path, tensors, max_shard_bytes=max_shard_bytes, metadata=None)
     return path
+
+
+# K2-Thinking's quantization_config (docs/checkpoint.md, INT4).
+INT4_QUANTIZATION = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 32,
+                "dynamic": False,
+                "observer": "minmax",
+                "actorder": None,
+                "block_structure": None,
+            },
+            "input_activations": None,
+            "output_activations": None,
+        }
+    },
+    "ignore": [
+        "re:.*self_attn.*",
+        "re:.*shared_experts.*",
+        "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+        "re:.*lm_head.*",
+    ],
+    "kv_cache_scheme": None,
+}
+
+
+def int4_experts(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of the same model with its routed experts in K2-Thinking's INT4 format:
+    each `mlp.experts.E.*_proj.weight` becomes `weight_packed`, `weight_scale`, `weight_shape`."""
+    out = {}
+    for name, t in tensors.items():
+        if ".mlp.experts." in name and name.endswith(".weight"):
+            packed, scale = quantize_int4(t)
+            out[name + "_packed"], out[name + "_scale"] = packed, scale
+            out[name + "_shape"] = torch.tensor(list(t.shape), dtype=torch.int32)
+        else:
+            out[name] = t
+    return {**config, "quantization_config": INT4_QUANTIZATION}, out

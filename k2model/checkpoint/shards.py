@@ -77,11 +77,26 @@ class ShardedCheckpoint:
     valid (each is its own mapping), and a later `get` reopens its shard.
     """
 
-    def __init__(self, path: Path, tensors: Mapping[str, TensorInfo]) -> None:
+    def __init__(
+        self, path: Path, tensors: Mapping[str, TensorInfo], stored: Mapping[str, str] | None = None
+    ) -> None:
+        """stored: a name -> the name its shard stores it under, where they differ."""
         self.path = path
         self._tensors = dict(sorted(tensors.items()))
+        self._stored = dict(stored or {})
         self._handles: dict[str, Any] = {}
         self._stack = contextlib.ExitStack()
+
+    def text_model(self) -> tuple[Self, list[str]]:
+        """The language model of a multimodal checkpoint (K2.5, K2.6: its tensors under
+        `language_model.`) as if it were a text checkpoint, and the names left out (the vision
+        tower and projector); itself, and nothing left out, for a text checkpoint."""
+        prefix = "language_model."
+        if not any(n.startswith(prefix) for n in self._tensors):
+            return self, []
+        kept = {n.removeprefix(prefix): n for n in self._tensors if n.startswith(prefix)}
+        view = type(self)(self.path, {k: self._tensors[n] for k, n in kept.items()}, kept)
+        return view, sorted(set(self._tensors) - set(kept.values()))
 
     @classmethod
     def open(cls, path: Path) -> Self:
@@ -124,7 +139,7 @@ class ShardedCheckpoint:
             except SafetensorError as err:
                 raise CheckpointError(f"{self.path / shard}: {err}") from err
             self._handles[shard] = handle
-        return handle.get_tensor(name)
+        return handle.get_tensor(self._stored.get(name, name))
 
     def close(self) -> None:
         self._handles.clear()

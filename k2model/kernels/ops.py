@@ -110,7 +110,10 @@ class Ops:
         self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """One MoE layer's routed experts: the grouped kernels (triton), one C++ call (cpu), or
-        `experts.grouped`, the twin."""
+        `experts.grouped`, the twin. INT4 experts run the twin on every backend for now (each
+        active expert dequantised per call: no INT4 kernel yet)."""
+        if experts.int4:
+            return experts.grouped(x, ids, weights)
         if self.name == "triton":
             from k2model.kernels import fused_moe
 
