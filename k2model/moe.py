@@ -94,22 +94,24 @@ class LocalExperts(nn.Module):
             self.down = nn.Buffer(torch.empty(self.down.shape, dtype=dtype, device=self.device))
 
     def set_fp8(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
-        """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s)), stacked over E into
-        buffers on the runtime's device once, here."""
-        rows = [tuple(t for part in trio for t in part) for trio in experts]
-        for name, column in zip(_STACKS, zip(*rows, strict=True), strict=True):
-            self.register_buffer(f"fp8_{name}", torch.stack(column).to(self.device))
+        """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s))."""
+        self._stack("fp8", experts)
         self.fp8 = True
-        self.gate_up = nn.Buffer(self.gate_up.new_empty(0, 2 * self.inter, self.dim))
-        self.down = nn.Buffer(self.down.new_empty(0, self.dim, self.inter))
 
     def set_int4(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
-        """experts[e] = ((gate_packed, gate_scale), (up_..), (down_..)): stacked over E into
-        packed buffers (int32 words of eight 4-bit values, bf16 group scales), never widened."""
+        """experts[e] = ((gate_packed, gate_scale), (up_..), (down_..)): int32 words of eight
+        4-bit values and bf16 group scales, never widened."""
+        self._stack("int4", experts)
+        self.int4 = True
+
+    def _stack(
+        self, prefix: str, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]
+    ) -> None:
+        """Quantised experts stacked over E, once, into buffers `<prefix>_gate`, ... on the
+        runtime's device; the dense stacks are emptied."""
         rows = [tuple(t for part in trio for t in part) for trio in experts]
         for name, column in zip(_STACKS, zip(*rows, strict=True), strict=True):
-            self.register_buffer(f"int4_{name}", torch.stack(column).to(self.device))
-        self.int4 = True
+            self.register_buffer(f"{prefix}_{name}", torch.stack(column).to(self.device))
         self.gate_up = nn.Buffer(self.gate_up.new_empty(0, 2 * self.inter, self.dim))
         self.down = nn.Buffer(self.down.new_empty(0, self.dim, self.inter))
 

@@ -1,7 +1,7 @@
 """Kernel tests run the compiled kernels on CUDA and Triton's interpreter on CPU tensors elsewhere.
 
-The interpreter is chosen before any kernel file is imported (Triton reads TRITON_INTERPRET when a
-kernel is decorated). Every test draws fresh inputs: the seed is random and printed, so a failure
+The interpreter is chosen before any kernel file is imported, in tests/conftest.py (Triton reads
+TRITON_INTERPRET when a kernel is decorated). Every test draws fresh inputs: the seed is random and printed, so a failure
 can be replayed with KERNEL_TEST_SEED.
 """
 
@@ -10,9 +10,6 @@ import random
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
