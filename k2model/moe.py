@@ -100,9 +100,21 @@ class LocalExperts(nn.Module):
 
     def set_int4(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
         """experts[e] = ((gate_packed, gate_scale), (up_..), (down_..)): int32 words of eight
-        4-bit values and bf16 group scales, never widened."""
-        self._stack("int4", experts)
+        4-bit values and bf16 group scales, never widened, stacked like the dense weights:
+        int4_gate_up [E, 2I, D/8] (gate rows then up rows), int4_down [E, D, I/8], each with
+        its `_scale`."""
+        fused = [
+            ((torch.cat((g, u)), torch.cat((gs, us))), (d, ds))
+            for (g, gs), (u, us), (d, ds) in experts
+        ]
+        for name, k in (("gate_up", 0), ("down", 1)):
+            packed = torch.stack([pair[k][0] for pair in fused]).to(self.device)
+            scale = torch.stack([pair[k][1] for pair in fused]).to(self.device)
+            self.register_buffer(f"int4_{name}", packed.contiguous())
+            self.register_buffer(f"int4_{name}_scale", scale.contiguous())
         self.int4 = True
+        self.gate_up = nn.Buffer(self.gate_up.new_empty(0, 2 * self.inter, self.dim))
+        self.down = nn.Buffer(self.down.new_empty(0, self.dim, self.inter))
 
     def _stack(
         self, prefix: str, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]
@@ -119,10 +131,8 @@ class LocalExperts(nn.Module):
         """Expert e's gate_up [2I, D] and down [D, I]: views (in the held dtype), or dequantised
         now when fp8 or INT4."""
         if self.int4:
-            w = {name: getattr(self, f"int4_{name}")[e] for name in _STACKS}
-            gate = dequantize_int4(w["gate"], w["gate_scale"], self.dtype)
-            up = dequantize_int4(w["up"], w["up_scale"], self.dtype)
-            return torch.cat((gate, up)), dequantize_int4(w["down"], w["down_scale"], self.dtype)
+            gate_up = dequantize_int4(self.int4_gate_up[e], self.int4_gate_up_scale[e], self.dtype)
+            return gate_up, dequantize_int4(self.int4_down[e], self.int4_down_scale[e], self.dtype)
         if not self.fp8:
             return self.gate_up[e], self.down[e]
         w = self.stacked()

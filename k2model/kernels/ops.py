@@ -110,9 +110,23 @@ class Ops:
         self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """One MoE layer's routed experts: the grouped kernels (triton), one C++ call (cpu), or
-        `experts.grouped`, the twin. INT4 experts run the twin on every backend for now (each
-        active expert dequantised per call: no INT4 kernel yet)."""
+        `experts.grouped`, the twin. INT4 experts: one C++ call that widens each weight row in
+        registers (cpu); the twin, which dequantises each active expert, elsewhere (no Triton
+        INT4 kernel yet)."""
         if experts.int4:
+            if self.name == "cpu" and cpu_ext.takes(x):
+                out = torch.empty(x.shape, dtype=x.dtype)
+                cpu_ext.extension().routed_experts_int4(
+                    x.contiguous(),
+                    ids.contiguous(),
+                    weights.float().contiguous(),
+                    experts.int4_gate_up,
+                    experts.int4_gate_up_scale,
+                    experts.int4_down,
+                    experts.int4_down_scale,
+                    out,
+                )
+                return out
             return experts.grouped(x, ids, weights)
         if self.name == "triton":
             from k2model.kernels import fused_moe

@@ -71,7 +71,7 @@ def test_experts_stay_packed_and_compute_like_the_dequantised_weights(checkpoint
     dense = load_model(dense_path, dtype=torch.float32)
     for moe in int4.moe_layers().values():
         ex = moe.experts
-        assert ex.int4 and ex.int4_gate.dtype == torch.int32 and ex.gate_up.numel() == 0
+        assert ex.int4 and ex.int4_gate_up.dtype == torch.int32 and ex.gate_up.numel() == 0
         packed = sum(b.numel() * b.element_size() for n, b in ex.named_buffers() if "int4" in n)
         bf16 = 2 * ex.n_experts * 3 * ex.inter * ex.dim
         assert packed < 0.3 * bf16  # 4 bits + a bf16 scale per 32 values

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from k2model.checkpoint.int4 import quantize_int4
 from k2model.kernels import cpu_ext, mla_decode
 from k2model.layers import RMSNorm
 from k2model.moe import LocalExperts
@@ -55,6 +56,33 @@ def test_routed_experts(tokens: int, k: int, held, gen: torch.Generator, monkeyp
     stacks and fp32 ones (fp32 and dequantised-fp8 checkpoints)."""
     ex = _experts(9, 40, 24, gen, held)
     x = torch.randn(tokens, 40, generator=gen)
+    ids = torch.stack([torch.randperm(9, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    with poisoned_outputs(monkeypatch):
+        out = ex(x, ids, weights)
+    assert_near(out, ex.grouped(x, ids, weights), TOL)
+    assert_near(out, ex.looped(x, ids, weights), TOL)
+
+
+def _int4_experts(n: int, dim: int, inter: int, gen: torch.Generator) -> LocalExperts:
+    ex = LocalExperts(n, dim, inter, Runtime.resolve(torch.float32))
+    shapes = ((inter, dim), (inter, dim), (dim, inter))
+    ex.set_int4(
+        [
+            tuple(quantize_int4(torch.randn(s, generator=gen) * 0.2) for s in shapes)
+            for _ in range(n)
+        ]
+    )
+    return ex
+
+
+@pytest.mark.parametrize(("tokens", "k"), [(1, 1), (1, 4), (5, 2), (33, 3), (70, 8)])
+@pytest.mark.parametrize(("dim", "inter"), [(64, 32), (96, 160)])
+def test_routed_experts_int4(tokens, k, dim, inter, gen: torch.Generator, monkeypatch) -> None:
+    """INT4 stacks widened in registers (csrc/routed_experts.cpp) against the dequantising twin:
+    ragged groups, idle experts, several groups of 32 per row."""
+    ex = _int4_experts(9, dim, inter, gen)
+    x = torch.randn(tokens, dim, generator=gen)
     ids = torch.stack([torch.randperm(9, generator=gen)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=gen)
     with poisoned_outputs(monkeypatch):

@@ -12,6 +12,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         nogil);
   m.def("routed_experts", &k2::routed_experts,
         "out [T, D] = routed experts (bf16 gate_up [E, 2I, D], down [E, D, I]) of x [T, D]", nogil);
+  m.def("routed_experts_int4", &k2::routed_experts_int4,
+        "out [T, D] = routed experts of x [T, D] over INT4 stacks (int32 words, bf16 scales)",
+        nogil);
   m.def("rms_norm", &k2::rms_norm, "out [T, D] = weight * x / rms(x), fp32", nogil);
   m.def("mla_decode", &k2::mla_decode,
         "out [B, H, r] = absorbed MLA decode attention of q [B, H, r + d_r] over paged kv", nogil);

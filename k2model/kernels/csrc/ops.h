@@ -120,6 +120,9 @@ void linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);
 void head_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);
 void routed_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                     const at::Tensor& gate_up, const at::Tensor& down, at::Tensor& out);
+void routed_experts_int4(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                         const at::Tensor& gate_up, const at::Tensor& gate_up_scale,
+                         const at::Tensor& down, const at::Tensor& down_scale, at::Tensor& out);
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out);
 void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots,
                 const at::Tensor& lengths, double scale, int64_t r, at::Tensor& out);

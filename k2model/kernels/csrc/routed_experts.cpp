@@ -1,37 +1,41 @@
-// One MoE layer's routed experts over bf16-resident (or fp32) stacks, fp32 compute:
+// One MoE layer's routed experts, fp32 compute:
 //   out[t] = sum_j weights[t, j] * down_e @ (silu(gate_e @ x[t]) * (up_e @ x[t])),  e = ids[t, j]
-// with gate_up [E, 2I, D] (gate rows then up rows) and down [E, D, I]. Assignments are grouped by
-// expert (a counting sort, stable), and each active expert runs two GEMMs over its rows: the whole
-// layer in one call instead of ~10 torch ops per expert. Twin: LocalExperts' grouped torch path.
+// with gate_up [E, 2I, D] (gate rows then up rows) and down [E, D, I], held in bf16 or fp32
+// (`routed_experts`) or as INT4 (`routed_experts_int4`: int32 words of eight 4-bit values along
+// the input dimension, least significant first, q = nibble - 8, one bf16 scale per 32 inputs;
+// k2model/checkpoint/int4.py). Assignments are grouped by expert (a counting sort, stable), and
+// each active expert runs two GEMMs over its rows: the whole layer in one call instead of ~10
+// torch ops per expert. Twin: LocalExperts' grouped torch path (which dequantises INT4 first).
 
+#include <functional>
 #include <vector>
 
 #include "ops.h"
 
 namespace k2 {
+namespace {
 
-void routed_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
-                    const at::Tensor& gate_up, const at::Tensor& down, at::Tensor& out) {
+// y rows [first, first + n) x weight rows [n0, n1) of expert ex, for inputs `in` of width n_in.
+using ExpertRows = std::function<void(int64_t ex, int64_t first, int64_t n, const float* in,
+                                      int64_t n_in, float* y, int64_t n_out, int64_t n0,
+                                      int64_t n1)>;
+
+void check_routing(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                   at::Tensor& out) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "routed_experts: x must be a contiguous [T, D] float32 tensor");
-  const auto held = gate_up.scalar_type();
-  TORCH_CHECK((held == at::kBFloat16 || held == at::kFloat) && down.scalar_type() == held &&
-                  gate_up.is_contiguous() && down.is_contiguous() && gate_up.dim() == 3 &&
-                  down.dim() == 3,
-              "routed_experts: gate_up and down must be contiguous 3-d stacks, both bfloat16 or "
-              "both float32");
-  const int64_t t = x.size(0), d = x.size(1), e = gate_up.size(0), inter = down.size(2);
-  TORCH_CHECK(gate_up.size(1) == 2 * inter && gate_up.size(2) == d && down.size(0) == e &&
-                  down.size(1) == d,
-              "routed_experts: gate_up ", gate_up.sizes(), " and down ", down.sizes(),
-              " do not fit rows of width ", d);
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == t &&
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == x.size(0) &&
                   ids.is_contiguous(),
               "routed_experts: ids must be a contiguous [T, k] int64 tensor");
   TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.sizes() == ids.sizes() &&
                   weights.is_contiguous(),
               "routed_experts: weights must be a contiguous float32 tensor shaped like ids");
-  check_out(out, {t, d});
+  check_out(out, {x.size(0), x.size(1)});
+}
+
+void routed(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, int64_t e,
+            int64_t inter, const ExpertRows& gate_up, const ExpertRows& down, at::Tensor& out) {
+  const int64_t t = x.size(0), d = x.size(1);
   const int64_t pairs = ids.numel();
   const int64_t* id = ids.data_ptr<int64_t>();
   std::vector<int64_t> start(e + 1, 0), order(pairs);
@@ -61,36 +65,26 @@ void routed_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
     for (int64_t i = begin; i < end; ++i)
       std::memcpy(rows.data() + i * d, xp + (order[i] / k) * d, d * sizeof(float));
   });
-  const auto phase = [&]<typename W>(const W* stack, int64_t n_out, int64_t n_in, const float* in,
-                                     float* out_rows) {
+  const auto phase = [&](const ExpertRows& run, int64_t n_out, int64_t n_in, const float* in,
+                         float* out_rows) {
     const int64_t blocks = (n_out + kGemmBlock - 1) / kGemmBlock;
     const int64_t tasks = static_cast<int64_t>(active.size()) * blocks;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t ex = active[task / blocks], n0 = (task % blocks) * kGemmBlock;
-        const int64_t first = start[ex], n = start[ex + 1] - first;
-        gemm_rows<W>({in + first * n_in, n_in, 0, stack + ex * n_out * n_in, n_in, 0,
-                      out_rows + first * n_out, n_out, 0, 1, n, n_out, n_in},
-                     n0, std::min(n_out, n0 + kGemmBlock));
+        run(ex, start[ex], start[ex + 1] - start[ex], in, n_in, out_rows, n_out, n0,
+            std::min(n_out, n0 + kGemmBlock));
       }
     });
   };
-  if (held == at::kBFloat16) {
-    phase(bf16_bits(gate_up), i2, d, rows.data(), hidden.data());
-  } else {
-    phase(gate_up.data_ptr<float>(), i2, d, rows.data(), hidden.data());
-  }
+  phase(gate_up, i2, d, rows.data(), hidden.data());
   at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, inter)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       silu_mul(hidden.data() + i * i2, hidden.data() + i * i2 + inter, act.data() + i * inter,
                inter);
   });
-  if (held == at::kBFloat16) {
-    phase(bf16_bits(down), d, inter, act.data(), y.data());
-  } else {
-    phase(down.data_ptr<float>(), d, inter, act.data(), y.data());
-  }
+  phase(down, d, inter, act.data(), y.data());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, t, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * d)),
                    [&](int64_t begin, int64_t end) {
@@ -101,6 +95,91 @@ void routed_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
         axpy(wp[row * k + j], y.data() + position[row * k + j] * d, o, d);
     }
   });
+}
+
+template <typename W>
+ExpertRows dense_rows(const W* stack) {
+  return [stack](int64_t ex, int64_t first, int64_t n, const float* in, int64_t n_in, float* y,
+                 int64_t n_out, int64_t n0, int64_t n1) {
+    gemm_rows<W>({in + first * n_in, n_in, 0, stack + ex * n_out * n_in, n_in, 0,
+                  y + first * n_out, n_out, 0, 1, n, n_out, n_in},
+                 n0, n1);
+  };
+}
+
+// Weight row r of an INT4 stack widened into `row` (n_in floats), 8 nibbles per int32 word.
+inline void widen_int4_row(const int32_t* packed, const uint16_t* scale, int64_t n_in,
+                           float* row) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i low4 = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
+  for (int64_t w = 0; w < n_in / 8; ++w) {
+    const __m256i nib = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(packed[w]), shifts),
+                                         low4);
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(nib, eight));
+    const __m256 s = _mm256_set1_ps(bf16_to_float(scale[w / 4]));  // 4 words per 32-group
+    _mm256_storeu_ps(row + w * 8, _mm256_mul_ps(q, s));
+  }
+}
+
+ExpertRows int4_rows(const int32_t* packed, const uint16_t* scale) {
+  return [packed, scale](int64_t ex, int64_t first, int64_t n, const float* in, int64_t n_in,
+                         float* y, int64_t n_out, int64_t n0, int64_t n1) {
+    std::vector<float> row(n_in);  // one weight row, widened once for all of the expert's rows
+    for (int64_t r = n0; r < n1; ++r) {
+      const int64_t at = ex * n_out + r;
+      widen_int4_row(packed + at * (n_in / 8), scale + at * (n_in / 32), n_in, row.data());
+      for (int64_t m = 0; m < n; ++m)
+        y[(first + m) * n_out + r] = dot(in + (first + m) * n_in, row.data(), n_in);
+    }
+  };
+}
+
+}  // namespace
+
+void routed_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                    const at::Tensor& gate_up, const at::Tensor& down, at::Tensor& out) {
+  check_routing(x, ids, weights, out);
+  const auto held = gate_up.scalar_type();
+  TORCH_CHECK((held == at::kBFloat16 || held == at::kFloat) && down.scalar_type() == held &&
+                  gate_up.is_contiguous() && down.is_contiguous() && gate_up.dim() == 3 &&
+                  down.dim() == 3,
+              "routed_experts: gate_up and down must be contiguous 3-d stacks, both bfloat16 or "
+              "both float32");
+  const int64_t d = x.size(1), e = gate_up.size(0), inter = down.size(2);
+  TORCH_CHECK(gate_up.size(1) == 2 * inter && gate_up.size(2) == d && down.size(0) == e &&
+                  down.size(1) == d,
+              "routed_experts: gate_up ", gate_up.sizes(), " and down ", down.sizes(),
+              " do not fit rows of width ", d);
+  if (held == at::kBFloat16) {
+    routed(x, ids, weights, e, inter, dense_rows(bf16_bits(gate_up)), dense_rows(bf16_bits(down)),
+           out);
+  } else {
+    routed(x, ids, weights, e, inter, dense_rows(gate_up.data_ptr<float>()),
+           dense_rows(down.data_ptr<float>()), out);
+  }
+}
+
+void routed_experts_int4(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                         const at::Tensor& gate_up, const at::Tensor& gate_up_scale,
+                         const at::Tensor& down, const at::Tensor& down_scale, at::Tensor& out) {
+  check_routing(x, ids, weights, out);
+  const int64_t d = x.size(1), e = gate_up.size(0), inter = down.size(2) * 8;
+  for (const at::Tensor* p : {&gate_up, &down})
+    TORCH_CHECK(p->scalar_type() == at::kInt && p->dim() == 3 && p->is_contiguous(),
+                "routed_experts_int4: packed stacks must be contiguous 3-d int32");
+  for (const at::Tensor* s : {&gate_up_scale, &down_scale})
+    TORCH_CHECK(s->scalar_type() == at::kBFloat16 && s->dim() == 3 && s->is_contiguous(),
+                "routed_experts_int4: scales must be contiguous 3-d bfloat16");
+  TORCH_CHECK(d % 32 == 0 && inter % 32 == 0 && gate_up.size(1) == 2 * inter &&
+                  gate_up.size(2) * 8 == d && down.size(0) == e && down.size(1) == d &&
+                  gate_up_scale.sizes() == at::IntArrayRef({e, 2 * inter, d / 32}) &&
+                  down_scale.sizes() == at::IntArrayRef({e, d, inter / 32}),
+              "routed_experts_int4: stacks ", gate_up.sizes(), ", ", down.sizes(),
+              " and scales do not fit rows of width ", d, " in groups of 32");
+  const auto* gu = reinterpret_cast<const int32_t*>(gate_up.data_ptr<int32_t>());
+  const auto* dn = reinterpret_cast<const int32_t*>(down.data_ptr<int32_t>());
+  routed(x, ids, weights, e, inter, int4_rows(gu, bf16_bits(gate_up_scale)),
+         int4_rows(dn, bf16_bits(down_scale)), out);
 }
 
 }  // namespace k2
