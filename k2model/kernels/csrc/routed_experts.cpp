@@ -107,29 +107,60 @@ ExpertRows dense_rows(const W* stack) {
   };
 }
 
-// Weight row r of an INT4 stack widened into `row` (n_in floats), 8 nibbles per int32 word.
-inline void widen_int4_row(const int32_t* packed, const uint16_t* scale, int64_t n_in,
-                           float* row) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i low4 = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
-  for (int64_t w = 0; w < n_in / 8; ++w) {
-    const __m256i nib = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(packed[w]), shifts),
-                                         low4);
-    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(nib, eight));
-    const __m256 s = _mm256_set1_ps(bf16_to_float(scale[w / 4]));  // 4 words per 32-group
-    _mm256_storeu_ps(row + w * 8, _mm256_mul_ps(q, s));
+// An input row for INT4 dots: each block of 16 values reordered evens then odds (the order
+// the nibbles of 8 packed bytes come out in: byte j holds elements 2j and 2j + 1), and the sum
+// of each group of 32 (q = nibble - 8, so q . x = nibble . x - 8 * sum(x)).
+inline void prepare_int4_input(const float* x, int64_t n_in, float* xp, float* sums) {
+  for (int64_t b = 0; b < n_in; b += 16)
+    for (int j = 0; j < 8; ++j) {
+      xp[b + j] = x[b + 2 * j];
+      xp[b + 8 + j] = x[b + 2 * j + 1];
+    }
+  for (int64_t g = 0; g < n_in / 32; ++g) {
+    float s = 0.0f;
+    for (int j = 0; j < 32; ++j) s += x[g * 32 + j];
+    sums[g] = s;
   }
+}
+
+// One INT4 weight row (packed bytes, bf16 scales) . a prepared input row, fp32.
+inline float dot_int4(const uint8_t* bytes, const uint16_t* scale, const float* xp,
+                      const float* sums, int64_t n_in) {
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  __m256 acc = _mm256_setzero_ps();
+  float offset = 0.0f;
+  for (int64_t g = 0; g < n_in / 32; ++g) {
+    __m256 part = _mm256_setzero_ps();
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + g * 16 + h * 8)));
+      const float* xb = xp + g * 32 + h * 16;
+      part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)),
+                             _mm256_loadu_ps(xb), part);
+      part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)),
+                             _mm256_loadu_ps(xb + 8), part);
+    }
+    const float s = bf16_to_float(scale[g]);
+    acc = _mm256_fmadd_ps(part, _mm256_set1_ps(s), acc);
+    offset += 8.0f * sums[g] * s;
+  }
+  return hsum(acc) - offset;
 }
 
 ExpertRows int4_rows(const int32_t* packed, const uint16_t* scale) {
   return [packed, scale](int64_t ex, int64_t first, int64_t n, const float* in, int64_t n_in,
                          float* y, int64_t n_out, int64_t n0, int64_t n1) {
-    std::vector<float> row(n_in);  // one weight row, widened once for all of the expert's rows
-    for (int64_t r = n0; r < n1; ++r) {
+    std::vector<float> xp(n * n_in), sums(n * (n_in / 32));
+    for (int64_t m = 0; m < n; ++m)
+      prepare_int4_input(in + (first + m) * n_in, n_in, xp.data() + m * n_in,
+                         sums.data() + m * (n_in / 32));
+    const auto* bytes = reinterpret_cast<const uint8_t*>(packed);
+    for (int64_t r = n0; r < n1; ++r) {  // a weight row stays in cache across the expert's rows
       const int64_t at = ex * n_out + r;
-      widen_int4_row(packed + at * (n_in / 8), scale + at * (n_in / 32), n_in, row.data());
       for (int64_t m = 0; m < n; ++m)
-        y[(first + m) * n_out + r] = dot(in + (first + m) * n_in, row.data(), n_in);
+        y[(first + m) * n_out + r] =
+            dot_int4(bytes + at * (n_in / 2), scale + at * (n_in / 32), xp.data() + m * n_in,
+                     sums.data() + m * (n_in / 32), n_in);
     }
   };
 }
