@@ -3,8 +3,8 @@
 Backends (deployment `ops:`, load_model(ops=)):
 - "torch": the plain-torch twins everywhere (the reference every other backend is tested against);
 - "cpu": k2model's C++ extension (kernels/cpu_ext.py) on CPU tensors: bf16-resident matmuls,
-  RMSNorm, one-call routed experts, MLA decode off the paged cache; shapes it does not take (many
-  rows, other dtypes) use the twins;
+  RMSNorm, one-call routed experts (bf16, fp32 or INT4 packed), MLA decode off the paged cache;
+  shapes it does not take (many rows, other dtypes) use the twins;
 - "triton": the Triton kernels (block-fp8 GEMM, grouped MoE, MLA decode) on the model's device,
   CUDA, or CPU tensors under TRITON_INTERPRET=1 (tests).
 "auto" picks triton on CUDA when it is installed, else cpu on a CPU that has the extension, else
