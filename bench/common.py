@@ -32,6 +32,17 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def median_ms(fn: Callable[[], object], runs: int = 5) -> float:
+    """Milliseconds of the median of `runs` calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned text columns; floats get 1 decimal (2 below 10) so ratios stay readable."""
     cells = [[_cell(v) for v in row] for row in rows]

@@ -14,10 +14,7 @@ twin (relative to the largest value).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,10 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import format_table, write_json  # noqa: E402
+from bench.common import format_table, median_ms, write_json  # noqa: E402
 from k2model.checkpoint.int4 import dequantize_int4, quantize_int4  # noqa: E402
 from k2model.moe import LocalExperts  # noqa: E402
 from k2model.runtime import Runtime  # noqa: E402
+
+RUNS = 15
 
 
 def layers(experts: int, dim: int, inter: int) -> tuple[LocalExperts, LocalExperts]:
@@ -50,16 +49,6 @@ def layers(experts: int, dim: int, inter: int) -> tuple[LocalExperts, LocalExper
     return int4, bf16
 
 
-def median_ms(fn: Callable[[], object], runs: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dim", type=int, default=2048)
@@ -78,9 +67,9 @@ def main() -> None:
         err = float((got - twin).abs().max() / twin.abs().max())
         batch = (x, ids, w)
         ms = {
-            "int4": median_ms(lambda b=batch: int4(*b)),
-            "bf16": median_ms(lambda b=batch: bf16(*b)),
-            "int4_twin": median_ms(lambda b=batch: int4.grouped(*b)),
+            "int4": median_ms(lambda b=batch: int4(*b), RUNS),
+            "bf16": median_ms(lambda b=batch: bf16(*b), RUNS),
+            "int4_twin": median_ms(lambda b=batch: int4.grouped(*b), RUNS),
         }
         rows.append([tokens, ms["int4"], ms["bf16"], ms["int4_twin"], ms["bf16"] / ms["int4"], err])
         results.append({"tokens": tokens, "ms": ms, "int4_vs_twin_max_rel": err})

@@ -13,9 +13,7 @@ ratio and the largest difference between the two outputs (relative to the larges
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import format_table, write_json  # noqa: E402
+from bench.common import format_table, median_ms, write_json  # noqa: E402
 from k2model.batch import SeqSlice, build_batch  # noqa: E402
 from k2model.config import K2Config  # noqa: E402
 from k2model.mla import MLA  # noqa: E402
@@ -48,16 +46,6 @@ def layer(heads: int, dtype: torch.dtype) -> MLA:
     attn = MLA(cfg, 0, Runtime.resolve(dtype))
     torch.nn.init.normal_(attn.kv_b.weight, std=0.05)
     return attn
-
-
-def median_ms(fn, runs: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def case(batch: int, length: int, heads: int, dtype: torch.dtype) -> dict[str, object]:
