@@ -62,13 +62,19 @@ class MergedGeneration:
 async def start_all(
     starts: list[Coroutine[Any, Any, Generation]], n: int
 ) -> Generation | MergedGeneration:
-    """Awaits every start (coroutines of Gateway.start); one failure closes the others."""
-    results = await asyncio.gather(*starts, return_exceptions=True)
-    generations = [r for r in results if isinstance(r, Generation)]
-    failure = next((r for r in results if isinstance(r, BaseException)), None)
-    if failure is not None:
-        await asyncio.gather(*(g.close() for g in generations))
-        raise failure
+    """Awaits every start (coroutines of Gateway.start). One failing, or the wait being
+    cancelled (the client left), closes every generation already admitted: none keeps its
+    slot."""
+    tasks = [asyncio.ensure_future(s) for s in starts]
+    try:
+        generations = list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        admitted = [t.result() for t in tasks if not t.cancelled() and t.exception() is None]
+        await asyncio.gather(*(g.close() for g in admitted))
+        raise
     return generations[0] if len(generations) == 1 else MergedGeneration(generations, n)
 
 

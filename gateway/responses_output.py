@@ -77,9 +77,8 @@ class _Item:
     def _part(self) -> dict[str, Any]:
         if self.kind == "reasoning":
             return {"type": "reasoning_text", "text": self.text}
-        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []} | (
-            {"logprobs": self.logprobs} if self.done else {}
-        )
+        logprobs = self.logprobs if self.done else []
+        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": logprobs}
 
 
 class ResponseBuilder:

@@ -78,7 +78,7 @@ class LocalExperts(nn.Module):
     ) -> None:
         super().__init__()
         self.n_experts, self.dim, self.inter, self.dtype = n_experts, dim, inter, rt.dtype
-        self.ops, self.device = rt.ops, rt.device
+        self.rt, self.ops, self.device = rt, rt.ops, rt.device
         held = n_experts if allocate else 0  # 0: hosted elsewhere (the expert service)
         self.gate_up = nn.Buffer(rt.empty(held, 2 * inter, dim))
         self.down = nn.Buffer(rt.empty(held, dim, inter))
@@ -94,9 +94,13 @@ class LocalExperts(nn.Module):
             self.down = nn.Buffer(torch.empty(self.down.shape, dtype=dtype, device=self.device))
 
     def set_fp8(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
-        """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s))."""
-        self._stack("fp8", experts)
+        """experts[e] = ((gate_w, gate_s), (up_w, up_s), (down_w, down_s)), stacked over E once
+        into buffers fp8_gate, fp8_gate_scale, ... on the runtime's device."""
+        rows = [tuple(t for part in trio for t in part) for trio in experts]
+        for name, column in zip(_STACKS, zip(*rows, strict=True), strict=True):
+            self.register_buffer(f"fp8_{name}", torch.stack(column).to(self.device))
         self.fp8 = True
+        self._empty_dense()
 
     def set_int4(self, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
         """experts[e] = ((gate_packed, gate_scale), (up_..), (down_..)): int32 words of eight
@@ -113,17 +117,9 @@ class LocalExperts(nn.Module):
             self.register_buffer(f"int4_{name}", packed.contiguous())
             self.register_buffer(f"int4_{name}_scale", scale.contiguous())
         self.int4 = True
-        self.gate_up = nn.Buffer(self.gate_up.new_empty(0, 2 * self.inter, self.dim))
-        self.down = nn.Buffer(self.down.new_empty(0, self.dim, self.inter))
+        self._empty_dense()
 
-    def _stack(
-        self, prefix: str, experts: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]]
-    ) -> None:
-        """Quantised experts stacked over E, once, into buffers `<prefix>_gate`, ... on the
-        runtime's device; the dense stacks are emptied."""
-        rows = [tuple(t for part in trio for t in part) for trio in experts]
-        for name, column in zip(_STACKS, zip(*rows, strict=True), strict=True):
-            self.register_buffer(f"{prefix}_{name}", torch.stack(column).to(self.device))
+    def _empty_dense(self) -> None:
         self.gate_up = nn.Buffer(self.gate_up.new_empty(0, 2 * self.inter, self.dim))
         self.down = nn.Buffer(self.down.new_empty(0, self.dim, self.inter))
 

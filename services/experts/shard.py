@@ -41,10 +41,7 @@ class ExpertShard:
 
     @property
     def describe(self) -> str:
-        ex = next(iter(self.experts.values()))
-        return (
-            f"device {ex.device}, compute {str(ex.dtype).removeprefix('torch.')}, ops {ex.ops.name}"
-        )
+        return next(iter(self.experts.values())).rt.describe()
 
     @property
     def dtype(self) -> torch.dtype:
