@@ -12,11 +12,55 @@ compressed-tensors library itself. The weights stay packed in memory (a quarter 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from k2model.quant_config import GROUP
 
 PACKED, SCALE, SHAPE = "weight_packed", "weight_scale", "weight_shape"
+# K2-Thinking's quantization_config (docs/checkpoint.md, INT4): every Linear is INT4 except
+# attention, the shared expert, layer 0's dense MLP and lm_head (the router is not a Linear).
+K2_THINKING_QUANTIZATION = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": GROUP,
+                "dynamic": False,
+                "observer": "minmax",
+                "actorder": None,
+                "block_structure": None,
+            },
+            "input_activations": None,
+            "output_activations": None,
+        }
+    },
+    "ignore": [
+        "re:.*self_attn.*",
+        "re:.*shared_experts.*",
+        "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+        "re:.*lm_head.*",
+    ],
+    "kv_cache_scheme": None,
+}
+# The weights that ignore list leaves quantised: the routed experts' projections.
+_INT4_WEIGHT = re.compile(
+    r"(language_model\.)?model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight"
+)
+
+
+def is_int4_weight_name(name: str) -> bool:
+    return _INT4_WEIGHT.fullmatch(name) is not None
+
+
 _NIBBLES = torch.arange(8, dtype=torch.int32) * 4
 
 

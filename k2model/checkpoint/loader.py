@@ -138,12 +138,21 @@ def _int4_problems(
     expert's, announced by the config, with the shapes its [out, in] implies."""
     if bases and cfg.int4 is None:
         return [f"{min(bases)}_packed is INT4 but config.json has no compressed-tensors scheme"]
-    problems = []
+    problems = [
+        f"{n} is not INT4, though this checkpoint's other routed experts are"
+        for n in sorted(names & want.keys())
+        if bases and int4_format.is_int4_weight_name(n)
+    ]
     for base in sorted(bases):
-        if base not in want or ".mlp.experts." not in base:
+        if base not in want or not int4_format.is_int4_weight_name(base):
             problems.append(f"{base}_packed: INT4 is served for routed experts only")
             continue
         out, cols = want[base]
+        if cols % int4_format.GROUP:
+            problems.append(
+                f"{base}_packed: {cols} input columns are not whole groups of {int4_format.GROUP}"
+            )
+            continue
         for part, shape, dtypes in (
             ("packed", (out, cols // 8), (torch.int32,)),
             ("scale", (out, cols // int4_format.GROUP), _FLOAT_DTYPES),

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from k2model.checkpoint.int4 import quantize_int4
+from k2model.checkpoint import int4
 from k2model.checkpoint.loader import expected_shapes
 from k2model.checkpoint.shards import write_sharded
 from k2model.config import K2Config
@@ -104,39 +104,6 @@ def write_checkpoint(
     return path
 
 
-# K2-Thinking's quantization_config (docs/checkpoint.md, INT4).
-INT4_QUANTIZATION = {
-    "quant_method": "compressed-tensors",
-    "format": "pack-quantized",
-    "quantization_status": "compressed",
-    "config_groups": {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {
-                "num_bits": 4,
-                "type": "int",
-                "symmetric": True,
-                "strategy": "group",
-                "group_size": 32,
-                "dynamic": False,
-                "observer": "minmax",
-                "actorder": None,
-                "block_structure": None,
-            },
-            "input_activations": None,
-            "output_activations": None,
-        }
-    },
-    "ignore": [
-        "re:.*self_attn.*",
-        "re:.*shared_experts.*",
-        "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
-        "re:.*lm_head.*",
-    ],
-    "kv_cache_scheme": None,
-}
-
-
 def int4_experts(
     config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -144,10 +111,10 @@ def int4_experts(
     each `mlp.experts.E.*_proj.weight` becomes `weight_packed`, `weight_scale`, `weight_shape`."""
     out = {}
     for name, t in tensors.items():
-        if ".mlp.experts." in name and name.endswith(".weight"):
-            packed, scale = quantize_int4(t)
+        if int4.is_int4_weight_name(name):
+            packed, scale = int4.quantize_int4(t)
             out[name + "_packed"], out[name + "_scale"] = packed, scale
             out[name + "_shape"] = torch.tensor(list(t.shape), dtype=torch.int32)
         else:
             out[name] = t
-    return {**config, "quantization_config": INT4_QUANTIZATION}, out
+    return {**config, "quantization_config": int4.K2_THINKING_QUANTIZATION}, out

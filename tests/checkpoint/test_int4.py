@@ -12,10 +12,16 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from k2model import generate_ids
-from k2model.checkpoint.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from k2model.checkpoint.int4 import (
+    K2_THINKING_QUANTIZATION,
+    dequantize_int4,
+    is_int4_weight_name,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
 from k2model.checkpoint.loader import load_expert_slice, load_model
 from k2model.checkpoint.random_init import (
-    INT4_QUANTIZATION,
     int4_experts,
     random_weights,
     tiny_config,
@@ -106,8 +112,8 @@ def test_an_expert_slice_loads_only_its_packed_experts(checkpoints) -> None:
 )
 def test_schemes_not_served_are_one_error_naming_the_field(change, field) -> None:
     quant = {
-        **INT4_QUANTIZATION,
-        "config_groups": {"group_0": dict(INT4_QUANTIZATION["config_groups"]["group_0"])},
+        **K2_THINKING_QUANTIZATION,
+        "config_groups": {"group_0": dict(K2_THINKING_QUANTIZATION["config_groups"]["group_0"])},
     }
     group = quant["config_groups"]["group_0"]
     group["weights"] = dict(group["weights"])
@@ -163,3 +169,55 @@ def test_a_multimodal_k2_5_checkpoint_loads_its_language_model(
     assert model.cfg.max_position_embeddings == 262144 and model.cfg.int4 is not None
     text = load_model(int4_path, dtype=torch.float32)
     assert generate_ids(model, [[5, 6, 7]], 6) == generate_ids(text, [[5, 6, 7]], 6)
+
+
+def _break(tensors: dict[str, torch.Tensor], how: str) -> str:
+    """Damages one expert's INT4 triple in place; returns what the loader must say."""
+    base = "model.layers.1.mlp.experts.3.down_proj.weight"
+    if how == "missing scale":
+        del tensors[base + "_scale"]
+        return f"missing tensor {base}_scale"
+    if how == "wrong packed shape":
+        tensors[base + "_packed"] = tensors[base + "_packed"][:, :-1].contiguous()
+        return rf"{base}_packed is \[64, 3\] torch.int32, expected \[64, 4\]"
+    if how == "wrong shape tensor":
+        tensors[base + "_shape"] = torch.tensor([32, 64], dtype=torch.int32)
+        return rf"{base}_shape says \[32, 64\], expected \[64, 32\]"
+    if how == "one expert left dense":
+        for part in ("packed", "scale", "shape"):
+            del tensors[f"{base}_{part}"]
+        tensors[base] = torch.zeros(64, 32, dtype=torch.bfloat16)
+        return f"{base} is not INT4, though this checkpoint's other routed experts are"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["missing scale", "wrong packed shape", "wrong shape tensor", "one expert left dense"]
+)
+def test_a_damaged_int4_expert_is_named(tmp_path, how) -> None:
+    config = tiny_config()
+    int4_config, tensors = int4_experts(config, random_weights(config))
+    message = _break(tensors, how)
+    path = write_checkpoint(tmp_path / "bad", int4_config, tensors)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+
+
+def test_experts_whose_width_is_not_whole_groups_are_refused(tmp_path) -> None:
+    """moe_intermediate_size 48: down_proj's 48 input columns are one and a half groups."""
+    config = tiny_config(moe_intermediate_size=48)
+    tensors = random_weights(config)
+    out = {}
+    for name, t in tensors.items():
+        if is_int4_weight_name(name):
+            cols = -(-t.shape[1] // 32) * 32
+            wide = torch.nn.functional.pad(t, (0, cols - t.shape[1]))
+            packed, scale = quantize_int4(wide)
+            out |= {name + "_packed": packed[:, : t.shape[1] // 8], name + "_scale": scale,
+                    name + "_shape": torch.tensor(list(t.shape), dtype=torch.int32)}  # fmt: skip
+        else:
+            out[name] = t
+    quant = {**config, "quantization_config": K2_THINKING_QUANTIZATION}
+    path = write_checkpoint(tmp_path / "odd", quant, out)
+    with pytest.raises(CheckpointError, match="48 input columns are not whole groups of 32"):
+        load_model(path)
