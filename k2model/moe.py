@@ -137,10 +137,15 @@ class LocalExperts(nn.Module):
         return torch.cat((gate, up)), dequantize_block_fp8(w.down[e], w.down_scale[e], self.dtype)
 
     def stacked(self) -> ExpertWeights:
-        """Every expert stacked over E, for the grouped kernels: views of gate_up / down, or the
-        fp8 stacks."""
+        """Every expert stacked over E, for the grouped kernels: views of gate_up / down (or of
+        the INT4 words and scales), or the fp8 stacks."""
+        i = self.inter
+        if self.int4:
+            gu, gu_s = self.int4_gate_up, self.int4_gate_up_scale
+            return ExpertWeights(
+                gu[:, :i], gu[:, i:], self.int4_down, gu_s[:, :i], gu_s[:, i:], self.int4_down_scale
+            )
         if not self.fp8:
-            i = self.inter
             return ExpertWeights(self.gate_up[:, :i], self.gate_up[:, i:], self.down)
         return ExpertWeights(**{name: getattr(self, f"fp8_{name}") for name in _STACKS})
 

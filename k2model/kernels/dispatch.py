@@ -19,7 +19,9 @@ Fp8Part = tuple[torch.Tensor, torch.Tensor]  # (float8_e4m3fn weight [out, in], 
 class ExpertWeights:
     """One layer's routed experts stacked over E: gate, up [E, I, D]; down [E, D, I].
 
-    Dense (bf16/fp32), or fp8 with per-128x128-block scales [E, ceil(rows/128), ceil(cols/128)].
+    Dense (bf16/fp32); fp8 with per-128x128-block scales [E, ceil(rows/128), ceil(cols/128)];
+    or INT4, packed int32 [E, rows, cols/8] with bf16 group scales [E, rows, cols/32]
+    (checkpoint/int4.py).
     """
 
     gate: torch.Tensor
@@ -30,8 +32,12 @@ class ExpertWeights:
     down_scale: torch.Tensor | None = None
 
     @property
+    def int4(self) -> bool:
+        return self.gate.dtype == torch.int32
+
+    @property
     def fp8(self) -> bool:
-        return self.gate_scale is not None
+        return self.gate_scale is not None and not self.int4
 
 
 @functools.cache

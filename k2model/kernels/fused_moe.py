@@ -2,8 +2,9 @@
 
 sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = ids[t, j], the contract of
 `k2model.moe.RoutedExperts`. With fp8 experts the activations are quantised per token and 128
-channels before each GEMM (act_quant), as DeepSeek-V3 serves its block-fp8 weights.
-`fused_moe_ref` is the same math in plain torch (activation quantisation included).
+channels before each GEMM (act_quant), as DeepSeek-V3 serves its block-fp8 weights; INT4 experts
+run W4A16 (int4_gemm.py), activations unquantised. `fused_moe_ref` is the same math in plain
+torch (activation quantisation included).
 """
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from k2model.kernels.act_quant import act_quant, act_quant_ref
 from k2model.kernels.dispatch import ExpertWeights
 from k2model.kernels.grouped_gemm import grouped_gemm, grouped_gemm_ref
+from k2model.kernels.int4_gemm import int4_grouped_gemm
 from k2model.kernels.moe_align import moe_align
 
 
@@ -30,7 +32,12 @@ def fused_moe(
     bm = block_m_for(n_assign, n_exp)
     layout = (*moe_align(ids, n_exp, bm), n_assign)
     row_w = weights.reshape(-1).float()
-    if w.fp8:
+    if w.int4:  # W4A16: the words unpacked in registers, activations as they are
+        h = int4_grouped_gemm(x, w.gate, w.gate_scale, *layout, k, x.dtype, bm, w.up, w.up_scale)
+        y = int4_grouped_gemm(
+            h, w.down, w.down_scale, *layout, 1, torch.float32, bm, row_weight=row_w
+        )
+    elif w.fp8:
         xq, xs = act_quant(x)
         h = grouped_gemm(xq, w.gate, *layout, k, x.dtype, bm, w.up, xs, w.gate_scale, w.up_scale)
         hq, hs = act_quant(h)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from k2model.checkpoint.fp8 import BLOCK, act_dequant_fp8, dequantize_block_fp8
+from k2model.checkpoint.int4 import dequantize_int4
 
 try:
     import triton
@@ -199,7 +200,11 @@ def grouped_gemm(
 
 
 def _dense(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    return w.float() if scale is None else dequantize_block_fp8(w, scale, torch.float32)
+    if scale is None:
+        return w.float()
+    if w.dtype == torch.int32:  # INT4 words (kernels/int4_gemm.py)
+        return dequantize_int4(w, scale, torch.float32)
+    return dequantize_block_fp8(w, scale, torch.float32)
 
 
 def grouped_gemm_ref(
@@ -214,7 +219,8 @@ def grouped_gemm_ref(
     up_scale: torch.Tensor | None = None,
     row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract, with the expert of each assignment given directly: flat_ids [n_assign]."""
+    """Same contract, with the expert of each assignment given directly: flat_ids [n_assign].
+    Also the twin of int4_gemm.py: INT4 words in b / b_up with their scales, a unscaled."""
     a32 = a.float() if a_scale is None else act_dequant_fp8(a, a_scale, torch.float32)
     c = torch.zeros(flat_ids.numel(), b.shape[1], device=a.device)
     for e in flat_ids.unique().tolist():

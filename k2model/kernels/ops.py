@@ -110,9 +110,13 @@ class Ops:
         self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """One MoE layer's routed experts: the grouped kernels (triton), one C++ call (cpu), or
-        `experts.grouped`, the twin. INT4 experts: one C++ call that widens each weight row in
-        registers (cpu); the twin, which dequantises each active expert, elsewhere (no Triton
-        INT4 kernel yet)."""
+        `experts.grouped`, the twin. INT4 experts stay packed on both fast paths (W4A16 grouped
+        kernels; one C++ call widening each weight row in registers); the twin dequantises each
+        active expert."""
+        if self.name == "triton":
+            from k2model.kernels import fused_moe
+
+            return fused_moe.fused_moe(x, ids, weights, experts.stacked())
         if experts.int4:
             if self.name == "cpu" and cpu_ext.takes(x):
                 out = torch.empty(x.shape, dtype=x.dtype)
@@ -128,10 +132,6 @@ class Ops:
                 )
                 return out
             return experts.grouped(x, ids, weights)
-        if self.name == "triton":
-            from k2model.kernels import fused_moe
-
-            return fused_moe.fused_moe(x, ids, weights, experts.stacked())
         held = experts.gate_up.dtype in (torch.bfloat16, torch.float32)
         if (
             self.name == "cpu"
