@@ -55,11 +55,14 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=768)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument(
+        "--tokens", type=int, nargs="+", default=[1, 4, 16], help="tokens per call (batch sizes)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/int4_experts.json")
     args = ap.parse_args()
     int4, bf16 = layers(args.experts, args.dim, args.inter)
     rows, results = [], []
-    for tokens in (1, 4, 16):
+    for tokens in args.tokens:
         x = torch.randn(tokens, args.dim)
         ids = torch.stack([torch.randperm(args.experts)[: args.top_k] for _ in range(tokens)])
         w = torch.rand(tokens, args.top_k)

@@ -2,6 +2,7 @@
 
     python3 bench/model.py [--quick] [--dtype float32|bfloat16] [--prompt-len N] [--new-tokens N]
                            [--out bench/results/model.json] [--hf-attn eager|sdpa]
+    python3 bench/model.py --format int4 [--quick]   (bf16 vs fp8 vs INT4 resident: model_formats.py)
 
 Both engines load the same random bf16 checkpoint, computing in --dtype (default float32,
 k2model's CPU default; k2model holds the bf16 matrices as bf16 and decodes through its C++ CPU
@@ -70,6 +71,8 @@ BENCH_CONFIG: dict[str, int] = {
     "vocab_size": 4096,
 }
 BATCHES = (1, 16, 64)
+DEFAULT_OUT = Path("bench/results/model.json")
+FORMATS_OUT = Path("bench/results/model_formats.json")
 SEED = 0
 DECODE_TARGETS = {1: 2.5, 16: 3.5}  # ours / transformers decode tok/s, by batch
 SCALING_TARGET = 10.0  # our decode tok/s at the largest batch / at batch 1
@@ -305,10 +308,48 @@ def _ratio_row(r: dict[str, Any]) -> tuple[str, float, str, str]:
     return r["ratio"], r["value"], f">= {r['target']}", "yes" if r["value"] >= r["target"] else "NO"
 
 
+def machine() -> dict[str, Any]:
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "k2model_cpu_extension": cpu_ext.available(),
+        "torch_version": torch.__version__,
+    }
+
+
+def formats_main(s: Settings, out: Path) -> None:
+    from bench import model_formats
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = model_formats.run_formats(Path(tmp), s)
+    report = {
+        **machine(),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "config": model_formats.FORMATS_CONFIG,
+        "settings": asdict(s),
+        **result,
+        "rows": [asdict(r) for r in result["rows"]],
+        "ratios": model_formats.format_ratios(result["rows"], result["bytes"]),
+    }
+    print(f"\nops {report['ops']}, CPU capability {report['cpu_capability']}, compute float32")
+    print(f"prompt {s.prompt_len} tokens, {s.new_tokens} new tokens, median of {s.repeats}\n")
+    table = [(r.engine, r.batch, r.prefill_tok_s, r.decode_tok_s) for r in result["rows"]]
+    print(format_table(["resident", "batch", "prefill tok/s", "decode tok/s"], table))
+    print()
+    rows = model_formats.byte_rows(result["bytes"])
+    print(format_table(["resident", "MiB", "routed experts MiB"], rows))
+    print()
+    print(format_table(["ratio", "measured", "target", "met"], map(_ratio_row, report["ratios"])))
+    write_json(out, report)
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="8 new tokens, one timed repeat")
-    p.add_argument("--out", type=Path, default=Path("bench/results/model.json"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--hf-attn", choices=["eager", "sdpa"], default="eager")
     p.add_argument(
         "--dtype",
@@ -316,6 +357,13 @@ def main() -> None:
         default="float32",
         help="compute dtype of both engines (float32 is k2model's CPU default: bf16 matmuls are "
         "~7x slower than fp32 on CPUs without AVX-512 bf16)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["bf16", "int4"],
+        default="bf16",
+        help="bf16: k2model against transformers (the default); int4: k2model alone, "
+        "bf16-resident vs fp8-resident vs INT4-resident (bench/model_formats.py)",
     )
     p.add_argument("--prompt-len", type=int, help="override the prompt length")
     p.add_argument("--new-tokens", type=int, help="override the number of new tokens")
@@ -328,17 +376,17 @@ def main() -> None:
     )
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(SEED)
+    if args.format == "int4":
+        formats_main(s, args.out if args.out != DEFAULT_OUT else FORMATS_OUT)
+        return
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         result = run_all(build_checkpoint(Path(tmp)), s, args.hf_attn, dtype)
     report = {
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "k2model_cpu_extension": cpu_ext.available(),
+        **machine(),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
-        "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "dtype": args.dtype,
         "config": BENCH_CONFIG,

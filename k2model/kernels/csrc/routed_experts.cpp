@@ -5,8 +5,9 @@
 // the input dimension, least significant first, q = nibble - 8, one bf16 scale per 32 inputs;
 // k2model/checkpoint/int4.py). Assignments are grouped by expert (a counting sort, stable), and
 // each active expert runs two GEMMs over its rows: the whole layer in one call instead of ~10
-// torch ops per expert. Twin: LocalExperts' grouped torch path (which dequantises INT4 first).
+// torch ops per expert. INT4 weights are never widened outside a task's block of rows. Twin: LocalExperts' grouped torch path (which dequantises INT4 first).
 
+#include <algorithm>
 #include <functional>
 #include <vector>
 
@@ -147,14 +148,58 @@ inline float dot_int4(const uint8_t* bytes, const uint16_t* scale, const float* 
   return hsum(acc) - offset;
 }
 
+// One INT4 weight row widened to fp32: w[i] = (nibble_i - 8) * scale[i / 32], exact. Byte j
+// holds elements 2j (low nibble) and 2j + 1 (high): 8 bytes give lows and highs as two vectors,
+// interleaved back into element order within and then across the 128-bit lanes.
+inline void widen_int4_row(const uint8_t* bytes, const uint16_t* scale, float* w, int64_t n_in) {
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  for (int64_t g = 0; g < n_in / 32; ++g) {
+    const __m256 s = _mm256_set1_ps(bf16_to_float(scale[g]));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + g * 16 + h * 8)));
+      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi32(v, 4);
+      const __m256i a = _mm256_unpacklo_epi32(lo, hi), b = _mm256_unpackhi_epi32(lo, hi);
+      float* out = w + g * 32 + h * 16;
+      for (int half = 0; half < 2; ++half) {
+        const __m256i q = _mm256_permute2x128_si256(a, b, half ? 0x31 : 0x20);
+        _mm256_storeu_ps(out + 8 * half,
+                         _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), eight), s));
+      }
+    }
+  }
+}
+
+// From this many rows of one expert on, its block of weight rows is widened once to fp32 and
+// multiplied by the tiled GEMM (each weight vector loaded once per 6 rows); below it, each row
+// is dotted straight from the packed bytes (bench/int4_experts.py measured the crossover).
+constexpr int64_t kWidenRows = 8;
+constexpr int64_t kWidenBlock = 8;  // weight rows widened per GEMM call
+
 ExpertRows int4_rows(const int32_t* packed, const uint16_t* scale) {
   return [packed, scale](int64_t ex, int64_t first, int64_t n, const float* in, int64_t n_in,
                          float* y, int64_t n_out, int64_t n0, int64_t n1) {
+    const auto* bytes = reinterpret_cast<const uint8_t*>(packed);
+    if (n >= kWidenRows) {
+      std::vector<float> w(kWidenBlock * n_in);  // a few weight rows at a time: stays in L2
+      for (int64_t r0 = n0; r0 < n1; r0 += kWidenBlock) {
+        const int64_t rows = std::min(kWidenBlock, n1 - r0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t at = ex * n_out + r0 + r;
+          widen_int4_row(bytes + at * (n_in / 2), scale + at * (n_in / 32),
+                         w.data() + r * n_in, n_in);
+        }
+        gemm_rows<float>({in + first * n_in, n_in, 0, w.data(), n_in, 0,
+                          y + first * n_out + r0, n_out, 0, 1, n, rows, n_in},
+                         0, rows);
+      }
+      return;
+    }
     std::vector<float> xp(n * n_in), sums(n * (n_in / 32));
     for (int64_t m = 0; m < n; ++m)
       prepare_int4_input(in + (first + m) * n_in, n_in, xp.data() + m * n_in,
                          sums.data() + m * (n_in / 32));
-    const auto* bytes = reinterpret_cast<const uint8_t*>(packed);
     for (int64_t r = n0; r < n1; ++r) {  // a weight row stays in cache across the expert's rows
       const int64_t at = ex * n_out + r;
       for (int64_t m = 0; m < n; ++m)
