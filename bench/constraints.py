@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
     encoding, specials = k2_sized_encoding()
-    vocab = Vocabulary(encoding, specials, tok.IM_END, VOCAB)
+    vocab = Vocabulary(encoding, specials, specials[tok.IM_END], VOCAB)
     built = time.perf_counter() - started
     spec = ConstraintSpec(tools=(ToolSchema("search", json.dumps(SCHEMA)),))
     compile_start = time.perf_counter()

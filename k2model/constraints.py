@@ -25,6 +25,7 @@ from llguidance.tiktoken import lltokenizer_from_encoding
 from k2model import constraint_grammar
 from k2model.constraint_spec import ConstraintSpec, GrammarError
 from k2model.text import chat_tokens as tok
+from k2model.text.hf_tokenizer import HFTokenizer
 from k2model.text.tokenizer import Tokenizer
 
 _COMPILED_CACHE = 64  # compiled constraints kept per compiler
@@ -36,21 +37,28 @@ class Vocabulary:
     tiktoken ranks and special tokens, and the ids of the control tokens grammars use."""
 
     def __init__(
-        self, encoding: tiktoken.Encoding, specials: dict[str, int], end_name: str, size: int
+        self, encoding: tiktoken.Encoding | str, specials: dict[str, int], end: int, size: int
     ) -> None:
-        """encoding: ranks and special tokens; specials: the control names a grammar may use
-        -> their ids; end_name: the special that ends a turn; size: the model's vocabulary."""
+        """encoding: tiktoken's (ranks and special tokens) or an HF tokenizer.json text;
+        specials: the control names a grammar may use -> their ids; end: the id that ends a
+        turn; size: the model's vocabulary."""
         self.size = size  # masks are this long
-        self.engine = lltokenizer_from_encoding(
-            encoding, n_vocab=max(size, encoding.n_vocab), eos_token=specials[end_name]
-        )
+        if isinstance(encoding, str):
+            self.engine = llguidance.LLTokenizer(encoding, n_vocab=size, eos_token=end)
+        else:
+            n_vocab = max(size, encoding.n_vocab)
+            self.engine = lltokenizer_from_encoding(encoding, n_vocab=n_vocab, eos_token=end)
         self.controls = {name: i for name, i in specials.items() if i < size}
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, model_vocab_size: int) -> Vocabulary:
+        """K2's tokenizer, or an HF one (whose vocabulary may lack K2's markers: grammars that
+        need them are then refused by name, while banned ids still work)."""
         wanted = (*constraint_grammar.MARKUP, tok.IM_END, tok.THINK_END)
         specials = {n: tokenizer.special_id(n) for n in wanted if tokenizer.has_special(n)}
-        return cls(tokenizer.encoding, specials, tok.IM_END, model_vocab_size)
+        end = specials.get(tok.IM_END, tokenizer.eos_id)
+        encoding = tokenizer.json if isinstance(tokenizer, HFTokenizer) else tokenizer.encoding
+        return cls(encoding, specials, end, model_vocab_size)
 
     @classmethod
     def from_dir(cls, checkpoint: str | Path, model_vocab_size: int) -> Vocabulary:

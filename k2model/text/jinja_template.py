@@ -22,7 +22,7 @@ segments that chat_format.render produces; `render_text` is the plain HF renderi
 
 import json
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -254,8 +254,10 @@ class JinjaChatTemplate:
         *,
         control_tokens: Collection[str],
         sort_tool_keys: bool = True,
+        special_tokens: Mapping[str, str] | None = None,
         limits: TemplateLimits = TemplateLimits(),
     ):
+        """special_tokens: bos_token etc. -> names, in the template's context as HF puts them."""
         if len(source) > limits.max_source_chars:
             raise TemplateLimitError(
                 f"chat template is {len(source)} chars, over the limit of {limits.max_source_chars}"
@@ -263,6 +265,7 @@ class JinjaChatTemplate:
         self._template = _make_environment().from_string(source)
         self._controls = frozenset(control_tokens)
         self._sort_tool_keys = sort_tool_keys
+        self._special_tokens = dict(special_tokens or {})
         self._limits = limits
 
     def render(
@@ -302,6 +305,7 @@ class JinjaChatTemplate:
         if self._sort_tool_keys:
             tool_dicts = _deep_sort(tool_dicts)
         context = {
+            **self._special_tokens,
             "messages": [_wrap_message(message_to_dict(m), wrap) for m in messages],
             "tools": [{**t, "function": wrap(t["function"])} for t in tool_dicts] or None,
             "add_generation_prompt": add_generation_prompt and not partial,

@@ -1,19 +1,25 @@
-"""Kimi K2's tiktoken tokenizer, loaded from a checkpoint directory.
+"""The tokenizer of a checkpoint directory, behind one interface (`Tokenizer`).
 
-A directory holds `tiktoken.model` (one `<base64 token bytes> <rank>` per line, ranks 0..N-1)
-and `tokenizer_config.json` (HF format: `added_tokens_decoder`, `bos_token`, `eos_token`,
-`pad_token`). The same loader reads a real K2 checkpoint and the embedded toy model.
+Kimi K2 ships a tiktoken tokenizer: `tiktoken.model` (one `<base64 token bytes> <rank>` per line,
+ranks 0..N-1) and `tokenizer_config.json` (HF format: `added_tokens_decoder`, `bos_token`,
+`eos_token`, `pad_token`), read by `TiktokenTokenizer`; the same loader reads a real K2 checkpoint
+and the embedded toy model. A checkpoint with an HF `tokenizer.json` instead (DeepSeek-V3, and
+most checkpoints written by transformers) is read by `hf_tokenizer.HFTokenizer`, through the
+`tokenizers` library. `Tokenizer.from_dir` picks by the files present.
 
-Prompt-injection contract: `encode` never recognises special-token names, so a user typing
-"<|im_end|>" gets ordinary text tokens. Control tokens enter a prompt only through
+Prompt-injection contract, for both: `encode` never recognises control-token names, so a user
+typing "<|im_end|>" gets ordinary text tokens. Control tokens enter a prompt only through
 `encode_segments` with is_control=True, which the chat renderer emits for its own markup.
 """
+
+from __future__ import annotations
 
 import base64
 import binascii
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ PAT_STR = "|".join(
 
 RANKS_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
+HF_FILE = "tokenizer.json"
 
 # As tokenization_kimi.py: tiktoken is fed at most 400,000 chars at a time, and no piece holds a
 # run of more than 25,000 whitespace or non-whitespace chars (see tiktoken issue #195 on huge
@@ -157,52 +164,51 @@ def _long_runs(chunk: str, max_run: int) -> Iterator[re.Match[str]]:
     return re.finditer(rf"\s{{{max_run + 1},}}|\S{{{max_run + 1},}}", chunk)
 
 
-class Tokenizer:
-    """Byte-level BPE over N base ranks plus 258 control ids N..N+257 (see specials.py)."""
+class Tokenizer(ABC):
+    """Text <-> ids over a vocabulary whose control tokens have names: the contract every
+    tokenizer of a checkpoint keeps (the chat renderer, detokenizer and grammar engine use only
+    this)."""
 
     def __init__(
         self,
-        ranks: dict[bytes, int],
-        table: SpecialTable,
+        name_to_id: Mapping[str, int],
+        special_ids: frozenset[int],
+        vocab_size: int,
         *,
-        bos: str = BOS,
-        eos: str = EOS,
-        pad: str = PAD,
-    ):
-        self._table = table
-        self._n_base = len(ranks)
-        self._encoding = tiktoken.Encoding(
-            "kimi_k2", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=dict(table.name_to_id)
-        )
-        self._bos_id = table.name_to_id[bos]
-        self._eos_id = table.name_to_id[eos]
-        self._pad_id = table.name_to_id[pad]
-        # The stop set always holds both turn enders, whichever one the config calls eos.
-        self._stop_ids = frozenset({table.name_to_id[IM_END], table.name_to_id[EOS], self._eos_id})
+        bos: str,
+        eos: str,
+        pad: str,
+    ) -> None:
+        """name_to_id: every control token; special_ids: those a skip-special decode strips."""
+        self._name_to_id = dict(name_to_id)
+        self._special_ids = special_ids
+        self._vocab_size = vocab_size
+        self._roles = {"bos_token": bos, "eos_token": eos, "pad_token": pad}
+        self._bos_id = name_to_id[bos]
+        self._eos_id = name_to_id[eos]
+        self._pad_id = name_to_id[pad]
+        # The stop set holds both of K2's turn enders where the vocabulary has them, and eos.
+        ends = (name_to_id[n] for n in (IM_END, EOS) if n in name_to_id)
+        self._stop_ids = frozenset({*ends, self._eos_id})
 
-    @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    @staticmethod
+    def from_dir(path: str | Path) -> Tokenizer:
+        """tiktoken.model (K2) or tokenizer.json (HF), beside tokenizer_config.json."""
         directory = Path(path)
-        for name in (RANKS_FILE, CONFIG_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"tokenizer file not found: {directory / name}")
-        ranks = load_ranks(directory / RANKS_FILE)
-        table, roles = _load_config(directory / CONFIG_FILE, len(ranks))
-        return cls(ranks, table, **roles)
+        if (directory / RANKS_FILE).is_file():
+            return TiktokenTokenizer.from_dir(directory)
+        if (directory / HF_FILE).is_file():
+            from k2model.text.hf_tokenizer import HFTokenizer
 
-    @property
-    def n_base(self) -> int:
-        return self._n_base
-
-    @property
-    def encoding(self) -> tiktoken.Encoding:
-        """The tiktoken encoding (ranks, pattern, special tokens) for engines that read it."""
-        return self._encoding
+            return HFTokenizer.from_dir(directory)
+        raise FileNotFoundError(
+            f"tokenizer file not found: {directory} has neither {RANKS_FILE} nor {HF_FILE}"
+        )
 
     @property
     def vocab_size(self) -> int:
-        # Tokenizer ids, N + 258; the model's embedding has N + 256 rows.
-        return self._n_base + len(self._table.name_to_id)
+        """Tokenizer ids (K2: N + 258; the model's embedding has N + 256 rows)."""
+        return self._vocab_size
 
     @property
     def bos_id(self) -> int:
@@ -220,26 +226,36 @@ class Tokenizer:
     def stop_ids(self) -> frozenset[int]:
         return self._stop_ids
 
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """bos_token / eos_token / pad_token -> names, as HF hands them to chat templates."""
+        return dict(self._roles)
+
+    @property
+    def control_names(self) -> frozenset[str]:
+        return frozenset(self._name_to_id)
+
     def is_special(self, token_id: int) -> bool:
-        return token_id in self._table.special_ids
+        return token_id in self._special_ids
 
     def has_special(self, name: str) -> bool:
-        return name in self._table.name_to_id
+        return name in self._name_to_id
 
     def special_id(self, name: str) -> int:
-        token_id = self._table.name_to_id.get(name)
+        token_id = self._name_to_id.get(name)
         if token_id is None:
             raise ValueError(f"unknown special token {name!r}")
         return token_id
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
-        """User text -> ids, with no special-token recognition."""
-        if len(text) <= MAX_RUN_CHARS:
-            return self._encoding.encode_ordinary(text)
-        ids: list[int] = []
-        for piece in long_text_pieces(text):
-            ids.extend(self._encoding.encode_ordinary(piece))
-        return ids
+        """User text -> ids, with no control-token recognition."""
+
+    @abstractmethod
+    def _decode_bytes(self, ids: Sequence[int]) -> bytes: ...
+
+    @abstractmethod
+    def _piece(self, token_id: int) -> bytes: ...
 
     def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
         """(text, is_control) pairs -> ids; a control segment is exactly one special-token name."""
@@ -253,20 +269,75 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         self._check_ids(ids)
-        return self._encoding.decode_bytes(ids)
+        return self._decode_bytes(ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         if skip_special_tokens:
-            ids = [i for i in ids if i not in self._table.special_ids]
+            ids = [i for i in ids if i not in self._special_ids]
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def id_to_piece(self, token_id: int) -> bytes:
         """The raw bytes of one id; a control id gives its name's UTF-8."""
         self._check_ids((token_id,))
-        return self._encoding.decode_single_token_bytes(token_id)
+        return self._piece(token_id)
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         limit = self.vocab_size
         if ids and (min(ids) < 0 or max(ids) >= limit):
             bad = next(i for i in ids if not 0 <= i < limit)
             raise ValueError(f"token id {bad} is out of range [0, {limit})")
+
+
+class TiktokenTokenizer(Tokenizer):
+    """K2's: byte-level BPE over N base ranks plus 258 control ids N..N+257 (see specials.py)."""
+
+    def __init__(
+        self,
+        ranks: dict[bytes, int],
+        table: SpecialTable,
+        *,
+        bos: str = BOS,
+        eos: str = EOS,
+        pad: str = PAD,
+    ):
+        n_special = len(table.name_to_id)
+        super().__init__(
+            table.name_to_id, table.special_ids, len(ranks) + n_special, bos=bos, eos=eos, pad=pad
+        )
+        self._n_base = len(ranks)
+        self._encoding = tiktoken.Encoding(
+            "kimi_k2", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=dict(table.name_to_id)
+        )
+
+    @staticmethod
+    def from_dir(path: str | Path) -> TiktokenTokenizer:
+        directory = Path(path)
+        for name in (RANKS_FILE, CONFIG_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"tokenizer file not found: {directory / name}")
+        ranks = load_ranks(directory / RANKS_FILE)
+        table, roles = _load_config(directory / CONFIG_FILE, len(ranks))
+        return TiktokenTokenizer(ranks, table, **roles)
+
+    @property
+    def n_base(self) -> int:
+        return self._n_base
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding (ranks, pattern, special tokens) for engines that read it."""
+        return self._encoding
+
+    def encode(self, text: str) -> list[int]:
+        if len(text) <= MAX_RUN_CHARS:
+            return self._encoding.encode_ordinary(text)
+        ids: list[int] = []
+        for piece in long_text_pieces(text):
+            ids.extend(self._encoding.encode_ordinary(piece))
+        return ids
+
+    def _decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return self._encoding.decode_bytes(ids)
+
+    def _piece(self, token_id: int) -> bytes:
+        return self._encoding.decode_single_token_bytes(token_id)

@@ -133,11 +133,12 @@ class ChatPipeline:
             self.text.render, request.messages, request.tools, True, request.keep_reasoning
         )
         prompt = list(rendered.prompt_ids)
-        banned: list[int] = []
+        banned = list(self.text.unmapped_ids)
         if self.thinking_model and not thinking:
-            banned = [self.tokenizer.special_id(n) for n in (tok.THINK_BEGIN, tok.THINK_END)]
+            think = [self.tokenizer.special_id(n) for n in (tok.THINK_BEGIN, tok.THINK_END)]
+            banned += think
             if not partial:
-                prompt += banned
+                prompt += think
         if request.max_tokens is not None and len(prompt) + request.max_tokens > self.context:
             raise OutOfRange(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds the "

@@ -20,6 +20,7 @@ from jinja2 import TemplateError
 from k2model.config import K2Config
 from k2model.text import chat_tokens
 from k2model.text.chat_format import Flavor, Segment, control_tokens, render
+from k2model.text.hf_tokenizer import HFTokenizer
 from k2model.text.jinja_template import (
     JinjaChatTemplate,
     load_checkpoint_template,
@@ -48,6 +49,14 @@ def native_flavor(tokenizer: Tokenizer) -> Flavor:
     return "k2-thinking" if tokenizer.has_special(chat_tokens.THINK_BEGIN) else "k2-instruct"
 
 
+def template_controls(tokenizer: Tokenizer) -> frozenset[str]:
+    """The names a checkpoint template's markup turns into control ids: K2's flavor's for K2's
+    tokenizer, every added token of an HF one (its own template's markup)."""
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.control_names
+    return control_tokens(native_flavor(tokenizer))
+
+
 def _make_renderer(chat_format: ChatFormat, checkpoint: Path, tokenizer: Tokenizer) -> Renderer:
     if chat_format != "checkpoint":
         native = functools.partial(render, flavor=chat_format)
@@ -59,7 +68,8 @@ def _make_renderer(chat_format: ChatFormat, checkpoint: Path, tokenizer: Tokeniz
         raise ValueError("chat_format 'checkpoint': the checkpoint ships no chat template")
     jinja = JinjaChatTemplate(
         template,
-        control_tokens=control_tokens(native_flavor(tokenizer)),
+        control_tokens=template_controls(tokenizer),
+        special_tokens=tokenizer.special_tokens_map,
         sort_tool_keys=sorts_tool_keys(checkpoint),
     )
 
@@ -83,9 +93,21 @@ class ChatText:
         self.tokenizer = Tokenizer.from_dir(checkpoint)
         config = K2Config.from_dir(checkpoint)
         self.context, self.vocab_size = config.max_position_embeddings, config.vocab_size
+        # Model rows past the tokenizer's ids (a padded embedding: DeepSeek-V3 has 129,280 rows
+        # for 128,815 tokens) have no text; they are never sampled. K2's tokenizer covers all.
+        self.unmapped_ids = range(min(self.tokenizer.vocab_size, self.vocab_size), self.vocab_size)
         if chat_format is None:
             shipped = load_checkpoint_template(checkpoint) is not None
             chat_format = "checkpoint" if shipped else native_flavor(self.tokenizer)
+        if chat_format != "checkpoint":
+            missing = sorted(
+                n for n in control_tokens(chat_format) if not self.tokenizer.has_special(n)
+            )
+            if missing:
+                raise ValueError(
+                    f"chat_format {chat_format}: the tokenizer has no {', '.join(missing[:4])}"
+                    " (a checkpoint without K2's chat tokens needs its own chat template)"
+                )
         self.chat_format: ChatFormat = chat_format
         self.reasoning = self.tokenizer.has_special(chat_tokens.THINK_BEGIN)
         self._render = _make_renderer(chat_format, Path(checkpoint), self.tokenizer)

@@ -84,7 +84,8 @@ def plan_tools(request: ChatRequest, tokenizer: Tokenizer) -> ToolPlan:
         single = not request.parallel_tool_calls
         return ToolPlan(parse_tool_calls=True, tool_names=names, tools=tools, single_call=single)
     if choice == "none":
-        banned = tuple(tokenizer.special_id(name) for name in (tok.SECTION_BEGIN, tok.CALL_BEGIN))
+        opening = (tok.SECTION_BEGIN, tok.CALL_BEGIN)  # a non-K2 vocabulary may have neither
+        banned = tuple(tokenizer.special_id(n) for n in opening if tokenizer.has_special(n))
         return ToolPlan(parse_tool_calls=False, tool_names=(), banned_ids=banned)
     if choice != "required" and choice not in names:
         raise InvalidArgument(f"tool_choice: {choice!r} is not a declared tool")

@@ -221,7 +221,9 @@ def test_default_chat_format_follows_the_checkpoint(tmp_path: Path) -> None:
     }
     (no_think / "tokenizer_config.json").write_text(json.dumps(config))
     assert ChatText(no_think).chat_format == "k2-instruct"
-    assert ChatText(no_think, "k2-thinking").chat_format == "k2-thinking"
+    # Forcing a format whose markers the vocabulary lacks fails at start, naming them.
+    with pytest.raises(ValueError, match="chat_format k2-thinking: the tokenizer has no </think>"):
+        ChatText(no_think, "k2-thinking")
 
 
 def test_checkpoint_template_is_used_when_the_checkpoint_ships_one(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from k2model.text.detokenizer import IncrementalDetokenizer
-from k2model.text.tokenizer import Tokenizer
+from k2model.text.tokenizer import TiktokenTokenizer, Tokenizer
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "k2model" / "embedded"
 TOKENIZER = Tokenizer.from_dir(EMBEDDED)
@@ -76,7 +76,7 @@ def test_out_of_range_id_is_rejected() -> None:
         IncrementalDetokenizer(TOKENIZER).push([TOKENIZER.vocab_size])
 
 
-class _CountingTokenizer(Tokenizer):
+class _CountingTokenizer(TiktokenTokenizer):
     """Records how many ids each decode_bytes call is asked for."""
 
     def __init__(self, inner: Tokenizer):
