@@ -7,7 +7,7 @@ rows and each row's top-k expert ids and weights, and returns the weighted sum o
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,19 @@ class RoutedExperts(Protocol):
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], ids [T, k], weights [T, k] -> sum_k weights * expert_ids(x), [T, D] in x.dtype."""
         ...
+
+
+class PendingExperts(Protocol):
+    def result(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SubmitsExperts(Protocol):
+    """Remote experts that can start a layer's rows and return before they are done."""
+
+    def submit(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> PendingExperts: ...
 
 
 class LocalExperts(nn.Module):
@@ -198,5 +211,12 @@ class MoE(nn.Module):
         held = self.experts.gate_up.shape[0] or self.experts.fp8 or self.experts.int4
         if self.remote is None and not held:
             raise RuntimeError("this model was loaded without routed experts and has no remote")
+        if isinstance(self.remote, SubmitsExperts):  # rows out while the shared expert runs
+            pending = self.remote.submit(x, ids, weights)
+            try:
+                shared = self.shared(x) if self.shared is not None else None
+            finally:
+                out = pending.result()
+            return out + shared if shared is not None else out
         out = (self.remote or self.experts)(x, ids, weights)
         return out + self.shared(x) if self.shared is not None else out

@@ -10,6 +10,7 @@ list, and the docker compose files. Peers always come from here, never from a re
     prefill:   [{name: prefill-0, host: local, port: 50061, kv_blocks: auto}]
     decode:    [{name: decode-0, host: local, port: 50071, kv_cache_gib: 2, max_running: 64}]
     experts: remote                 # or local (default): where prefill/decode run routed experts
+    expert_transport: dataplane     # or grpc: how their rows reach the pool (below)
     expert_pool: [{name: experts-0, host: local, port: 50081, ranks: 2, master_port: 29500}]
     gateway:   [{name: gateway-0, host: local, port: 8000, config: gateway.yaml}]
     security: {ca: ca.pem, cert: internal.pem, key: internal.key, secret_file: secret}  # optional
@@ -57,6 +58,7 @@ KINDS = ("experts", "tokenizer", "prefill", "decode", "gateway")  # start order:
 REQUIRED = ("tokenizer", "prefill", "decode")
 _SECTION = {"experts": "expert_pool"}  # the YAML key of a kind, where it is not the kind itself
 EXPERTS_MODES = ("local", "remote")
+EXPERT_TRANSPORTS = ("dataplane", "grpc")
 DTYPES = ("auto", "float32", "bfloat16")  # model.dtype, an instance's dtype, model.kv_dtype
 
 
@@ -132,6 +134,9 @@ class Deployment:
     threads: int = 0  # CPU threads per model process; 0: cores split among this host's instances
     kv_dtype: str = "auto"  # the latent KV cache's dtype; auto: the model's (docs/performance.md)
     experts: str = "local"  # "remote": routed experts run on the experts instance
+    # remote experts' rows: "dataplane" straight to each rank (services/experts/dataplane.py),
+    # or "grpc", one Compute call per layer through rank 0 (its collectives; the slow twin)
+    expert_transport: str = "dataplane"
     security: Security | None = None  # mTLS and/or a shared secret on internal gRPC
 
     @property
@@ -191,7 +196,8 @@ class Deployment:
     def from_dict(cls, raw: Any, base: Path = Path(".")) -> Deployment:
         if not isinstance(raw, dict):
             raise DeploymentError("a deployment must be a mapping")
-        known = {"checkpoint", "hosts", "model", "experts", "security", *map(_section, KINDS)}
+        known = {"checkpoint", "hosts", "model", "experts", "expert_transport", "security"}
+        known |= set(map(_section, KINDS))
         unknown = set(raw) - known
         if unknown:
             raise DeploymentError(f"unknown deployment keys: {sorted(unknown)}")
@@ -217,6 +223,7 @@ class Deployment:
             threads=0 if threads == "auto" else int(threads),
             kv_dtype=str(model.get("kv_dtype", "auto")),
             experts=str(raw.get("experts", "local")),
+            expert_transport=str(raw.get("expert_transport", "dataplane")),
             security=Security.from_dict(raw["security"], base) if "security" in raw else None,
         )
         _check(dep)
@@ -359,6 +366,10 @@ def _check(dep: Deployment) -> None:
 def _check_experts(dep: Deployment) -> None:
     if dep.experts not in EXPERTS_MODES:
         raise DeploymentError(f"experts must be local or remote, not {dep.experts!r}")
+    if dep.expert_transport not in EXPERT_TRANSPORTS:
+        raise DeploymentError(
+            f"expert_transport must be one of {EXPERT_TRANSPORTS}, not {dep.expert_transport!r}"
+        )
     pools = dep.of_kind("experts")
     if dep.experts == "remote" and len(pools) != 1:
         raise DeploymentError(

@@ -93,7 +93,9 @@ async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClien
     remote = dep.remote_experts
     if remote is None:
         return model, None
-    return model, attach_remote_experts(model, remote.target, security=dep.security)
+    return model, attach_remote_experts(
+        model, remote.target, security=dep.security, transport=dep.expert_transport
+    )
 
 
 def kv_pool(dep: Deployment, me: Instance, model: K2Model) -> int:

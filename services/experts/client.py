@@ -2,13 +2,16 @@
 
 The model runs on one worker thread per process and calls each MoE layer's routed experts
 synchronously, so the client is a synchronous gRPC stub on one channel shared by all layers of
-the process (`ExpertsClient`). One call per MoE layer per model step carries the whole batch's
-rows. Any failure raises (Unavailable when the pool is down or restarting, DeadlineExceeded past
+the process (`ExpertsClient`). Per MoE layer per model step, the whole batch's rows go either
+straight to the ranks that hold their experts (`transport: dataplane`, the default: M2N over
+ZeroMQ, the shared expert computing meanwhile) or in one Compute call through rank 0 (`grpc`). Any failure raises (Unavailable when the pool is down or restarting, DeadlineExceeded past
 the deadline): the engine then fails that step's requests cleanly. The reconnect backoff is capped
 low so that calls succeed again soon after the pool has restarted.
 """
 
 from __future__ import annotations
+
+import threading
 
 import grpc
 import torch
@@ -18,6 +21,8 @@ from services.common.channel import open_sync_channel
 from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.security import Security
 from services.common.tensor_codec import tensor_from_proto, tensor_to_proto
+from services.experts.dataplane import Endpoint
+from services.experts.dataplane_client import DataPlaneClient, Pending
 from services.experts.routed import COLLECTIVE_TIMEOUT_S
 from services.pb.k2.v1 import common_pb2, experts_pb2, experts_pb2_grpc
 
@@ -42,20 +47,60 @@ CALL_TIMEOUT_S = 3 * COLLECTIVE_TIMEOUT_S
 
 
 class ExpertsClient:
-    """One synchronous channel to the expert pool (thread-safe), shared by every MoE layer."""
+    """One synchronous channel to the expert pool (thread-safe), shared by every MoE layer;
+    with the data plane, also one socket per rank (services/experts/dataplane_client.py),
+    rebuilt from the pool's Endpoints after a failure."""
 
     def __init__(
-        self, target: str, timeout_s: float = CALL_TIMEOUT_S, security: Security | None = None
+        self,
+        target: str,
+        timeout_s: float = CALL_TIMEOUT_S,
+        security: Security | None = None,
+        transport: str = "dataplane",
     ) -> None:
-        self.target, self.timeout_s = target, timeout_s
+        self.target, self.timeout_s, self.transport = target, timeout_s, transport
         self._channel = open_sync_channel(target, _CHANNEL_OPTIONS, security)
         self._metadata = security.call_metadata() if security else ()
         self._stub = experts_pb2_grpc.ExpertsStub(self._channel)
+        self._plane: DataPlaneClient | None = None
+        self._plane_lock = threading.Lock()
+
+    def submit(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> Pending | Done:
+        """Starts `layer`'s routed experts for rows x [T, D]; `.result()` is their weighted sum,
+        [T, D] in x's dtype. Over the data plane the rows are out while the caller goes on."""
+        if self.transport == "grpc":
+            return Done(self._compute_grpc(layer, x, ids, weights))
+        return self._dataplane().submit(layer, x, ids, weights)
 
     def compute(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """The routed experts' weighted sum for rows x [T, D] of `layer`, [T, D] in x's dtype."""
+        return self.submit(layer, x, ids, weights).result()
+
+    def _dataplane(self) -> DataPlaneClient:
+        with self._plane_lock:
+            if self._plane is None or self._plane.closed:
+                self._plane = self._connect()
+            return self._plane
+
+    def _connect(self) -> DataPlaneClient:
+        try:
+            reply = self._stub.Endpoints(
+                experts_pb2.EndpointsRequest(), timeout=self.timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise _error("endpoints", exc) from exc
+        endpoints = [Endpoint(e.rank, e.tcp, e.ipc, e.host_id) for e in reply.ranks]
+        return DataPlaneClient(
+            endpoints, reply.token, reply.experts_per_rank, reply.hidden_size, COLLECTIVE_TIMEOUT_S
+        )
+
+    def _compute_grpc(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         request = experts_pb2.ExpertsRequest(
             layer=layer,
             hidden=tensor_to_proto(x),
@@ -65,7 +110,7 @@ class ExpertsClient:
         try:
             reply = self._stub.Compute(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise _error(layer, exc) from exc
+            raise _error(f"layer {layer}", exc) from exc
         out = tensor_from_proto(reply.out, dtype=x.dtype, shape=list(x.shape), name="out")
         return out.to(x.device, copy=True)  # own the memory: the reply's bytes are read-only
 
@@ -74,17 +119,29 @@ class ExpertsClient:
         return self._stub.Stats(request, timeout=self.timeout_s, metadata=self._metadata)
 
     def close(self) -> None:
+        if self._plane is not None:
+            self._plane.close()
         self._channel.close()
 
 
-def _error(layer: int, exc: grpc.RpcError) -> Exception:
+class Done:
+    """A result already computed (the gRPC transport answers before the caller goes on)."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+
+    def result(self) -> torch.Tensor:
+        return self.out
+
+
+def _error(what: str, exc: grpc.RpcError) -> Exception:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"expert pool: layer {layer} timed out")
+        return DeadlineExceeded(f"expert pool: {what} timed out")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"expert pool unavailable (layer {layer})")
+        return Unavailable(f"expert pool unavailable ({what})")
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-    return RuntimeError(f"expert pool refused layer {layer}: {code}: {details}")
+    return RuntimeError(f"expert pool refused {what}: {code}: {details}")
 
 
 class RemoteExperts:
@@ -96,13 +153,20 @@ class RemoteExperts:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.client.compute(self.layer, x, ids, weights)
 
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Pending | Done:
+        return self.client.submit(self.layer, x, ids, weights)
+
 
 def attach_remote_experts(
-    model: K2Model, target: str, timeout_s: float = CALL_TIMEOUT_S, security: Security | None = None
+    model: K2Model,
+    target: str,
+    timeout_s: float = CALL_TIMEOUT_S,
+    security: Security | None = None,
+    transport: str = "dataplane",
 ) -> ExpertsClient:
     """Route every MoE layer of `model` to the pool at `target`; close the returned client
     when the process shuts down. (Load the model with routed_experts=False: it holds none.)"""
-    client = ExpertsClient(target, timeout_s, security)
+    client = ExpertsClient(target, timeout_s, security, transport)
     for layer, moe in model.moe_layers().items():
         moe.remote = RemoteExperts(client, layer)
     return client

@@ -17,8 +17,11 @@ so it is final (`PoolBroken`); the supervisor restarts the whole job.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,6 +33,8 @@ from deepspeed.utils import groups
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from k2model.runtime import resolve_device
+from services.experts import wire
+from services.experts.dataplane import DataPlane, Endpoint
 from services.experts.plan import Part, combine, pack, packed_bytes, split, unpack
 from services.experts.rendezvous import GENERATION_ENV, job_store
 from services.experts.routed import Routed
@@ -38,6 +43,7 @@ from services.experts.shard import ExpertShard
 log = logging.getLogger(__name__)
 
 OP_ROUND, OP_STOP = 0, 1
+_TOKEN_KEY, _ENDPOINT_KEY = "dataplane/token", "dataplane/endpoint/"
 
 
 class PoolBroken(RuntimeError):
@@ -59,10 +65,19 @@ def device_for(local_rank: int, requested: str = "auto") -> torch.device:
 
 
 class ExpertPool:
-    def __init__(self, shard: ExpertShard, group: dist.ProcessGroup, device: torch.device) -> None:
+    def __init__(
+        self,
+        shard: ExpertShard,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        dataplane: DataPlane,
+        endpoints: list[Endpoint],
+    ) -> None:
         self.shard, self.group, self.device = shard, group, device
         self.spec = shard.spec
         self.rank = dist.get_rank(group)
+        self.dataplane = dataplane  # this rank's: callers' rows straight to its experts
+        self.endpoints = endpoints  # every rank's (rank 0; empty elsewhere)
 
     @classmethod
     def join(
@@ -74,6 +89,7 @@ class ExpertPool:
         load_timeout_s: float,
         collective_timeout_s: float,
         ops: str = "auto",
+        dataplane_host: str = "127.0.0.1",
     ) -> ExpertPool:
         """Rendezvous (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and the generation from the
         environment, in the supervisor's store: rendezvous.py; DeepSpeed adopts the process
@@ -103,9 +119,10 @@ class ExpertPool:
         log.info(
             "rank %d/%d: experts [%d, %d) loaded (%s)", rank, ranks, *_span(shard), shard.describe
         )
+        dataplane, endpoints = _start_dataplane(store, shard, rank, ranks, dataplane_host)
         dist.barrier(group=group)
         _set_pg_timeout(timedelta(seconds=collective_timeout_s), group)
-        return cls(shard, group, device)
+        return cls(shard, group, device, dataplane, endpoints)
 
     # -- rank 0 --------------------------------------------------------------------------------
 
@@ -191,6 +208,25 @@ class ExpertPool:
         got[0] = nbytes
         dist.all_to_all_single(buf, nothing, got, [0] * ranks, group=self.group)
         return unpack(buf, rows, pairs, d, dtype)
+
+
+def _start_dataplane(
+    store: dist.Store, shard: ExpertShard, rank: int, ranks: int, host: str
+) -> tuple[DataPlane, list[Endpoint]]:
+    """This rank's data plane under the job's token (rank 0 draws it; the store is the job's
+    generation's, so a restarted job has a new one), its endpoint published in the store;
+    rank 0 reads every rank's."""
+    if rank == 0:
+        store.set(_TOKEN_KEY, secrets.token_bytes(wire.TOKEN_BYTES).hex())
+    token = bytes.fromhex(store.get(_TOKEN_KEY).decode())
+    dataplane = DataPlane(shard, token, host).start()
+    store.set(f"{_ENDPOINT_KEY}{rank}", json.dumps(asdict(dataplane.endpoint)))
+    endpoints = []
+    if rank == 0:
+        endpoints = [
+            Endpoint(**json.loads(store.get(f"{_ENDPOINT_KEY}{r}").decode())) for r in range(ranks)
+        ]
+    return dataplane, endpoints
 
 
 def _no_shm_comm_op() -> None:

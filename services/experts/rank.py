@@ -68,6 +68,7 @@ def join(dep: Deployment, me: Instance, local_rank: int) -> ExpertPool:
             LOAD_TIMEOUT_S,
             COLLECTIVE_TIMEOUT_S,
             me.ops,
+            me.address,
         )
     except (DeviceUnavailable, OpsUnavailable) as e:
         raise StartupError(f"{me.name}: {e}") from None
@@ -84,6 +85,8 @@ async def lead(dep: Deployment, me: Instance) -> int:
         ServerOptions(bind=me.target, security=dep.security),
     )
     pool = await asyncio.to_thread(join, dep, me, 0)
+    servicer.endpoints, servicer.token = pool.endpoints, pool.dataplane.token
+    servicer.dataplane = pool.dataplane
     rounds = asyncio.create_task(batcher.run(pool.lead, pool.heartbeat))
     running.set_serving()
     print(f"{me.name} listening on {running.address} ({spec.ranks} ranks)", flush=True)
@@ -94,6 +97,7 @@ async def lead(dep: Deployment, me: Instance) -> int:
 
     watcher = asyncio.create_task(drain_when_broken())
     await run_until_signal(running, grace_s=DRAIN_S)
+    pool.dataplane.stop()
     if batcher.broken is not None:
         return 1
     watcher.cancel()
@@ -109,6 +113,8 @@ def follow(dep: Deployment, me: Instance, local_rank: int) -> int:
     except PoolBroken as exc:
         log.error("%s", exc)
         return 1
+    finally:
+        pool.dataplane.stop()
     return 0
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import grpc
 import torch
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.tensor_codec import DTYPES, tensor_from_proto, tensor_to_proto
 from services.experts.batcher import Batcher
+from services.experts.dataplane import DataPlane, Endpoint
 from services.experts.routed import ROW_DTYPES, PoolSpec, Routed, check
 from services.pb.k2.v1 import common_pb2, experts_pb2, experts_pb2_grpc
 
@@ -15,6 +18,21 @@ from services.pb.k2.v1 import common_pb2, experts_pb2, experts_pb2_grpc
 class ExpertsServicer(experts_pb2_grpc.ExpertsServicer):
     def __init__(self, batcher: Batcher, spec: PoolSpec) -> None:
         self.batcher, self.spec = batcher, spec
+        self.endpoints: list[Endpoint] = []  # every rank's data plane, once the job is up
+        self.token = b""
+        self.dataplane: DataPlane | None = None  # rank 0's own
+
+    async def Endpoints(
+        self, request: experts_pb2.EndpointsRequest, context: grpc.aio.ServicerContext
+    ) -> experts_pb2.ExpertsEndpoints:
+        if not self.endpoints or self.batcher.broken is not None:
+            raise Unavailable("the expert pool is starting or restarting")
+        return experts_pb2.ExpertsEndpoints(
+            ranks=[experts_pb2.ExpertEndpoint(**asdict(e)) for e in self.endpoints],
+            token=self.token,
+            experts_per_rank=self.spec.per_rank,
+            hidden_size=self.spec.hidden_size,
+        )
 
     async def Compute(
         self, request: experts_pb2.ExpertsRequest, context: grpc.aio.ServicerContext
@@ -32,6 +50,7 @@ class ExpertsServicer(experts_pb2_grpc.ExpertsServicer):
             calls=b.calls,
             rows=b.rows,
             rounds=b.rounds,
+            dataplane_requests=self.dataplane.served if self.dataplane else 0,
         )
 
 

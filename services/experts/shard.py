@@ -14,6 +14,7 @@ import torch
 from k2model.checkpoint.loader import load_expert_slice
 from k2model.config import K2Config
 from k2model.moe import LocalExperts
+from services.experts import wire
 from services.experts.plan import Part
 from services.experts.routed import PoolSpec
 
@@ -46,6 +47,20 @@ class ExpertShard:
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.experts.values())).dtype
+
+    @torch.inference_mode()
+    def partial(self, request: wire.Request) -> torch.Tensor:
+        """Partial sums [rows, D] of one data-plane request (its pairs name local experts),
+        in the request's dtype."""
+        layer, x = request.header.layer, request.x
+        device = next(iter(self.experts.values())).device
+        rows, local = request.pairs.to(device, torch.long).unbind(1)
+        out = torch.zeros(x.shape, dtype=self.dtype, device=device)
+        if rows.numel():
+            xs = x.to(device, self.dtype)[rows]
+            weights = request.weights.to(device)[:, None]
+            out.index_add_(0, rows, self.experts[layer](xs, local[:, None], weights))
+        return out.to(x.dtype).cpu()
 
     @torch.inference_mode()
     def compute(self, part: Part) -> torch.Tensor:

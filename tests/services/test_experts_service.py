@@ -1,14 +1,15 @@
 """The Experts gRPC front and RemoteExperts client, in process, on port 0.
 
 The pool behind the batcher is the real dispatch/compute/combine math over two in-process shards
-of the embedded checkpoint, with the collectives replaced by pack/unpack (the DeepSpeed job itself
-is exercised in tests/e2e/test_experts.py).
+of the embedded checkpoint, with the collectives replaced by pack/unpack, and each shard's own data
+plane (the DeepSpeed job itself is exercised in tests/e2e/test_experts.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,8 +22,10 @@ from k2model import EMBEDDED_CHECKPOINT, K2Model, generate_ids, load_model
 from services.common.errors import Unavailable
 from services.common.server import ServerOptions, start_server
 from services.common.tensor_codec import tensor_to_proto
+from services.experts import wire
 from services.experts.batcher import Batcher
 from services.experts.client import ExpertsClient, attach_remote_experts
+from services.experts.dataplane import DataPlane
 from services.experts.plan import combine, pack, split, unpack
 from services.experts.routed import Routed
 from services.experts.servicer import ExpertsServicer
@@ -60,9 +63,14 @@ def server() -> Iterator[tuple[str, Batcher]]:
     started = threading.Event()
     stop = asyncio.Event()
 
+    token = secrets.token_bytes(wire.TOKEN_BYTES)
+    planes = [DataPlane(shard, token, "127.0.0.1").start() for shard in pool.shards]
+
     async def serve() -> None:
         batcher = Batcher(heartbeat_s=0.2)
         servicer = ExpertsServicer(batcher, pool.spec)
+        servicer.endpoints, servicer.token = [p.endpoint for p in planes], token
+        servicer.dataplane = planes[0]
         running = await start_server(
             "experts-test",
             [lambda s: experts_pb2_grpc.add_ExpertsServicer_to_server(servicer, s)],
@@ -85,6 +93,8 @@ def server() -> Iterator[tuple[str, Batcher]]:
     loop.call_soon_threadsafe(stop.set)
     thread.join(10)
     loop.close()
+    for plane in planes:
+        plane.stop()
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +102,9 @@ def model() -> K2Model:
     return load_model(EMBEDDED_CHECKPOINT, torch.float32)
 
 
-def test_remote_equals_local_experts_per_layer(server, model: K2Model) -> None:
-    client = ExpertsClient(server[0])
+@pytest.mark.parametrize("transport", ["dataplane", "grpc"])
+def test_remote_equals_local_experts_per_layer(server, model: K2Model, transport: str) -> None:
+    client = ExpertsClient(server[0], transport=transport)
     gen = torch.Generator().manual_seed(0)
     try:
         for layer, moe in model.moe_layers().items():
@@ -107,16 +118,22 @@ def test_remote_equals_local_experts_per_layer(server, model: K2Model) -> None:
         client.close()
 
 
-def test_generation_with_remote_experts_equals_local(server, model: K2Model) -> None:
+@pytest.mark.parametrize("transport", ["dataplane", "grpc"])
+def test_generation_with_remote_experts_equals_local(server, model: K2Model, transport) -> None:
+    """Over the data plane, each MoE layer's shared expert runs while its rows are out."""
     prompts = [[5, 17, 300, 42], list(range(100, 130))]
     want = generate_ids(model, prompts, 6)
     remote_model = load_model(EMBEDDED_CHECKPOINT, torch.float32)
-    client = attach_remote_experts(remote_model, server[0])
+    client = attach_remote_experts(remote_model, server[0], transport=transport)
     try:
         before = client.stats()
         assert generate_ids(remote_model, prompts, 6) == want
         after = client.stats()
-        assert after.calls > before.calls and after.rounds <= after.calls
+        if transport == "grpc":
+            assert after.calls > before.calls and after.rounds <= after.calls
+        else:
+            assert after.calls == before.calls
+            assert after.dataplane_requests > before.dataplane_requests
         assert (after.ranks, after.experts_per_rank) == (2, 4)
     finally:
         client.close()
@@ -156,8 +173,9 @@ def test_bad_input_is_invalid_argument(server, message: str, request_) -> None:
     assert message in err.value.details()
 
 
-def test_bf16_rows_on_the_wire(server, model: K2Model) -> None:
-    client = ExpertsClient(server[0])
+@pytest.mark.parametrize("transport", ["dataplane", "grpc"])
+def test_bf16_rows_on_the_wire(server, model: K2Model, transport: str) -> None:
+    client = ExpertsClient(server[0], transport=transport)
     try:
         moe = model.moe_layers()[2]
         x = torch.randn(4, 128)
@@ -170,12 +188,13 @@ def test_bf16_rows_on_the_wire(server, model: K2Model) -> None:
         client.close()
 
 
-def test_unreachable_pool_fails_fast_as_unavailable() -> None:
+@pytest.mark.parametrize(("transport", "what"), [("dataplane", "endpoints"), ("grpc", "layer 1")])
+def test_unreachable_pool_fails_fast_as_unavailable(transport: str, what: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connections are refused
-        client = ExpertsClient(f"127.0.0.1:{port}", timeout_s=30)
-        with pytest.raises(Unavailable, match="layer 1"):
+        client = ExpertsClient(f"127.0.0.1:{port}", timeout_s=30, transport=transport)
+        with pytest.raises(Unavailable, match=rf"unavailable \({what}\)"):
             client.compute(
                 1, torch.randn(2, 128), torch.zeros(2, 2, dtype=torch.long), torch.rand(2, 2)
             )

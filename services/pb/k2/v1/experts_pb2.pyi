@@ -1,10 +1,39 @@
 from services.pb.k2.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class EndpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertEndpoint(_message.Message):
+    __slots__ = ("rank", "tcp", "ipc", "host_id")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TCP_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    tcp: str
+    ipc: str
+    host_id: str
+    def __init__(self, rank: _Optional[int] = ..., tcp: _Optional[str] = ..., ipc: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+
+class ExpertsEndpoints(_message.Message):
+    __slots__ = ("ranks", "token", "experts_per_rank", "hidden_size")
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PER_RANK_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ranks: _containers.RepeatedCompositeFieldContainer[ExpertEndpoint]
+    token: bytes
+    experts_per_rank: int
+    hidden_size: int
+    def __init__(self, ranks: _Optional[_Iterable[_Union[ExpertEndpoint, _Mapping]]] = ..., token: _Optional[bytes] = ..., experts_per_rank: _Optional[int] = ..., hidden_size: _Optional[int] = ...) -> None: ...
 
 class ExpertsRequest(_message.Message):
     __slots__ = ("layer", "hidden", "expert_ids", "weights")
@@ -25,15 +54,17 @@ class ExpertsReply(_message.Message):
     def __init__(self, out: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ExpertsStats(_message.Message):
-    __slots__ = ("ranks", "experts_per_rank", "calls", "rows", "rounds")
+    __slots__ = ("ranks", "experts_per_rank", "calls", "rows", "rounds", "dataplane_requests")
     RANKS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_PER_RANK_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DATAPLANE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ranks: int
     experts_per_rank: int
     calls: int
     rows: int
     rounds: int
-    def __init__(self, ranks: _Optional[int] = ..., experts_per_rank: _Optional[int] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
+    dataplane_requests: int
+    def __init__(self, ranks: _Optional[int] = ..., experts_per_rank: _Optional[int] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ..., rounds: _Optional[int] = ..., dataplane_requests: _Optional[int] = ...) -> None: ...

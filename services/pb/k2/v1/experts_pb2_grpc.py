@@ -45,6 +45,11 @@ class ExpertsStub:
                 request_serializer=k2_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
                 response_deserializer=k2_dot_v1_dot_experts__pb2.ExpertsStats.FromString,
                 _registered_method=True)
+        self.Endpoints = channel.unary_unary(
+                '/k2.v1.Experts/Endpoints',
+                request_serializer=k2_dot_v1_dot_experts__pb2.EndpointsRequest.SerializeToString,
+                response_deserializer=k2_dot_v1_dot_experts__pb2.ExpertsEndpoints.FromString,
+                _registered_method=True)
 
 
 class ExpertsServicer:
@@ -69,6 +74,17 @@ class ExpertsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Endpoints(self, request, context):
+        """Where each rank's data plane listens, for callers that send rows to the ranks directly
+        (M2N: services/experts/dataplane.py, frames in services/experts/wire.py), and the token its
+        frames must carry. The token and addresses change when the pool restarts; a caller whose
+        frames are refused or whose rank went away asks again.
+        Errors: UNAVAILABLE (the pool is starting or restarting).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +97,11 @@ def add_ExpertsServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=k2_dot_v1_dot_common__pb2.StatsRequest.FromString,
                     response_serializer=k2_dot_v1_dot_experts__pb2.ExpertsStats.SerializeToString,
+            ),
+            'Endpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.Endpoints,
+                    request_deserializer=k2_dot_v1_dot_experts__pb2.EndpointsRequest.FromString,
+                    response_serializer=k2_dot_v1_dot_experts__pb2.ExpertsEndpoints.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +158,33 @@ class Experts:
             '/k2.v1.Experts/Stats',
             k2_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
             k2_dot_v1_dot_experts__pb2.ExpertsStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Endpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Experts/Endpoints',
+            k2_dot_v1_dot_experts__pb2.EndpointsRequest.SerializeToString,
+            k2_dot_v1_dot_experts__pb2.ExpertsEndpoints.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,115 @@
+"""One expert rank's data plane: callers send it the rows routed to its experts, straight (M2N).
+
+A ZeroMQ ROUTER socket on a thread of the rank, bound on TCP (any caller) and on a Unix socket
+(callers on the same host, which skip the TCP stack). Each request is decoded and checked
+(wire.py), computed on the rank's own expert slice and answered with its partial sums; a request
+that does not fit is answered with an error frame and never computed. Requests are served in
+arrival order; nothing here touches the job's collectives, so one caller's rows never wait for
+another rank. bench/transport.py measured the transports this was chosen from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from services.experts import wire
+from services.experts.shard import ExpertShard
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100  # how often the serving thread looks at its stop flag
+
+
+def host_id() -> str:
+    """This host and network namespace: a caller with the same id reaches a rank over ipc."""
+    try:
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        netns = 0
+    return f"{socket.gethostname()}/{netns}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one rank's data plane listens: a TCP address, and a Unix socket on its host."""
+
+    rank: int
+    tcp: str
+    ipc: str
+    host_id: str
+
+
+class DataPlane:
+    def __init__(self, shard: ExpertShard, token: bytes, host: str, ipc_dir: str | None = None):
+        """host: the rank's deployment address (a name, e.g. a compose service, binds every
+        interface and is advertised as given)."""
+        self.shard, self.token = shard, token
+        self.layers = frozenset(shard.experts)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port = self._sock.bind_to_random_port(f"tcp://{_bind_address(host)}")
+        ipc_dir = ipc_dir or tempfile.gettempdir()
+        ipc = os.path.join(ipc_dir, f"k2-experts-{os.getpid()}-r{shard.rank}.sock")
+        self._sock.bind(f"ipc://{ipc}")
+        self.endpoint = Endpoint(shard.rank, f"tcp://{host}:{port}", f"ipc://{ipc}", host_id())
+        self._ipc_path = ipc
+        self._stop = threading.Event()
+        self.served = 0
+        self._thread = threading.Thread(target=self._serve, name="experts-dataplane", daemon=True)
+
+    def start(self) -> DataPlane:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+        self._ctx.term()
+        if os.path.exists(self._ipc_path):
+            os.unlink(self._ipc_path)
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(POLL_MS):
+                continue
+            who, *frames = self._sock.recv_multipart(copy=False)
+            self._sock.send_multipart([who, *self.answer([f.buffer for f in frames])], copy=False)
+
+    @torch.inference_mode()
+    def answer(self, frames: list[wire.Frame]) -> list[wire.Frame]:
+        step = 0
+        try:
+            step = wire.Header.decode(frames[0]).step if frames else 0
+            request = wire.decode_request(
+                frames,
+                self.token,
+                self.shard.spec.hidden_size,
+                self.layers,
+                self.shard.spec.per_rank,
+            )
+        except wire.WireError as exc:
+            log.warning("expert data plane: refused a request: %s", exc)
+            return wire.encode_error(step, str(exc))
+        self.served += 1
+        return wire.encode_reply(request.header, self.shard.partial(request))
+
+
+def _bind_address(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "0.0.0.0"
+    return host

@@ -1,0 +1,143 @@
+"""The caller's side of the expert data plane: each MoE layer's rows go straight to the ranks that
+hold their experts (M2N), and their partial sums come back and are added.
+
+`submit` splits a layer's assignments by owning rank, sends each rank only its rows (one
+ZeroMQ DEALER socket per rank, over the rank's Unix socket when it is on this host, else TCP)
+and returns at once, so the caller computes its shared expert while the rows are out;
+`Pending.result` collects the replies. Waits are bounded: a rank that disconnects fails the step
+at once, one that does not answer fails it after `timeout_s` (Unavailable either way, and the
+client is then closed: the caller asks the control plane for fresh endpoints, since a restarted
+pool has new ones). A reply to an abandoned step is recognised by its step number and dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+import zmq
+
+from services.common.errors import InvalidArgument, Unavailable
+from services.experts import wire
+from services.experts.dataplane import Endpoint, host_id
+
+POLL_MS = 50
+
+
+class DataPlaneClient:
+    """Thread-safe (one step at a time); close() on failure and build a new one."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        token: bytes,
+        per_rank: int,
+        hidden: int,
+        timeout_s: float,
+    ) -> None:
+        self.token, self.per_rank, self.hidden, self.timeout_s = token, per_rank, hidden, timeout_s
+        self._ctx = zmq.Context()
+        self._socks: list[zmq.Socket] = []
+        self._monitors: list[zmq.Socket] = []
+        here = host_id()
+        for ep in endpoints:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            self._monitors.append(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+            sock.connect(ep.ipc if ep.host_id == here else ep.tcp)
+            self._socks.append(sock)
+        self._lock = threading.Lock()
+        self._step = 0
+        self.closed = False
+
+    def submit(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> Pending:
+        """Sends layer's rows to their ranks; the lock is held until `Pending.result`."""
+        self._lock.acquire()
+        try:
+            if self.closed:
+                raise Unavailable("expert data plane: closed after a failure")
+            self._step += 1
+            owner = torch.div(ids, self.per_rank, rounding_mode="floor")
+            sent = []
+            for rank in owner.unique().tolist():
+                t, j = (owner == rank).nonzero(as_tuple=True)
+                rows = t.unique()  # sorted
+                pairs = torch.stack(
+                    (torch.searchsorted(rows, t), ids[t, j] - rank * self.per_rank), 1
+                )
+                frames = wire.encode_request(
+                    layer, self._step, self.token, x[rows], pairs, weights[t, j]
+                )
+                self._socks[rank].send_multipart(frames, copy=False)
+                sent.append((rank, rows))
+            return Pending(self, self._step, sent, x)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _collect(self, pending: Pending) -> torch.Tensor:
+        try:
+            return self._wait(pending)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._lock.release()
+
+    def _wait(self, pending: Pending) -> torch.Tensor:
+        x = pending.x
+        out = torch.zeros(x.shape, dtype=x.dtype)
+        waiting = dict(pending.sent)
+        poller = zmq.Poller()
+        for rank in waiting:
+            poller.register(self._socks[rank], zmq.POLLIN)
+            poller.register(self._monitors[rank], zmq.POLLIN)
+        deadline = time.monotonic() + self.timeout_s
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable(f"expert data plane: ranks {sorted(waiting)} did not answer")
+            events = dict(poller.poll(min(POLL_MS, 1000 * left)))
+            for rank in list(waiting):
+                if self._monitors[rank] in events:
+                    raise Unavailable(f"expert data plane: rank {rank} disconnected")
+                if self._socks[rank] not in events:
+                    continue
+                frames = [f.buffer for f in self._socks[rank].recv_multipart(copy=False)]
+                rows = waiting[rank]
+                step, result = wire.decode_reply(frames, len(rows), self.hidden, x.dtype)
+                if step != pending.step:
+                    continue  # the answer to an abandoned step
+                if isinstance(result, str):
+                    raise InvalidArgument(f"expert rank {rank} refused the rows: {result}")
+                out.index_add_(0, rows, result)
+                del waiting[rank]
+        return out.to(x.device)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for sock in (*self._socks, *self._monitors):
+            sock.close(linger=0)
+        self._ctx.term()
+
+
+class Pending:
+    """One layer's rows in flight; `result()` once (the partial sums added, [T, D] in x's dtype)."""
+
+    def __init__(
+        self,
+        client: DataPlaneClient,
+        step: int,
+        sent: list[tuple[int, torch.Tensor]],
+        x: torch.Tensor,
+    ) -> None:
+        self.client, self.step, self.sent, self.x = client, step, sent, x
+
+    def result(self) -> torch.Tensor:
+        return self.client._collect(self)

@@ -1,0 +1,162 @@
+"""The expert data plane's messages: raw tensor buffers behind a small checked header.
+
+A caller sends each expert rank the rows routed to it; the rank answers with their partial sums.
+Everything that is not a raw buffer (endpoints, errors of the pool as a whole, stats) stays
+protobuf on the gRPC control plane (experts.proto).
+
+Request, as ZeroMQ multipart frames:
+    header | rows x [R, D] (dtype) | pairs int32 [P, 2] (row in x, expert local to the rank) |
+    weights fp32 [P]
+Reply: header | partial sums [R, D] (the request's dtype); or an error header | UTF-8 message.
+
+Header (little-endian, 44 bytes): magic "K2EX", version, kind, dtype, layer, rows, pairs, step
+(the caller's sequence number: a reply to an earlier, abandoned step is recognised and dropped)
+and the pool's 16-byte token (issued on the authenticated control plane: a frame without it is
+refused). `decode_request` checks every size against the header and the pool's shape before a
+byte is used as a tensor.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+MAGIC, VERSION = b"K2EX", 1
+REQUEST, REPLY, ERROR = 1, 2, 3
+TOKEN_BYTES = 16
+_HEADER = struct.Struct("<4sHBBIIIQ16s")
+HEADER_BYTES = _HEADER.size
+_DTYPES = {0: torch.float32, 1: torch.bfloat16}
+_CODES = {v: k for k, v in _DTYPES.items()}
+Frame = bytes | memoryview
+
+
+class WireError(ValueError):
+    """A frame set that does not fit the header or the pool (the message names what)."""
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    dtype: torch.dtype
+    layer: int
+    rows: int
+    pairs: int
+    step: int
+    token: bytes
+
+    def encode(self) -> bytes:
+        code = _CODES[self.dtype]
+        return _HEADER.pack(
+            MAGIC,
+            VERSION,
+            self.kind,
+            code,
+            self.layer,
+            self.rows,
+            self.pairs,
+            self.step,
+            self.token,
+        )
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Header:
+        if len(frame) != HEADER_BYTES:
+            raise WireError(f"header: {len(frame)} bytes, expected {HEADER_BYTES}")
+        magic, version, kind, code, layer, rows, pairs, step, token = _HEADER.unpack(frame)
+        if magic != MAGIC or version != VERSION:
+            raise WireError(f"header: not a version-{VERSION} expert frame ({magic!r} v{version})")
+        if kind not in (REQUEST, REPLY, ERROR) or code not in _DTYPES:
+            raise WireError(f"header: unknown kind {kind} or dtype code {code}")
+        return cls(kind, _DTYPES[code], layer, rows, pairs, step, token)
+
+
+@dataclass(frozen=True)
+class Request:
+    header: Header
+    x: torch.Tensor  # [rows, D]
+    pairs: torch.Tensor  # [pairs, 2] int32: row, local expert
+    weights: torch.Tensor  # [pairs] fp32
+
+
+def _tensor(frame: Frame, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    want = itemsize
+    for n in shape:
+        want *= n
+    if len(frame) != want:
+        raise WireError(f"{what}: {len(frame)} bytes, expected {want} for {list(shape)} {dtype}")
+    if want == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():  # a received frame is read-only; nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(frame, dtype=dtype).view(shape)
+
+
+def encode_request(
+    layer: int,
+    step: int,
+    token: bytes,
+    x: torch.Tensor,
+    pairs: torch.Tensor,
+    weights: torch.Tensor,
+) -> list[Frame]:
+    header = Header(REQUEST, x.dtype, layer, x.shape[0], pairs.shape[0], step, token)
+    return [header.encode(), *(_bytes(t) for t in (x, pairs.to(torch.int32), weights.float()))]
+
+
+def decode_request(
+    frames: list[Frame], token: bytes, hidden: int, layers: frozenset[int], n_local: int
+) -> Request:
+    """The request, or WireError naming the first thing that does not fit."""
+    if len(frames) != 4:
+        raise WireError(f"request: {len(frames)} frames, expected 4")
+    header = Header.decode(frames[0])
+    if header.kind != REQUEST:
+        raise WireError(f"request: kind {header.kind}")
+    if header.token != token:
+        raise WireError("request: wrong pool token (endpoints are stale: the pool restarted)")
+    if header.layer not in layers:
+        raise WireError(f"layer: {header.layer} is not an MoE layer")
+    x = _tensor(frames[1], header.dtype, (header.rows, hidden), "rows")
+    pairs = _tensor(frames[2], torch.int32, (header.pairs, 2), "pairs")
+    weights = _tensor(frames[3], torch.float32, (header.pairs,), "weights")
+    if header.pairs:
+        row, expert = pairs[:, 0], pairs[:, 1]
+        if row.min() < 0 or row.max() >= header.rows:
+            raise WireError(f"pairs: a row index outside [0, {header.rows})")
+        if expert.min() < 0 or expert.max() >= n_local:
+            raise WireError(f"pairs: an expert outside this rank's [0, {n_local})")
+    return Request(header, x, pairs, weights)
+
+
+def encode_reply(request: Header, out: torch.Tensor) -> list[Frame]:
+    header = Header(REPLY, out.dtype, request.layer, out.shape[0], 0, request.step, request.token)
+    return [header.encode(), _bytes(out)]
+
+
+def encode_error(step: int, message: str) -> list[Frame]:
+    header = Header(ERROR, torch.float32, 0, 0, 0, step, bytes(TOKEN_BYTES))
+    return [header.encode(), message.encode()]
+
+
+def decode_reply(
+    frames: list[Frame], rows: int, hidden: int, dtype: torch.dtype
+) -> tuple[int, torch.Tensor | str]:
+    """(step, partial sums [rows, D]) or (step, the rank's error message)."""
+    header = Header.decode(frames[0])
+    if header.kind == ERROR:
+        return header.step, bytes(frames[1]).decode(errors="replace")
+    if header.kind != REPLY or len(frames) != 2:
+        raise WireError(f"reply: kind {header.kind}, {len(frames)} frames")
+    if header.dtype != dtype or header.rows != rows:
+        raise WireError(f"reply: {header.rows} rows of {header.dtype}, expected {rows} of {dtype}")
+    return header.step, _tensor(frames[1], dtype, (rows, hidden), "partial sums")
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
