@@ -9,10 +9,14 @@ together fill a 2-core machine. Rows are random hidden rows routed by each layer
 the MoE layers take turns. Every path sees the same rows, and the paths take turns within each
 repeat (3 repeats, 1 with --quick) so that load from other processes hits all of them.
 
+Each pool is called over both transports: `grpc` (one Compute call through rank 0, which
+scatters and gathers with the job's collectives: the old path) and `dataplane` (rows straight to
+each rank over ZeroMQ, services/experts/dataplane.py).
+
 1. Per-layer call, batch B in 1, 32, 256: the in-process routed experts (`LocalExperts`) against
-   one `ExpertsClient.compute` call per batch to each pool. Latency = median over the calls;
-   rows/s = B / latency; hop = remote - in-process latency at the same batch: what one MoE layer
-   pays for the gRPC round trip, the dispatch/combine collectives and the (de)serialisation.
+   one `ExpertsClient.compute` call per batch to each pool and transport. Latency = median over
+   the calls; rows/s = B / latency; hop = remote - in-process latency at the same batch: what
+   one MoE layer pays for the transport, any collectives and the (de)serialisation.
 2. Batching across callers: C threads (one shared channel) each send batch-1 calls; rows/s over
    all of them, mean call latency and calls per collective round (Experts.Stats). C = 1 is the
    unbatched baseline: this is what the pool's per-round batching recovers.
@@ -52,6 +56,8 @@ CALLS_PER_CALLER = 20
 DECODE_BATCHES = (1, 32)
 PROMPT_LEN, NEW_TOKENS = 64, 16
 RANKS = (1, 2)
+TRANSPORTS = ("grpc", "dataplane")  # through rank 0's rounds (the old path), straight to the ranks
+HOP_TARGET_MS = 0.3  # the data plane's hop at batch 32 on loopback (issue 17)
 REPEATS = 3
 SEED = 0
 
@@ -154,7 +160,7 @@ def callers(model: K2Model, name: str, client: ExpertsClient, repeats: int) -> l
                 "callers": c,
                 "rows_per_s": c * CALLS_PER_CALLER / wall,
                 "mean_latency_ms": 1e3 * statistics.fmean(lats),
-                "calls_per_round": calls / rounds,
+                "calls_per_round": calls / rounds if rounds else None,  # gRPC's rounds only
             }
         )
     print(f"  callers on {name} done", flush=True)
@@ -219,7 +225,9 @@ def bench(checkpoint: str, quick: bool) -> dict[str, Any]:
                 suites.append(suite)
                 suite.start(names=["experts-0"])
                 target = suite.deployment.instance("experts-0").target
-                clients[f"remote {ranks} rank{'s' * (ranks > 1)}"] = ExpertsClient(target)
+                for transport in TRANSPORTS:
+                    name = f"{transport} {ranks} rank{'s' * (ranks > 1)}"
+                    clients[name] = ExpertsClient(target, transport=transport)
             dep = Deployment.load(path)
             model = load_model(dep.checkpoint, dep.torch_dtype(), dep.fp8_resident)
             result = {
@@ -263,10 +271,20 @@ def summary(result: dict[str, Any]) -> list[str]:
     by = {(r["pool"], r["callers"]): r for r in result["callers"]}
     for pool in dict.fromkeys(r["pool"] for r in result["callers"]):
         one, many = by[pool, CALLERS[0]], by[pool, CALLERS[-1]]
+        per_round = many["calls_per_round"]
         lines.append(
             f"{pool}: {many['callers']} concurrent batch-1 callers get "
-            f"{many['rows_per_s'] / one['rows_per_s']:.1f}x the rows/s of one caller "
-            f"({many['calls_per_round']:.1f} calls per round)"
+            f"{many['rows_per_s'] / one['rows_per_s']:.1f}x the rows/s of one caller"
+            + (f" ({per_round:.1f} calls per round)" if per_round else "")
+        )
+    hop = {(r["path"], r["batch"]): r["hop_ms"] for r in result["per_layer"]}
+    for ranks in RANKS:
+        suffix = f"{ranks} rank{'s' * (ranks > 1)}"
+        old, new = (hop[f"{t} {suffix}", 32] for t in TRANSPORTS)
+        met = "met" if new <= HOP_TARGET_MS else "NOT met"
+        lines.append(
+            f"{suffix}: hop at batch 32 {old:.2f} ms over gRPC, {new:.2f} ms over the data plane "
+            f"({old / max(new, 1e-6):.1f}x less); target <= {HOP_TARGET_MS} ms {met}"
         )
     return lines
 

@@ -93,7 +93,7 @@ class ExpertsClient:
             )
         except grpc.RpcError as exc:
             raise _error("endpoints", exc) from exc
-        endpoints = [Endpoint(e.rank, e.tcp, e.ipc, e.host_id) for e in reply.ranks]
+        endpoints = [Endpoint(e.rank, e.tcp) for e in reply.ranks]
         return DataPlaneClient(
             endpoints, reply.token, reply.experts_per_rank, reply.hidden_size, COLLECTIVE_TIMEOUT_S
         )

@@ -1,7 +1,7 @@
 """One expert rank's data plane: callers send it the rows routed to its experts, straight (M2N).
 
-A ZeroMQ ROUTER socket on a thread of the rank, bound on TCP (any caller) and on a Unix socket
-(callers on the same host, which skip the TCP stack). Each request is decoded and checked
+A ZeroMQ ROUTER socket on a thread of the rank, bound on TCP. (A Unix socket was measured
+slower than TCP loopback for rows of 32 tokens and more: bench/transport.py.) Each request is decoded and checked
 (wire.py), computed on the rank's own expert slice and answered with its partial sums; a request
 that does not fit is answered with an error frame and never computed. Requests are served in
 arrival order; nothing here touches the job's collectives, so one caller's rows never wait for
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import socket
-import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -29,27 +26,16 @@ log = logging.getLogger(__name__)
 POLL_MS = 100  # how often the serving thread looks at its stop flag
 
 
-def host_id() -> str:
-    """This host and network namespace: a caller with the same id reaches a rank over ipc."""
-    try:
-        netns = os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        netns = 0
-    return f"{socket.gethostname()}/{netns}"
-
-
 @dataclass(frozen=True)
 class Endpoint:
-    """Where one rank's data plane listens: a TCP address, and a Unix socket on its host."""
+    """Where one rank's data plane listens."""
 
     rank: int
-    tcp: str
-    ipc: str
-    host_id: str
+    tcp: str  # "tcp://host:port"
 
 
 class DataPlane:
-    def __init__(self, shard: ExpertShard, token: bytes, host: str, ipc_dir: str | None = None):
+    def __init__(self, shard: ExpertShard, token: bytes, host: str):
         """host: the rank's deployment address (a name, e.g. a compose service, binds every
         interface and is advertised as given)."""
         self.shard, self.token = shard, token
@@ -58,11 +44,7 @@ class DataPlane:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         port = self._sock.bind_to_random_port(f"tcp://{_bind_address(host)}")
-        ipc_dir = ipc_dir or tempfile.gettempdir()
-        ipc = os.path.join(ipc_dir, f"k2-experts-{os.getpid()}-r{shard.rank}.sock")
-        self._sock.bind(f"ipc://{ipc}")
-        self.endpoint = Endpoint(shard.rank, f"tcp://{host}:{port}", f"ipc://{ipc}", host_id())
-        self._ipc_path = ipc
+        self.endpoint = Endpoint(shard.rank, f"tcp://{host}:{port}")
         self._stop = threading.Event()
         self.served = 0
         self._thread = threading.Thread(target=self._serve, name="experts-dataplane", daemon=True)
@@ -76,8 +58,6 @@ class DataPlane:
         self._thread.join(5)
         self._sock.close()
         self._ctx.term()
-        if os.path.exists(self._ipc_path):
-            os.unlink(self._ipc_path)
 
     def _serve(self) -> None:
         poller = zmq.Poller()

@@ -2,8 +2,7 @@
 hold their experts (M2N), and their partial sums come back and are added.
 
 `submit` splits a layer's assignments by owning rank, sends each rank only its rows (one
-ZeroMQ DEALER socket per rank, over the rank's Unix socket when it is on this host, else TCP)
-and returns at once, so the caller computes its shared expert while the rows are out;
+ZeroMQ DEALER socket per rank, over TCP) and returns at once, so the caller computes its shared expert while the rows are out;
 `Pending.result` collects the replies. Waits are bounded: a rank that disconnects fails the step
 at once, one that does not answer fails it after `timeout_s` (Unavailable either way, and the
 client is then closed: the caller asks the control plane for fresh endpoints, since a restarted
@@ -21,7 +20,7 @@ import zmq
 
 from services.common.errors import InvalidArgument, Unavailable
 from services.experts import wire
-from services.experts.dataplane import Endpoint, host_id
+from services.experts.dataplane import Endpoint
 
 POLL_MS = 50
 
@@ -41,12 +40,11 @@ class DataPlaneClient:
         self._ctx = zmq.Context()
         self._socks: list[zmq.Socket] = []
         self._monitors: list[zmq.Socket] = []
-        here = host_id()
         for ep in endpoints:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             self._monitors.append(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
-            sock.connect(ep.ipc if ep.host_id == here else ep.tcp)
+            sock.connect(ep.tcp)
             self._socks.append(sock)
         self._lock = threading.Lock()
         self._step = 0

@@ -16,7 +16,7 @@ import zmq
 from k2model import EMBEDDED_CHECKPOINT, K2Model, load_model
 from services.common.errors import InvalidArgument, Unavailable
 from services.experts import wire
-from services.experts.dataplane import DataPlane, Endpoint, host_id
+from services.experts.dataplane import DataPlane, Endpoint
 from services.experts.dataplane_client import DataPlaneClient
 from services.experts.shard import ExpertShard
 
@@ -46,18 +46,15 @@ def planes(request) -> Iterator[list[DataPlane]]:
         p.stop()
 
 
-def client_for(planes: list[DataPlane], timeout_s: float = 10.0, tcp: bool = False):
+def client_for(planes: list[DataPlane], timeout_s: float = 10.0):
     endpoints = [p.endpoint for p in planes]
-    if tcp:  # as a caller on another host sees them
-        endpoints = [Endpoint(e.rank, e.tcp, e.ipc, "elsewhere") for e in endpoints]
     per_rank = planes[0].shard.spec.per_rank
     return DataPlaneClient(endpoints, TOKEN, per_rank, D, timeout_s)
 
 
-@pytest.mark.parametrize("tcp", [False, True])
-def test_m2n_equals_in_process_moe(planes, model, tcp) -> None:
+def test_m2n_equals_in_process_moe(planes, model) -> None:
     gen = torch.Generator().manual_seed(len(planes))
-    client = client_for(planes, tcp=tcp)
+    client = client_for(planes)
     try:
         for layer, moe in model.moe_layers().items():
             for rows in (1, 7, 64):
@@ -113,7 +110,7 @@ def bad_frames() -> list[tuple[str, list[bytes]]]:
 def test_a_frame_that_does_not_fit_is_refused_by_name(planes, message, frames) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
-    sock.connect(planes[0].endpoint.ipc)
+    sock.connect(planes[0].endpoint.tcp)
     try:
         sock.send_multipart(frames)
         assert sock.poll(10_000), "no answer"
@@ -140,7 +137,7 @@ def test_a_refusal_reaches_the_caller_as_invalid_argument(planes) -> None:
 
 def test_a_rank_that_goes_away_fails_the_step_at_once() -> None:
     planes = start_planes(2)
-    client = client_for(planes, timeout_s=30, tcp=True)
+    client = client_for(planes, timeout_s=30)
     x, ids, w = torch.randn(2, D), torch.tensor([[0, 7], [1, 6]]), torch.rand(2, 2)
     try:
         client.submit(1, x, ids, w).result()  # connected to both
@@ -164,7 +161,7 @@ class SilentRank:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = Endpoint(0, f"tcp://127.0.0.1:{port}", "ipc:///nonexistent", "elsewhere")
+        self.endpoint = Endpoint(0, f"tcp://127.0.0.1:{port}")
 
     def take(self) -> list[bytes]:
         assert self.sock.poll(10_000)
@@ -203,7 +200,3 @@ def test_a_silent_rank_times_out_and_a_late_reply_is_dropped() -> None:
     finally:
         client.close()
         rank.close()
-
-
-def test_host_id_names_this_network_namespace() -> None:
-    assert host_id() == host_id() and "/" in host_id()

@@ -12,16 +12,12 @@ class EndpointsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertEndpoint(_message.Message):
-    __slots__ = ("rank", "tcp", "ipc", "host_id")
+    __slots__ = ("rank", "tcp")
     RANK_FIELD_NUMBER: _ClassVar[int]
     TCP_FIELD_NUMBER: _ClassVar[int]
-    IPC_FIELD_NUMBER: _ClassVar[int]
-    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     tcp: str
-    ipc: str
-    host_id: str
-    def __init__(self, rank: _Optional[int] = ..., tcp: _Optional[str] = ..., ipc: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., tcp: _Optional[str] = ...) -> None: ...
 
 class ExpertsEndpoints(_message.Message):
     __slots__ = ("ranks", "token", "experts_per_rank", "hidden_size")
