@@ -158,5 +158,11 @@ def decode_reply(
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().cpu().contiguous()
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    """The tensor's bytes in row-major order, without a copy when it already is (a one-element
+    view can be "contiguous" with any stride: it is copied)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    flat = t.detach().cpu().reshape(-1)
+    if flat.stride(0) != 1:
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    return memoryview(flat.view(torch.uint8).numpy())

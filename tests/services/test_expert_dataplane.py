@@ -86,6 +86,22 @@ def test_rows_go_only_to_the_ranks_that_hold_their_experts(model) -> None:
             p.stop()
 
 
+def test_frames_round_trip_any_layout() -> None:
+    """Strided views, one-element views of any stride, bf16, and empty tensors."""
+    wide = torch.randn(3, 2 * D)
+    for x, w in (
+        (wide[:, ::2], torch.rand(3, 2)[:, 0]),
+        (wide[:1, :D].bfloat16(), torch.rand(1, 2)[:, 1]),
+    ):
+        pairs = torch.zeros(len(w), 2, dtype=torch.long)
+        frames = [bytes(f) for f in wire.encode_request(2, 5, TOKEN, x, pairs, w)]
+        got = wire.decode_request(frames, TOKEN, D, frozenset({2}), 4)
+        assert torch.equal(got.x, x) and torch.equal(got.weights, w) and got.header.step == 5
+    empty = wire.encode_request(2, 6, TOKEN, torch.empty(0, D), torch.empty(0, 2), torch.empty(0))
+    got = wire.decode_request([bytes(f) for f in empty], TOKEN, D, frozenset({2}), 4)
+    assert got.x.shape == (0, D) and got.pairs.shape == (0, 2)
+
+
 def _frames(x, pairs, weights, token=TOKEN, layer=1) -> list[bytes]:
     return [bytes(f) for f in wire.encode_request(layer, 9, token, x, pairs, weights)]
 
