@@ -1,6 +1,7 @@
 """Bounded load through the REST gateway: concurrent streaming clients for a fixed time.
 
     python3 bench/load.py [--clients 8] [--duration 30] [--max-tokens 32] [--out FILE]
+                          [--experts local|grpc|dataplane]
     python3 bench/load.py --url http://HOST:8000 --key KEY [--pids gateway-0=PID,...]
 
 Without --url it starts a suite on this machine (services.launcher.Suite on a temporary
@@ -269,12 +270,13 @@ def print_report(report: LoadReport) -> None:
         print(format_table(["service", "RSS before MiB", "RSS after MiB", "growth MiB"], rows))
 
 
-def _local_suite(folder: Path) -> Any:
-    """tokenizer, prefill, decode and gateway on this machine (free ports), all healthy."""
+def _local_suite(folder: Path, experts: str = "local") -> Any:
+    """tokenizer, prefill, decode and gateway on this machine (free ports), all healthy; with
+    experts grpc or dataplane, the routed experts on a 2-rank pool over that transport."""
     from bench.common import free_port
     from services.launcher import Suite
 
-    spec = {
+    spec: dict[str, Any] = {
         "checkpoint": "embedded",
         "model": {"threads": 1},
         "tokenizer": [{"name": "tokenizer-0", "port": free_port()}],
@@ -284,6 +286,9 @@ def _local_suite(folder: Path) -> Any:
             {"name": "gateway-0", "port": free_port(), "config": str(ROOT / "deploy/gateway.yaml")}
         ],
     }
+    if experts != "local":
+        pool = {"name": "experts-0", "port": free_port(), "ranks": 2, "master_port": free_port()}
+        spec |= {"experts": "remote", "expert_transport": experts, "expert_pool": [pool]}
     path = folder / "deployment.yaml"
     path.write_text(yaml.safe_dump(spec))
     suite = Suite(path)
@@ -300,10 +305,16 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model", default="kimi-k2-thinking")
+    ap.add_argument(
+        "--experts",
+        choices=["local", "grpc", "dataplane"],
+        default="local",
+        help="local suite: routed experts in-process, or on a 2-rank pool over this transport",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/load.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        suite = None if args.url else _local_suite(Path(tmp))
+        suite = None if args.url else _local_suite(Path(tmp), args.experts)
         try:
             if suite is None:
                 url = args.url
