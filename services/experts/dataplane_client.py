@@ -3,8 +3,8 @@ hold their experts (M2N), and their partial sums come back and are added.
 
 `submit` splits a layer's assignments by owning rank, sends each rank only its rows (one
 ZeroMQ DEALER socket per rank, over TCP) and returns at once, so the caller computes its shared expert while the rows are out;
-`Pending.result` collects the replies. Waits are bounded: a rank that disconnects fails the step
-at once, one that does not answer fails it after `timeout_s` (Unavailable either way, and the
+`Pending.result` collects the replies. Waits are bounded: a rank that disconnects or refuses the
+connection fails the step at once, one that does not answer fails it after `timeout_s` (Unavailable either way, and the
 client is then closed: the caller asks the control plane for fresh endpoints, since a restarted
 pool has new ones). A reply to an abandoned step is recognised by its step number and dropped.
 """
@@ -43,7 +43,9 @@ class DataPlaneClient:
         for ep in endpoints:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            self._monitors.append(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+            # a connection that drops, or one refused (a stale endpoint of a dead rank)
+            lost = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+            self._monitors.append(sock.get_monitor_socket(lost))
             sock.connect(ep.tcp)
             self._socks.append(sock)
         self._lock = threading.Lock()
@@ -102,7 +104,7 @@ class DataPlaneClient:
             events = dict(poller.poll(min(POLL_MS, 1000 * left)))
             for rank in list(waiting):
                 if self._monitors[rank] in events:
-                    raise Unavailable(f"expert data plane: rank {rank} disconnected")
+                    raise Unavailable(f"expert data plane: rank {rank} is unreachable")
                 if self._socks[rank] not in events:
                     continue
                 frames = [f.buffer for f in self._socks[rank].recv_multipart(copy=False)]

@@ -210,6 +210,11 @@ def rank_pids(supervisor_pid: int) -> list[int]:
     return sorted(int(p) for p in children.split())
 
 
+def restarted(supervisor_pid: int, before: list[int]) -> bool:
+    now = rank_pids(supervisor_pid)
+    return len(now) == len(before) and set(now).isdisjoint(before)
+
+
 def health(target: str) -> str:
     with grpc.insecure_channel(target) as channel:
         try:
@@ -244,8 +249,10 @@ def test_killed_rank_fails_calls_then_the_job_restarts(suite: Suite, model: K2Mo
     else:
         assert tokens == generate_ids(model, PROMPTS[:1], 4)
 
+    # The caller's data plane saw rank 1 go; rank 0 sees it at its next heartbeat (1 s), and
+    # the supervisor restarts the whole job: wait for new ranks, serving.
     deadline = time.monotonic() + 120
-    while health(target) != "SERVING":
+    while not (restarted(supervisor.pid, before) and health(target) == "SERVING"):
         assert time.monotonic() < deadline, "the expert job did not come back"
         time.sleep(0.2)
     assert supervisor.poll() is None

@@ -170,6 +170,23 @@ def test_a_rank_that_goes_away_fails_the_step_at_once() -> None:
         planes[0].stop()
 
 
+def test_a_refused_connection_fails_the_step_at_once() -> None:
+    """A stale endpoint (its rank is gone, nothing listens there)."""
+    ctx = zmq.Context()
+    probe = ctx.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    ctx.term()
+    client = DataPlaneClient([Endpoint(0, f"tcp://127.0.0.1:{port}")], TOKEN, 8, D, 30)
+    start = time.monotonic()
+    try:
+        with pytest.raises(Unavailable, match="rank 0 is unreachable"):
+            client.submit(1, torch.randn(1, D), torch.tensor([[0, 1]]), torch.rand(1, 2)).result()
+    finally:
+        client.close()
+    assert time.monotonic() - start < 10
+
+
 class SilentRank:
     """A ROUTER that reads requests and answers only when told (a hung or slow rank)."""
 
