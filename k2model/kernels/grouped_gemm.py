@@ -27,6 +27,38 @@ except ImportError:  # CPU-only install: the reference still works
 if triton is not None:
 
     @triton.jit
+    def block_rows(sorted_ptr, expert_ids_ptr, pid_m, n_assign, top_k, BLOCK_M: tl.constexpr):
+        """Row block pid_m of the moe_align layout: its assignment rows, which are real, the
+        input row each reads, and the block's expert."""
+        rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = rows < n_assign
+        a_rows = tl.where(row_ok, rows // top_k, 0).to(tl.int64)
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        return rows, row_ok, a_rows, e
+
+    @triton.jit
+    def finish_block(
+        acc,
+        acc_u,
+        rows,
+        row_ok,
+        offs_n,
+        n_ok,
+        w_ptr,
+        c_ptr,
+        stride_cm,
+        SWIGLU: tl.constexpr,
+        ROW_WEIGHT: tl.constexpr,
+    ):
+        """SwiGLU of the two accumulators, the row weight, and the store of the block."""
+        if SWIGLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+        if ROW_WEIGHT:
+            acc = acc * tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _grouped_gemm_kernel(
         a_ptr,
         a_s_ptr,
@@ -66,10 +98,9 @@ if triton is not None:
         pid_n = tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(n_post_ptr):
             return  # a block past the padded total: nothing routed here
-        rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        row_ok = rows < n_assign
-        a_rows = tl.where(row_ok, rows // top_k, 0).to(tl.int64)
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        rows, row_ok, a_rows, e = block_rows(
+            sorted_ptr, expert_ids_ptr, pid_m, n_assign, top_k, BLOCK_M
+        )
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_ok = offs_n < N
@@ -107,12 +138,9 @@ if triton is not None:
                 u_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        if SWIGLU:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_u
-        if ROW_WEIGHT:
-            acc = acc * tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+        finish_block(
+            acc, acc_u, rows, row_ok, offs_n, n_ok, w_ptr, c_ptr, stride_cm, SWIGLU, ROW_WEIGHT
+        )
 
 
 def _scale_strides(s: torch.Tensor | None) -> tuple[int, int]:

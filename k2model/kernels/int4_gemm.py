@@ -19,6 +19,7 @@ except ImportError:  # CPU-only install: the reference still works
     triton = None
 
 if triton is not None:
+    from k2model.kernels.grouped_gemm import block_rows, finish_block
 
     @triton.jit
     def _int4_tile(p_ptr, s_ptr, offs_n, ks, mask, stride_n, stride_sn, GROUP: tl.constexpr):
@@ -63,10 +64,9 @@ if triton is not None:
         pid_n = tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(n_post_ptr):
             return  # a block past the padded total: nothing routed here
-        rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        row_ok = rows < n_assign
-        a_rows = tl.where(row_ok, rows // top_k, 0).to(tl.int64)
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        rows, row_ok, a_rows, e = block_rows(
+            sorted_ptr, expert_ids_ptr, pid_m, n_assign, top_k, BLOCK_M
+        )
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         b_ptr += e * stride_be
@@ -89,12 +89,9 @@ if triton is not None:
             if SWIGLU:
                 u = _int4_tile(u_ptr, u_s_ptr, offs_n, ks, mask, stride_bn, stride_bsn, GROUP)
                 acc_u = tl.dot(a, u.to(a.dtype), acc=acc_u, input_precision=PRECISION)
-        if SWIGLU:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_u
-        if ROW_WEIGHT:
-            acc = acc * tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+        finish_block(
+            acc, acc_u, rows, row_ok, offs_n, n_ok, w_ptr, c_ptr, stride_cm, SWIGLU, ROW_WEIGHT
+        )
 
 
 def int4_grouped_gemm(

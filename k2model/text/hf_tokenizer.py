@@ -22,7 +22,7 @@ from typing import Any
 
 import tokenizers
 
-from k2model.text.tokenizer import CONFIG_FILE, HF_FILE, Tokenizer, _token_name
+from k2model.text.tokenizer import CONFIG_FILE, HF_FILE, Tokenizer, _token_name, require_files
 
 
 @functools.cache
@@ -94,9 +94,7 @@ class HFTokenizer(Tokenizer):
     @staticmethod
     def from_dir(path: str | Path) -> HFTokenizer:
         directory = Path(path)
-        for name in (HF_FILE, CONFIG_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"tokenizer file not found: {directory / name}")
+        require_files(directory, HF_FILE, CONFIG_FILE)
         spec = _read_json(directory / HF_FILE)
         return HFTokenizer(spec, _read_json(directory / CONFIG_FILE), str(directory / HF_FILE))
 

@@ -95,6 +95,12 @@ def _parse_rank_line(line: str, where: str) -> tuple[bytes, int]:
     return token, int(parts[1])
 
 
+def require_files(directory: Path, *names: str) -> None:
+    for name in names:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {directory / name}")
+
+
 def _token_name(config: dict[str, Any], key: str, default: str) -> str:
     # HF writes these either as a plain string or as an AddedToken dict.
     value = config.get(key)
@@ -312,9 +318,7 @@ class TiktokenTokenizer(Tokenizer):
     @staticmethod
     def from_dir(path: str | Path) -> TiktokenTokenizer:
         directory = Path(path)
-        for name in (RANKS_FILE, CONFIG_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"tokenizer file not found: {directory / name}")
+        require_files(directory, RANKS_FILE, CONFIG_FILE)
         ranks = load_ranks(directory / RANKS_FILE)
         table, roles = _load_config(directory / CONFIG_FILE, len(ranks))
         return TiktokenTokenizer(ranks, table, **roles)
