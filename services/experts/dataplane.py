@@ -24,6 +24,8 @@ from services.experts.shard import ExpertShard
 log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often the serving thread looks at its stop flag
+# Largest frame a rank accepts: K2's widest step, 4,096 rows of 7,168 fp32 values, is 117 MiB.
+MAX_FRAME_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class DataPlane:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a larger frame drops the peer
         port = self._sock.bind_to_random_port(f"tcp://{_bind_address(host)}")
         self.endpoint = Endpoint(shard.rank, f"tcp://{host}:{port}")
         self._stop = threading.Event()
