@@ -6,7 +6,7 @@ KV lives in a `PagedKVCache`; batch metadata is an argument, never state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from k2model.kernels.ops import Ops
 from k2model.kv_cache import PagedKVCache
 from k2model.layers import MLP, RMSNorm, as_dtype, as_f32
 from k2model.mla import MLA, AttentionForm
-from k2model.moe import MoE
+from k2model.moe import MoE, PendingExperts, SubmitsExperts, drive, settle
 from k2model.rope import RotaryTable
 from k2model.runtime import Runtime
 
@@ -35,8 +35,15 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, h, rot, meta: BatchMeta, cache: PagedKVCache, form: AttentionForm):
+        return drive(self.steps(h, rot, meta, cache, form))
+
+    def steps(self, h, rot, meta: BatchMeta, cache: PagedKVCache, form: AttentionForm):
+        """The block as a generator that yields at its expert hop, if it has one (MoE.steps)."""
         h = h + self.attn(self.attn_norm(h), rot, meta, cache, form)
-        return h + self.ffn(self.ffn_norm(h))
+        x = self.ffn_norm(h)
+        if isinstance(self.ffn, MoE):
+            return h + (yield from self.ffn.steps(x))
+        return h + self.ffn(x)
 
 
 class K2Model(nn.Module):
@@ -99,6 +106,53 @@ class K2Model(nn.Module):
             h = layer(h, rot, meta, cache, form)
             if on_layer is not None:
                 on_layer(i)
+        return self._logits(h, meta, all_logits)
+
+    def _logits(self, h: torch.Tensor, meta: BatchMeta, all_logits: bool) -> torch.Tensor:
         if not all_logits and not meta.decode:  # decode rows are already one per sequence
             h = h[meta.last_rows]
         return as_f32(self.rt.ops.linear(self.norm(h), self.lm_head))
+
+    def steps(
+        self, input_ids: torch.Tensor, meta: BatchMeta, cache: PagedKVCache, form: AttentionForm
+    ) -> Generator[PendingExperts, torch.Tensor, torch.Tensor]:
+        """`forward` (last-token logits) as a generator that yields at every expert hop."""
+        h = as_dtype(self.embed[input_ids], self.dtype)
+        rot = self.rope.lookup(meta.positions)
+        for layer in self.layers:
+            h = yield from layer.steps(h, rot, meta, cache, form)
+        return self._logits(h, meta, all_logits=False)
+
+    @property
+    def submits_experts(self) -> bool:
+        """Whether the routed experts are remote and can be sent before they are collected."""
+        return any(isinstance(m.remote, SubmitsExperts) for m in self.moe_layers().values())
+
+    def forward_interleaved(
+        self,
+        parts: Sequence[tuple[torch.Tensor, BatchMeta]],
+        cache: PagedKVCache,
+        form: AttentionForm = "absorbed",
+    ) -> list[torch.Tensor]:
+        """Micro-batches of disjoint sequences in lockstep (ping-pong): each runs to its next
+        expert hop and sends its rows, then the next runs (its attention while the other's rows
+        are at the expert pool), then each collects its sum and goes on. The logits of each part,
+        as `forward` gives them for that part alone."""
+        runs = [self.steps(ids, meta, cache, form) for ids, meta in parts]
+        waiting: list[PendingExperts | None] = [None] * len(runs)
+        out: list[torch.Tensor | None] = [None] * len(runs)
+        live = list(range(len(runs)))
+        try:
+            while live:
+                for k in list(live):
+                    value = waiting[k].result() if waiting[k] is not None else None
+                    waiting[k] = None
+                    try:
+                        waiting[k] = runs[k].send(value)  # type: ignore[arg-type]
+                    except StopIteration as done:
+                        out[k] = done.value
+                        live.remove(k)
+        except BaseException:
+            settle(waiting)
+            raise
+        return [o for o in out if o is not None]

@@ -7,7 +7,9 @@ rows and each row's top-k expert ids and weights, and returns the weighted sum o
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import contextlib
+from collections.abc import Generator, Iterable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,30 @@ class SubmitsExperts(Protocol):
     def submit(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> PendingExperts: ...
+
+
+T = TypeVar("T")
+ExpertSteps = Generator[PendingExperts, torch.Tensor, torch.Tensor]
+
+
+def drive(steps: Generator[PendingExperts, torch.Tensor, T]) -> T:
+    """Runs a generator of expert hops to its end, collecting each hop as soon as it is sent."""
+    value = None
+    while True:
+        try:
+            pending = steps.send(value)  # type: ignore[arg-type]
+        except StopIteration as done:
+            return done.value
+        value = pending.result()
+
+
+def settle(pendings: Iterable[PendingExperts | None]) -> None:
+    """Collects hops whose step is being abandoned (an error elsewhere), so none stays in
+    flight; their own errors are dropped (the step fails for the first one)."""
+    for pending in pendings:
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                pending.result()
 
 
 class LocalExperts(nn.Module):
@@ -207,6 +233,13 @@ class MoE(nn.Module):
         self.remote: RoutedExperts | None = None  # set when the expert service hosts this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drive(self.steps(x))
+
+    def steps(self, x: torch.Tensor) -> ExpertSteps:
+        """The layer as a generator: with remote experts that can be submitted it yields once,
+        at the hop, after sending the rows and computing the shared expert, and is resumed with
+        the routed sum (`drive` resumes at once; K2Model.forward_interleaved runs another
+        micro-batch first). Otherwise it computes without yielding."""
         ids, weights = self.router(x)
         held = self.experts.gate_up.shape[0] or self.experts.fp8 or self.experts.int4
         if self.remote is None and not held:
@@ -215,8 +248,10 @@ class MoE(nn.Module):
             pending = self.remote.submit(x, ids, weights)
             try:
                 shared = self.shared(x) if self.shared is not None else None
-            finally:
-                out = pending.result()
+            except BaseException:
+                settle([pending])
+                raise
+            out = yield pending
             return out + shared if shared is not None else out
         out = (self.remote or self.experts)(x, ids, weights)
         return out + self.shared(x) if self.shared is not None else out

@@ -6,7 +6,8 @@ ZeroMQ DEALER socket per rank, over TCP) and returns at once, so the caller comp
 `Pending.result` collects the replies. Waits are bounded: a rank that disconnects or refuses the
 connection fails the step at once, one that does not answer fails it after `timeout_s` (Unavailable either way, and the
 client is then closed: the caller asks the control plane for fresh endpoints, since a restarted
-pool has new ones). A reply to an abandoned step is recognised by its step number and dropped.
+pool has new ones). Replies are matched to their step by its number: several steps may be in flight (one per
+micro-batch), and a reply to an abandoned step is dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ POLL_MS = 50
 
 
 class DataPlaneClient:
-    """Thread-safe (one step at a time); close() on failure and build a new one."""
+    """Several steps may be in flight (micro-batches); one thread at a time submits or collects.
+    close() on failure and build a new one."""
 
     def __init__(
         self,
@@ -50,48 +52,53 @@ class DataPlaneClient:
             self._socks.append(sock)
         self._lock = threading.Lock()
         self._step = 0
+        # step -> rank -> partial sums that arrived while another step was being collected
+        self._early: dict[int, dict[int, torch.Tensor]] = {}
         self.closed = False
 
     def submit(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> Pending:
-        """Sends layer's rows to their ranks; the lock is held until `Pending.result`."""
-        self._lock.acquire()
-        try:
+        """Sends layer's rows to their ranks and returns; `Pending.result` collects them."""
+        with self._lock:
             if self.closed:
                 raise Unavailable("expert data plane: closed after a failure")
             self._step += 1
             owner = torch.div(ids, self.per_rank, rounding_mode="floor")
             sent = []
-            for rank in owner.unique().tolist():
-                t, j = (owner == rank).nonzero(as_tuple=True)
-                rows = t.unique()  # sorted
-                pairs = torch.stack(
-                    (torch.searchsorted(rows, t), ids[t, j] - rank * self.per_rank), 1
-                )
-                frames = wire.encode_request(
-                    layer, self._step, self.token, x[rows], pairs, weights[t, j]
-                )
-                self._socks[rank].send_multipart(frames, copy=False)
-                sent.append((rank, rows))
+            try:
+                for rank in owner.unique().tolist():
+                    t, j = (owner == rank).nonzero(as_tuple=True)
+                    rows = t.unique()  # sorted
+                    local = ids[t, j] - rank * self.per_rank
+                    pairs = torch.stack((torch.searchsorted(rows, t), local), 1)
+                    frames = wire.encode_request(
+                        layer, self._step, self.token, x[rows], pairs, weights[t, j]
+                    )
+                    self._socks[rank].send_multipart(frames, copy=False)
+                    sent.append((rank, rows))
+            except BaseException:
+                self.close()
+                raise
+            self._early[self._step] = {}
             return Pending(self, self._step, sent, x)
-        except BaseException:
-            self._lock.release()
-            raise
 
     def _collect(self, pending: Pending) -> torch.Tensor:
-        try:
-            return self._wait(pending)
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            self._lock.release()
+        with self._lock:
+            try:
+                return self._wait(pending)
+            except BaseException:
+                self.close()
+                raise
+            finally:
+                self._early.pop(pending.step, None)
 
     def _wait(self, pending: Pending) -> torch.Tensor:
         x = pending.x
         out = torch.zeros(x.shape, dtype=x.dtype)
         waiting = dict(pending.sent)
+        for rank, partial in self._early.get(pending.step, {}).items():
+            out.index_add_(0, waiting.pop(rank), partial)
         poller = zmq.Poller()
         for rank in waiting:
             poller.register(self._socks[rank], zmq.POLLIN)
@@ -105,18 +112,25 @@ class DataPlaneClient:
             for rank in list(waiting):
                 if self._monitors[rank] in events:
                     raise Unavailable(f"expert data plane: rank {rank} is unreachable")
-                if self._socks[rank] not in events:
-                    continue
-                frames = [f.buffer for f in self._socks[rank].recv_multipart(copy=False)]
-                rows = waiting[rank]
-                step, result = wire.decode_reply(frames, len(rows), self.hidden, x.dtype)
-                if step != pending.step:
-                    continue  # the answer to an abandoned step
-                if isinstance(result, str):
-                    raise InvalidArgument(f"expert rank {rank} refused the rows: {result}")
-                out.index_add_(0, rows, result)
-                del waiting[rank]
+                while rank in waiting and self._socks[rank].poll(0):
+                    step, result = self._receive(rank, x.dtype)
+                    if step == pending.step:
+                        rows = waiting.pop(rank)
+                        if result.shape[0] != rows.numel():
+                            raise Unavailable(f"expert rank {rank} answered {result.shape[0]} rows")
+                        out.index_add_(0, rows, result)
+                    elif step in self._early:  # another micro-batch's, still in flight
+                        self._early[step][rank] = result
+                    # else: the answer to an abandoned step
         return out.to(x.device)
+
+    def _receive(self, rank: int, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+        frames = [f.buffer for f in self._socks[rank].recv_multipart(copy=False)]
+        header = wire.Header.decode(frames[0])
+        step, result = wire.decode_reply(frames, header.rows, self.hidden, dtype)
+        if isinstance(result, str):
+            raise InvalidArgument(f"expert rank {rank} refused the rows: {result}")
+        return step, result
 
     def close(self) -> None:
         if self.closed:

@@ -215,3 +215,24 @@ def test_stats_count_calls_and_rows(server) -> None:
     assert list(reply.out.shape) == [5, 128] and reply.out.dtype == "float32"
     assert (after.calls - before.calls, after.rows - before.rows) == (1, 5)
     assert after.rounds - before.rounds == 1
+
+
+def test_micro_batches_over_the_data_plane_equal_local(server, model: K2Model, monkeypatch) -> None:
+    """18 sequences: decode steps run as two interleaved halves, both halves' rows in flight on
+    one client at once (replies matched by step), to the tokens of the in-process model."""
+    prompts = [[21 + k, 400 + 5 * k, 9, 3000 - k] for k in range(18)]
+    want = generate_ids(model, prompts, 5)
+    remote_model = load_model(EMBEDDED_CHECKPOINT, torch.float32)
+    client = attach_remote_experts(remote_model, server[0], transport="dataplane")
+    split = []
+    real = type(remote_model).forward_interleaved
+    monkeypatch.setattr(
+        type(remote_model),
+        "forward_interleaved",
+        lambda self, *a, **kw: split.append(1) or real(self, *a, **kw),
+    )
+    try:
+        assert generate_ids(remote_model, prompts, 5) == want
+        assert split
+    finally:
+        client.close()
