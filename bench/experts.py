@@ -46,7 +46,11 @@ from bench.common import checkpoint_bench_main, format_table  # noqa: E402
 from k2model import K2Model, generate, load_model  # noqa: E402
 from k2model.generation import GenerationRequest  # noqa: E402
 from services.deployment import Deployment  # noqa: E402
-from services.experts.client import ExpertsClient, RemoteExperts  # noqa: E402
+from services.experts.client import (  # noqa: E402
+    ExpertsClient,
+    RemoteExperts,
+    SubmittedRemoteExperts,
+)
 from services.launcher import Suite  # noqa: E402
 
 BATCHES = (1, 32, 256)
@@ -170,7 +174,11 @@ def callers(model: K2Model, name: str, client: ExpertsClient, repeats: int) -> l
 def use(model: K2Model, client: ExpertsClient | None) -> None:
     """Route every MoE layer to the pool behind `client`, or back in-process for None."""
     for layer, moe in model.moe_layers().items():
-        moe.remote = RemoteExperts(client, layer) if client is not None else None
+        if client is None:
+            moe.remote = None
+        else:
+            remote = SubmittedRemoteExperts if client.transport == "dataplane" else RemoteExperts
+            moe.remote = remote(client, layer)
 
 
 def step_times(model: K2Model, batch: int, seed: int) -> list[float]:

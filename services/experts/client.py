@@ -67,17 +67,17 @@ class ExpertsClient:
 
     def submit(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-    ) -> Pending | Done:
-        """Starts `layer`'s routed experts for rows x [T, D]; `.result()` is their weighted sum,
-        [T, D] in x's dtype. Over the data plane the rows are out while the caller goes on."""
-        if self.transport == "grpc":
-            return Done(self._compute_grpc(layer, x, ids, weights))
+    ) -> Pending:
+        """Sends `layer`'s rows x [T, D] over the data plane; `.result()` is their weighted sum,
+        [T, D] in x's dtype. The rows are out while the caller goes on."""
         return self._dataplane().submit(layer, x, ids, weights)
 
     def compute(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """The routed experts' weighted sum for rows x [T, D] of `layer`, [T, D] in x's dtype."""
+        if self.transport == "grpc":
+            return self._compute_grpc(layer, x, ids, weights)
         return self.submit(layer, x, ids, weights).result()
 
     def _dataplane(self) -> DataPlaneClient:
@@ -124,16 +124,6 @@ class ExpertsClient:
         self._channel.close()
 
 
-class Done:
-    """A result already computed (the gRPC transport answers before the caller goes on)."""
-
-    def __init__(self, out: torch.Tensor) -> None:
-        self.out = out
-
-    def result(self) -> torch.Tensor:
-        return self.out
-
-
 def _error(what: str, exc: grpc.RpcError) -> Exception:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -153,7 +143,12 @@ class RemoteExperts:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.client.compute(self.layer, x, ids, weights)
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Pending | Done:
+
+class SubmittedRemoteExperts(RemoteExperts):
+    """Over the data plane: the rows can be sent before they are collected (the shared expert
+    and the other micro-batch run meanwhile: k2model.moe.SubmitsExperts)."""
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Pending:
         return self.client.submit(self.layer, x, ids, weights)
 
 
@@ -167,6 +162,7 @@ def attach_remote_experts(
     """Route every MoE layer of `model` to the pool at `target`; close the returned client
     when the process shuts down. (Load the model with routed_experts=False: it holds none.)"""
     client = ExpertsClient(target, timeout_s, security, transport)
+    remote = SubmittedRemoteExperts if transport == "dataplane" else RemoteExperts
     for layer, moe in model.moe_layers().items():
-        moe.remote = RemoteExperts(client, layer)
+        moe.remote = remote(client, layer)
     return client

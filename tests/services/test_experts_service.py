@@ -125,6 +125,8 @@ def test_generation_with_remote_experts_equals_local(server, model: K2Model, tra
     want = generate_ids(model, prompts, 6)
     remote_model = load_model(EMBEDDED_CHECKPOINT, torch.float32)
     client = attach_remote_experts(remote_model, server[0], transport=transport)
+    # only data-plane rows can be sent before they are collected (gRPC answers in the call)
+    assert remote_model.submits_experts == (transport == "dataplane")
     try:
         before = client.stats()
         assert generate_ids(remote_model, prompts, 6) == want
