@@ -1,7 +1,7 @@
 """Bounded load through the REST gateway: concurrent streaming clients for a fixed time.
 
     python3 bench/load.py [--clients 8] [--duration 30] [--max-tokens 32] [--out FILE]
-                          [--experts local|grpc|dataplane]
+                          [--experts local|grpc|dataplane|dataplane-tcp]
     python3 bench/load.py --url http://HOST:8000 --key KEY [--pids gateway-0=PID,...]
 
 Without --url it starts a suite on this machine (services.launcher.Suite on a temporary
@@ -272,7 +272,8 @@ def print_report(report: LoadReport) -> None:
 
 def _local_suite(folder: Path, experts: str = "local") -> Any:
     """tokenizer, prefill, decode and gateway on this machine (free ports), all healthy; with
-    experts grpc or dataplane, the routed experts on a 2-rank pool over that transport."""
+    experts grpc, dataplane or dataplane-tcp, the routed experts on a 2-rank pool over that
+    transport (a deployment's expert_transport)."""
     from bench.common import free_port
     from services.launcher import Suite
 
@@ -307,7 +308,7 @@ def main() -> None:
     ap.add_argument("--model", default="kimi-k2-thinking")
     ap.add_argument(
         "--experts",
-        choices=["local", "grpc", "dataplane"],
+        choices=["local", "grpc", "dataplane", "dataplane-tcp"],
         default="local",
         help="local suite: routed experts in-process, or on a 2-rank pool over this transport",
     )

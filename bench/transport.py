@@ -5,15 +5,20 @@
 A hop sends B rows of hidden state (bf16, D wide) plus ids and weights, and gets B rows back;
 the far side only copies (no compute), so this is the transport's own cost: gRPC unary with one
 bytes field (the control plane's stack, protobuf framing included), ZeroMQ over TCP loopback,
-ZeroMQ over a Unix socket (ipc), and shared memory with a ZeroMQ ipc doorbell (the rows are
-written into a segment mapped by both sides; 16 bytes cross the socket each way). Median of 200
-round trips after 20 warm-ups, per batch 1 / 32 / 256; ratios against gRPC in the same run.
+ZeroMQ over a Unix socket (ipc), shared memory with a ZeroMQ ipc doorbell (the rows are
+written into a segment mapped by both sides; 16 bytes cross the socket each way), and the data
+plane's own choice: frame sets on a plain TCP socket read by the waiting thread
+(services/experts/framing.py; `socket`), and shared memory with that socket as the doorbell
+(`socket_shm`). Median of 200 round trips after 20 warm-ups, per batch 1 / 32 / 256; ratios
+against gRPC in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import select
+import socket
 import statistics
 import sys
 import tempfile
@@ -30,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import format_table, free_port, write_json  # noqa: E402
+from services.experts import framing  # noqa: E402
 
 BATCHES = (1, 32, 256)
 TOP_K = 8
@@ -77,11 +83,46 @@ def _serve_shm(address: str, name: str, ready: mp.Event) -> None:
         sock.send(size.to_bytes(8, "little"))
 
 
+def _serve_socket(port: int, name: str | None, ready: mp.Event) -> None:
+    """Echoes frame sets; with a segment `name`, copies its request half to its reply half."""
+    shm = shared_memory.SharedMemory(name=name) if name else None
+    view = shm.buf if shm else None
+    listener = socket.create_server(("127.0.0.1", port))
+    ready.set()
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setblocking(False)
+    idle = select.poll()
+    idle.register(conn, select.POLLIN)
+    while True:
+        idle.poll()
+        frames = framing.recv_frames(conn, 1 << 30, 10)
+        if view is not None:
+            size, half = int.from_bytes(frames[0], "little"), len(view) // 2
+            view[half : half + size] = view[:size]
+        framing.send_frames(conn, frames, 10)
+
+
+def _socket_call(sock: socket.socket, frames: list[bytes]) -> None:
+    framing.send_frames(sock, frames, 10)
+    framing.wait(sock, select.POLLIN, time.monotonic() + 10)
+    framing.recv_frames(sock, 1 << 30, 10)
+
+
 def _calls(
-    data: bytes, shm: shared_memory.SharedMemory, socks: dict[str, zmq.Socket], echo
+    data: bytes,
+    shm: shared_memory.SharedMemory,
+    socks: dict[str, zmq.Socket],
+    plain: dict[str, socket.socket],
+    echo,
 ) -> dict[str, Callable[[], object]]:
     """One round trip of `data` by each transport."""
     size, half = len(data), len(shm.buf) // 2
+
+    def over_socket_shm() -> None:
+        shm.buf[:size] = data
+        _socket_call(plain["socket_shm"], [size.to_bytes(8, "little")])
+        bytes(shm.buf[half : half + size])
 
     def over_shm() -> None:
         shm.buf[:size] = data
@@ -97,6 +138,8 @@ def _calls(
         "zmq_tcp": over("zmq_tcp"),
         "zmq_ipc": over("zmq_ipc"),
         "shm": over_shm,
+        "socket": lambda: _socket_call(plain["socket"], [data]),
+        "socket_shm": over_socket_shm,
     }
 
 
@@ -121,6 +164,8 @@ def run(dim: int) -> list[dict[str, float]]:
         "zmq_tcp": (_serve_zmq, (f"tcp://127.0.0.1:{free_port()}",)),
         "zmq_ipc": (_serve_zmq, (f"ipc://{tmp}/echo",)),
         "shm": (_serve_shm, (f"ipc://{tmp}/shm", shm.name)),
+        "socket": (_serve_socket, (free_port(), None)),
+        "socket_shm": (_serve_socket, (free_port(), shm.name)),
     }
     procs = []
     try:
@@ -138,10 +183,15 @@ def run(dim: int) -> list[dict[str, float]]:
         for name in ("zmq_tcp", "zmq_ipc", "shm"):
             socks[name] = z.socket(zmq.REQ)
             socks[name].connect(servers[name][1][0])
+        plain = {}
+        for name in ("socket", "socket_shm"):
+            plain[name] = socket.create_connection(("127.0.0.1", servers[name][1][0]))
+            plain[name].setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            plain[name].setblocking(False)
         results = []
         for batch in BATCHES:
             size = payload_bytes(batch, dim)
-            calls = _calls(bytes(size), shm, socks, echo)
+            calls = _calls(bytes(size), shm, socks, plain, echo)
             row = {"batch": batch, "bytes": size}
             row |= {f"{name}_us": _median_us(call) for name, call in calls.items()}
             results.append(row)
@@ -160,7 +210,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/transport.json")
     args = ap.parse_args()
     results = run(args.dim)
-    names = ("grpc", "zmq_tcp", "zmq_ipc", "shm")
+    names = ("grpc", "zmq_tcp", "zmq_ipc", "shm", "socket", "socket_shm")
     rows = [
         [r["batch"], r["bytes"] // 1024, *(r[f"{n}_us"] for n in names)]
         + [r["grpc_us"] / r[f"{n}_us"] for n in names[1:]]

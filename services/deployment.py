@@ -10,7 +10,7 @@ list, and the docker compose files. Peers always come from here, never from a re
     prefill:   [{name: prefill-0, host: local, port: 50061, kv_blocks: auto}]
     decode:    [{name: decode-0, host: local, port: 50071, kv_cache_gib: 2, max_running: 64}]
     experts: remote                 # or local (default): where prefill/decode run routed experts
-    expert_transport: dataplane     # or grpc: how their rows reach the pool (below)
+    expert_transport: dataplane     # or dataplane-tcp, grpc: how their rows reach the pool
     expert_pool: [{name: experts-0, host: local, port: 50081, ranks: 2, master_port: 29500}]
     gateway:   [{name: gateway-0, host: local, port: 8000, config: gateway.yaml}]
     security: {ca: ca.pem, cert: internal.pem, key: internal.key, secret_file: secret}  # optional
@@ -58,7 +58,7 @@ KINDS = ("experts", "tokenizer", "prefill", "decode", "gateway")  # start order:
 REQUIRED = ("tokenizer", "prefill", "decode")
 _SECTION = {"experts": "expert_pool"}  # the YAML key of a kind, where it is not the kind itself
 EXPERTS_MODES = ("local", "remote")
-EXPERT_TRANSPORTS = ("dataplane", "grpc")
+EXPERT_TRANSPORTS = ("dataplane", "dataplane-tcp", "grpc")
 DTYPES = ("auto", "float32", "bfloat16")  # model.dtype, an instance's dtype, model.kv_dtype
 
 
@@ -98,6 +98,10 @@ class Instance:
     max_queue: int = 256
     chunk_tokens: int = 512
     max_batch_tokens: int = 4096  # prefill: tokens per step over all prompts
+    # decode, with remote experts over the data plane: sequences per micro-batch before a step
+    # is split in two (0: never; None, "auto": k2model.runner.MICRO_BATCH_MIN when no pool node
+    # shares this instance's host - on a shared host the split only adds hops on the same cores)
+    micro_batches: int | None = None
     ranks: int = 1  # experts: processes in the DeepSpeed job
     master_port: int = 0  # experts: the job's rendezvous port on its host
     config: Path | None = None  # gateway: its YAML (required there, refused elsewhere)
@@ -135,7 +139,9 @@ class Deployment:
     kv_dtype: str = "auto"  # the latent KV cache's dtype; auto: the model's (docs/performance.md)
     experts: str = "local"  # "remote": routed experts run on the experts instance
     # remote experts' rows: "dataplane" straight to each rank (services/experts/dataplane.py),
-    # or "grpc", one Compute call per layer through rank 0 (its collectives; the slow twin)
+    # through shared memory to ranks on the caller's host; "dataplane-tcp" the same, never
+    # through shared memory; or "grpc", one Compute call per layer through rank 0 (its
+    # collectives; the slow twin)
     expert_transport: str = "dataplane"
     security: Security | None = None  # mTLS and/or a shared secret on internal gRPC
 
@@ -143,6 +149,17 @@ class Deployment:
     def remote_experts(self) -> Instance | None:
         """The expert pool prefill and decode call, when `experts: remote`."""
         return self.of_kind("experts")[0] if self.experts == "remote" else None
+
+    def micro_batch_min(self, me: Instance) -> int | None:
+        """Sequences per micro-batch before `me`'s decode steps split in two (0: never; None:
+        k2model.runner.MICRO_BATCH_MIN)."""
+        pool = self.remote_experts
+        if pool is None or self.expert_transport == "grpc":
+            return 0  # nothing to overlap: the experts are in-process or answer in the call
+        if me.micro_batches is not None:
+            return me.micro_batches
+        shared = any(node.address == me.address for node in pool.pool_nodes())
+        return 0 if shared else None
 
     def torch_kv_dtype(self) -> torch.dtype:
         """The KV cache's dtype, the same in every prefill and decode process (the cache travels
@@ -239,11 +256,11 @@ OPS = ("auto", "torch", "cpu", "triton")
 KIND_KEYS: dict[str, tuple[str, ...]] = {
     "tokenizer": _COMMON_KEYS,
     "prefill": (*_COMMON_KEYS, *_KV_KEYS, *_RUNTIME_KEYS, "chunk_tokens", "max_batch_tokens"),
-    "decode": (*_COMMON_KEYS, *_KV_KEYS, *_RUNTIME_KEYS, "max_running"),
+    "decode": (*_COMMON_KEYS, *_KV_KEYS, *_RUNTIME_KEYS, "max_running", "micro_batches"),
     "experts": (*_COMMON_KEYS, "ranks", "master_port", "nodes", "threads", "device", "ops"),
     "gateway": (*_COMMON_KEYS, "config"),
 }
-_TEXT_FIELDS = ("name", "host", "config", "dtype", "device", "ops")
+_TEXT_FIELDS = ("name", "host", "config", "dtype", "device", "ops", "micro_batches")
 _OPTIONAL = {"kv_blocks": int, "kv_cache_gib": float}  # absent or "auto": None
 
 
@@ -293,6 +310,7 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
         name,
         host,
         str(hosts[host]),
+        micro_batches=_micro_batches(where, entry.get("micro_batches", "auto")),
         dtype=dtype,
         device=device,
         ops=ops,
@@ -300,6 +318,18 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
         nodes=nodes,
         **values,
     )
+
+
+def _micro_batches(where: str, value: Any) -> int | None:
+    if value == "auto":
+        return None
+    if value == "off":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DeploymentError(
+            f"{where}.micro_batches: expected auto, off or a count >= 1, got {value!r}"
+        )
+    return value
 
 
 def _number(where: str, key: str, value: Any) -> int | float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from k2model.runner import MICRO_BATCH_MIN
 from services.common.main_args import parse
 from services.common.model_host import constraint_compiler, kv_pool, load_for, step_priority
 from services.common.serve_instance import serve_instance
@@ -27,7 +28,11 @@ async def main() -> None:
     compiler = constraint_compiler(dep, model)
     nice = step_priority(dep, me)
     log.info("%s: model steps at nice +%d", me.name, nice)
-    engine = DecodeEngine(model, limits, pool.prefill, compiler, kv_dtype, step_nice=nice)
+    split = dep.micro_batch_min(me)
+    split = MICRO_BATCH_MIN if split is None else split
+    if experts is not None:
+        log.info("%s: micro-batches of %s", me.name, f">= {split} sequences" if split else "off")
+    engine = DecodeEngine(model, limits, pool.prefill, compiler, kv_dtype, nice, split)
     servicer = DecodeServicer(engine)
     pool.start()
     try:

@@ -20,7 +20,7 @@ import torch
 from k2model.constraint_spec import ConstraintSpec
 from k2model.constraints import ConstraintCompiler, ConstraintState
 from k2model.model import K2Model
-from k2model.runner import ModelRunner, StepInput
+from k2model.runner import MICRO_BATCH_MIN, ModelRunner, StepInput
 from k2model.sampled import Sampled
 from k2model.sampling_params import SamplingParams
 from services.common.errors import (
@@ -65,16 +65,20 @@ class DecodeEngine:
         constraints: ConstraintCompiler | None = None,
         kv_dtype: torch.dtype | None = None,
         step_nice: int = 0,
+        micro_batch_min: int = MICRO_BATCH_MIN,
     ) -> None:
         """kv_dtype: the cache's dtype (what prefill streams); None: the model's. step_nice: the
         nice increment of the thread that runs model steps and of the OpenMP threads it starts
-        (they inherit it); the event loop that takes in KV and streams tokens keeps its own."""
+        (they inherit it); the event loop that takes in KV and streams tokens keeps its own.
+        micro_batch_min: see ModelRunner (0: steps never split)."""
         self.model, self.limits, self.prefiller = model, limits, prefiller
         self.constraints = constraints  # None: requests with a constraint are refused
         self.sched = Scheduler(
             limits.num_blocks, limits.block_size, limits.max_running, limits.watermark_blocks
         )
-        self.runner = ModelRunner(model, limits.num_blocks, limits.block_size, kv_dtype)
+        self.runner = ModelRunner(
+            model, limits.num_blocks, limits.block_size, kv_dtype, micro_batch_min
+        )
         self.served = 0
         self._queues: dict[Seq, asyncio.Queue[TokenBatch | Exception]] = {}
         self._transfers: dict[Seq, asyncio.Task] = {}

@@ -4,7 +4,7 @@ The model runs on one worker thread per process and calls each MoE layer's route
 synchronously, so the client is a synchronous gRPC stub on one channel shared by all layers of
 the process (`ExpertsClient`). Per MoE layer per model step, the whole batch's rows go either
 straight to the ranks that hold their experts (`transport: dataplane`, the default: M2N over
-ZeroMQ, the shared expert computing meanwhile) or in one Compute call through rank 0 (`grpc`). Any failure raises (Unavailable when the pool is down or restarting, DeadlineExceeded past
+ZeroMQ, through shared memory to ranks on this host, the shared expert computing meanwhile) or in one Compute call through rank 0 (`grpc`). Any failure raises (Unavailable when the pool is down or restarting, DeadlineExceeded past
 the deadline): the engine then fails that step's requests cleanly. The reconnect backoff is capped
 low so that calls succeed again soon after the pool has restarted.
 """
@@ -57,8 +57,11 @@ class ExpertsClient:
         timeout_s: float = CALL_TIMEOUT_S,
         security: Security | None = None,
         transport: str = "dataplane",
+        shared_memory: bool = True,
     ) -> None:
+        """shared_memory: reach ranks on this host through shared memory (the data plane)."""
         self.target, self.timeout_s, self.transport = target, timeout_s, transport
+        self.shared_memory = shared_memory
         self._channel = open_sync_channel(target, _CHANNEL_OPTIONS, security)
         self._metadata = security.call_metadata() if security else ()
         self._stub = experts_pb2_grpc.ExpertsStub(self._channel)
@@ -95,7 +98,12 @@ class ExpertsClient:
             raise _error("endpoints", exc) from exc
         endpoints = [Endpoint(e.rank, e.tcp) for e in reply.ranks]
         return DataPlaneClient(
-            endpoints, reply.token, reply.experts_per_rank, reply.hidden_size, COLLECTIVE_TIMEOUT_S
+            endpoints,
+            reply.token,
+            reply.experts_per_rank,
+            reply.hidden_size,
+            COLLECTIVE_TIMEOUT_S,
+            self.shared_memory,
         )
 
     def _compute_grpc(
@@ -159,9 +167,12 @@ def attach_remote_experts(
     security: Security | None = None,
     transport: str = "dataplane",
 ) -> ExpertsClient:
-    """Route every MoE layer of `model` to the pool at `target`; close the returned client
-    when the process shuts down. (Load the model with routed_experts=False: it holds none.)"""
-    client = ExpertsClient(target, timeout_s, security, transport)
+    """Route every MoE layer of `model` to the pool at `target` over `transport` (a deployment's
+    expert_transport); close the returned client when the process shuts down. (Load the model
+    with routed_experts=False: it holds none.)"""
+    shared = transport != "dataplane-tcp"
+    transport = "grpc" if transport == "grpc" else "dataplane"
+    client = ExpertsClient(target, timeout_s, security, transport, shared_memory=shared)
     remote = SubmittedRemoteExperts if transport == "dataplane" else RemoteExperts
     for layer, moe in model.moe_layers().items():
         moe.remote = remote(client, layer)

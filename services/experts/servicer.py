@@ -51,6 +51,7 @@ class ExpertsServicer(experts_pb2_grpc.ExpertsServicer):
             rows=b.rows,
             rounds=b.rounds,
             dataplane_requests=self.dataplane.served if self.dataplane else 0,
+            dataplane_shared_requests=self.dataplane.served_shared if self.dataplane else 0,
         )
 
 

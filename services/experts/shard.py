@@ -49,18 +49,23 @@ class ExpertShard:
         return next(iter(self.experts.values())).dtype
 
     @torch.inference_mode()
-    def partial(self, request: wire.Request) -> torch.Tensor:
+    def partial(self, request: wire.Request, out: torch.Tensor | None = None) -> torch.Tensor:
         """Partial sums [rows, D] of one data-plane request (its pairs name local experts),
-        in the request's dtype."""
+        in the request's dtype; written into `out` (CPU, that shape and dtype) when given."""
         layer, x = request.header.layer, request.x
         device = next(iter(self.experts.values())).device
         rows, local = request.pairs.to(device, torch.long).unbind(1)
-        out = torch.zeros(x.shape, dtype=self.dtype, device=device)
+        direct = out is not None and out.device == device and out.dtype == self.dtype
+        acc = out.zero_() if direct else torch.zeros(x.shape, dtype=self.dtype, device=device)
         if rows.numel():
             xs = x.to(device, self.dtype)[rows]
             weights = request.weights.to(device)[:, None]
-            out.index_add_(0, rows, self.experts[layer](xs, local[:, None], weights))
-        return out.to(x.dtype).cpu()
+            acc.index_add_(0, rows, self.experts[layer](xs, local[:, None], weights))
+        if direct:
+            return acc
+        if out is None:
+            return acc.to(x.dtype).cpu()
+        return out.copy_(acc)
 
     @torch.inference_mode()
     def compute(self, part: Part) -> torch.Tensor:

@@ -102,11 +102,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+# a transport as the tests name it -> (ExpertsClient transport, shared memory)
+TRANSPORTS = {"shm": ("dataplane", True), "tcp": ("dataplane", False), "grpc": ("grpc", False)}
+
+
 def check_equal_to_in_process(
-    target: str, model: K2Model, seed: int, transport: str = "dataplane"
+    target: str, model: K2Model, seed: int, transport: str = "shm"
 ) -> None:
     """Router-chosen and uniformly random routings, 1..64 rows, from 6 concurrent callers,
-    over the data plane (straight to the ranks) or gRPC (one call through rank 0's rounds)."""
+    over the data plane (straight to the ranks, through shared memory on this host or over TCP)
+    or gRPC (one call through rank 0's rounds)."""
     gen = torch.Generator().manual_seed(seed)
     moes = model.moe_layers()
     cases = []
@@ -119,7 +124,8 @@ def check_equal_to_in_process(
             ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(rows)])
             w = torch.rand(rows, 2, generator=gen)
         cases.append((layer, x, ids, w))
-    client = ExpertsClient(target, transport=transport)
+    kind, shared = TRANSPORTS[transport]
+    client = ExpertsClient(target, transport=kind, shared_memory=shared)
     try:
         before = client.stats()
         with ThreadPoolExecutor(6) as pool:
@@ -134,9 +140,11 @@ def check_equal_to_in_process(
         assert calls == len(cases) and 1 <= stats.rounds - before.rounds <= calls
     else:  # no call went through rank 0's rounds; its own experts got rows directly
         assert calls == 0 and stats.dataplane_requests > before.dataplane_requests
+        through_shm = stats.dataplane_shared_requests - before.dataplane_shared_requests
+        assert (through_shm > 0) == shared
 
 
-@pytest.mark.parametrize("transport", ["dataplane", "grpc"])
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 def test_one_rank_equals_in_process_moe(single: Suite, model: K2Model, transport: str) -> None:
     check_equal_to_in_process(pool_target(single), model, seed=1, transport=transport)
 
@@ -153,7 +161,7 @@ def test_a_pool_on_two_nodes_equals_in_process_moe(jobs, model: K2Model) -> None
     assert (stats.ranks, stats.experts_per_rank) == (2, 4)
 
 
-@pytest.mark.parametrize("transport", ["dataplane", "grpc"])
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 def test_two_ranks_equal_in_process_moe(suite: Suite, model: K2Model, transport: str) -> None:
     check_equal_to_in_process(pool_target(suite), model, seed=2, transport=transport)
     client = ExpertsClient(pool_target(suite))
@@ -179,6 +187,8 @@ def test_served_generation_with_remote_experts_equals_generate(suite: Suite, mod
     after = client.stats()
     assert after.calls == before.calls
     assert after.dataplane_requests - before.dataplane_requests >= 8
+    # the suite's processes share this host: the rows went through shared memory
+    assert after.dataplane_shared_requests - before.dataplane_shared_requests >= 8
     client.close()
 
 

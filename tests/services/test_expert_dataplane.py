@@ -6,12 +6,12 @@ frame is named, a stale reply is dropped)."""
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 import torch
-import zmq
 
 from k2model import EMBEDDED_CHECKPOINT, K2Model, load_model
 from services.common.errors import InvalidArgument, Unavailable
@@ -19,6 +19,7 @@ from services.experts import wire
 from services.experts.dataplane import DataPlane, Endpoint
 from services.experts.dataplane_client import DataPlaneClient
 from services.experts.shard import ExpertShard
+from tests.services.dataplane_peer import SilentRank, ask
 
 TOKEN = secrets.token_bytes(wire.TOKEN_BYTES)
 D = 128
@@ -46,15 +47,16 @@ def planes(request) -> Iterator[list[DataPlane]]:
         p.stop()
 
 
-def client_for(planes: list[DataPlane], timeout_s: float = 10.0):
+def client_for(planes: list[DataPlane], timeout_s: float = 10.0, shared: bool = True):
     endpoints = [p.endpoint for p in planes]
     per_rank = planes[0].shard.spec.per_rank
-    return DataPlaneClient(endpoints, TOKEN, per_rank, D, timeout_s)
+    return DataPlaneClient(endpoints, TOKEN, per_rank, D, timeout_s, shared_memory=shared)
 
 
-def test_m2n_equals_in_process_moe(planes, model) -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "tcp"])
+def test_m2n_equals_in_process_moe(planes, model, shared) -> None:
     gen = torch.Generator().manual_seed(len(planes))
-    client = client_for(planes)
+    client = client_for(planes, shared=shared)
     try:
         for layer, moe in model.moe_layers().items():
             for rows in (1, 7, 64):
@@ -66,6 +68,7 @@ def test_m2n_equals_in_process_moe(planes, model) -> None:
         x = torch.randn(5, D, generator=gen).bfloat16()  # bf16 rows travel as bf16
         ids, w = next(iter(model.moe_layers().values())).router(x.float())
         assert client.submit(1, x, ids, w).result().dtype == torch.bfloat16
+        assert client.shared_ranks == (list(range(len(planes))) if shared else [])
     finally:
         client.close()
     assert sum(p.served for p in planes) > 0
@@ -86,6 +89,12 @@ def test_rows_go_only_to_the_ranks_that_hold_their_experts(model) -> None:
             p.stop()
 
 
+def decode(frames: list[bytes]) -> wire.Request:
+    """As a rank decodes what it received (into a writable buffer)."""
+    got = [bytearray(f) for f in frames]
+    return wire.decode_request(wire.decode_header(got, TOKEN, frozenset({2})), got, D, 4)
+
+
 def test_frames_round_trip_any_layout() -> None:
     """Strided views, one-element views of any stride, bf16, and empty tensors."""
     wide = torch.randn(3, 2 * D)
@@ -95,10 +104,10 @@ def test_frames_round_trip_any_layout() -> None:
     ):
         pairs = torch.zeros(len(w), 2, dtype=torch.long)
         frames = [bytes(f) for f in wire.encode_request(2, 5, TOKEN, x, pairs, w)]
-        got = wire.decode_request(frames, TOKEN, D, frozenset({2}), 4)
+        got = decode(frames)
         assert torch.equal(got.x, x) and torch.equal(got.weights, w) and got.header.step == 5
     empty = wire.encode_request(2, 6, TOKEN, torch.empty(0, D), torch.empty(0, 2), torch.empty(0))
-    got = wire.decode_request([bytes(f) for f in empty], TOKEN, D, frozenset({2}), 4)
+    got = decode([bytes(f) for f in empty])
     assert got.x.shape == (0, D) and got.pairs.shape == (0, 2)
 
 
@@ -124,18 +133,9 @@ def bad_frames() -> list[tuple[str, list[bytes]]]:
 
 @pytest.mark.parametrize(("message", "frames"), bad_frames())
 def test_a_frame_that_does_not_fit_is_refused_by_name(planes, message, frames) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(planes[0].endpoint.tcp)
-    try:
-        sock.send_multipart(frames)
-        assert sock.poll(10_000), "no answer"
-        reply = sock.recv_multipart()
-        header = wire.Header.decode(reply[0])
-        assert header.kind == wire.ERROR and message in reply[1].decode()
-    finally:
-        sock.close(linger=0)
-        ctx.term()
+    reply = ask(planes[0].endpoint, frames)
+    header = wire.Header.decode(reply[0])
+    assert header.kind == wire.ERROR and message in reply[1].decode()
 
 
 def test_a_refusal_reaches_the_caller_as_invalid_argument(planes) -> None:
@@ -172,12 +172,9 @@ def test_a_rank_that_goes_away_fails_the_step_at_once() -> None:
 
 def test_a_refused_connection_fails_the_step_at_once() -> None:
     """A stale endpoint (its rank is gone, nothing listens there)."""
-    ctx = zmq.Context()
-    probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
-    ctx.term()
-    client = DataPlaneClient([Endpoint(0, f"tcp://127.0.0.1:{port}")], TOKEN, 8, D, 30)
+    with socket.create_server(("127.0.0.1", 0)) as gone:
+        port = gone.getsockname()[1]
+    client = DataPlaneClient([Endpoint(0, f"tcp://127.0.0.1:{port}")], TOKEN, 8, D, 30, False)
     start = time.monotonic()
     try:
         with pytest.raises(Unavailable, match="rank 0 is unreachable"):
@@ -187,32 +184,14 @@ def test_a_refused_connection_fails_the_step_at_once() -> None:
     assert time.monotonic() - start < 10
 
 
-class SilentRank:
-    """A ROUTER that reads requests and answers only when told (a hung or slow rank)."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = Endpoint(0, f"tcp://127.0.0.1:{port}")
-
-    def take(self) -> list[bytes]:
-        assert self.sock.poll(10_000)
-        return self.sock.recv_multipart()
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
-
-
 def test_a_silent_rank_times_out_and_a_late_reply_is_dropped() -> None:
     rank = SilentRank()
-    client = DataPlaneClient([rank.endpoint], TOKEN, 8, D, timeout_s=0.5)
+    client = DataPlaneClient([rank.endpoint], TOKEN, 8, D, timeout_s=0.5, shared_memory=False)
     x, ids, w = torch.randn(2, D), torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2)
     try:
         with pytest.raises(Unavailable, match=r"ranks \[0\] did not answer"):
             client.submit(1, x, ids, w).result()
-        who, *request = rank.take()
+        request = rank.take()
         header = wire.Header.decode(request[0])
         assert (header.layer, header.rows, header.pairs) == (1, 2, 4)
     finally:
@@ -220,15 +199,15 @@ def test_a_silent_rank_times_out_and_a_late_reply_is_dropped() -> None:
         rank.close()
     # A fresh client (as the caller builds after a failure) ignores an answer to an old step.
     rank = SilentRank()
-    client = DataPlaneClient([rank.endpoint], TOKEN, 8, D, timeout_s=10)
+    client = DataPlaneClient([rank.endpoint], TOKEN, 8, D, timeout_s=10, shared_memory=False)
     try:
         pending = client.submit(1, x, ids, w)
-        who, *request = rank.take()
+        request = rank.take()
         header = wire.Header.decode(request[0])
         stale = wire.Header(wire.REPLY, x.dtype, 1, 2, 0, header.step - 1, TOKEN)
-        rank.sock.send_multipart([who, stale.encode(), bytes(2 * D * 4)])
+        rank.send([stale.encode(), bytes(2 * D * 4)])
         partial = torch.full((2, D), 3.0)
-        rank.sock.send_multipart([who, *wire.encode_reply(header, partial)])
+        rank.send(wire.encode_reply(header, partial))
         assert torch.equal(pending.result(), partial)
     finally:
         client.close()

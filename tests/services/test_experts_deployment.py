@@ -142,3 +142,24 @@ def test_only_pools_take_nodes() -> None:
     raw["decode"] = [{"port": 3, "nodes": [{"host": "local", "ranks": 1}]}]
     with pytest.raises(DeploymentError, match="decode\\[0\\]\\.nodes: not a setting of decode"):
         Deployment.from_dict(raw)
+
+
+def test_decode_splits_steps_only_where_the_pool_has_its_own_cores() -> None:
+    def split(decode: dict, **extra) -> int | None:
+        raw = spanning(**extra) | {"decode": [{"port": 3, **decode}]}
+        dep = Deployment.from_dict(raw)
+        return dep.micro_batch_min(dep.of_kind("decode")[0])
+
+    assert split({}) is None  # auto, decode on `local`, the pool on a and b: the default split
+    assert split({"host": "b"}) == 0  # a pool node shares decode's host (and its cores)
+    assert split({"host": "b", "micro_batches": 4}) == 4
+    assert split({"micro_batches": "off"}) == 0
+    grpc = Deployment.from_dict(spanning() | {"expert_transport": "grpc"})
+    assert grpc.micro_batch_min(grpc.of_kind("decode")[0]) == 0  # answered in the call
+    local = Deployment.from_dict(minimal())
+    assert local.micro_batch_min(local.of_kind("decode")[0]) == 0
+    for bad in (0, -1, "sometimes", True):
+        with pytest.raises(DeploymentError, match=r"decode\[0\]\.micro_batches"):
+            split({"micro_batches": bad})
+    with pytest.raises(DeploymentError, match="not a setting of prefill"):
+        Deployment.from_dict(minimal(prefill=[{"port": 2, "micro_batches": 4}]))

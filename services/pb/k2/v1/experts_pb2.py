@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.pb.k2.v1 import common_pb2 as k2_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13k2/v1/experts.proto\x12\x05k2.v1\x1a\x12k2/v1/common.proto\"\x12\n\x10\x45ndpointsRequest\"+\n\x0e\x45xpertEndpoint\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0b\n\x03tcp\x18\x02 \x01(\t\"v\n\x10\x45xpertsEndpoints\x12$\n\x05ranks\x18\x01 \x03(\x0b\x32\x15.k2.v1.ExpertEndpoint\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x18\n\x10\x65xperts_per_rank\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\"\x81\x01\n\x0e\x45xpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x1d\n\x06hidden\x18\x02 \x01(\x0b\x32\r.k2.v1.Tensor\x12!\n\nexpert_ids\x18\x03 \x01(\x0b\x32\r.k2.v1.Tensor\x12\x1e\n\x07weights\x18\x04 \x01(\x0b\x32\r.k2.v1.Tensor\"*\n\x0c\x45xpertsReply\x12\x1a\n\x03out\x18\x01 \x01(\x0b\x32\r.k2.v1.Tensor\"\x80\x01\n\x0c\x45xpertsStats\x12\r\n\x05ranks\x18\x01 \x01(\x05\x12\x18\n\x10\x65xperts_per_rank\x18\x02 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x03\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x0e\n\x06rounds\x18\x05 \x01(\x03\x12\x1a\n\x12\x64\x61taplane_requests\x18\x06 \x01(\x03\x32\xb2\x01\n\x07\x45xperts\x12\x35\n\x07\x43ompute\x12\x15.k2.v1.ExpertsRequest\x1a\x13.k2.v1.ExpertsReply\x12\x31\n\x05Stats\x12\x13.k2.v1.StatsRequest\x1a\x13.k2.v1.ExpertsStats\x12=\n\tEndpoints\x12\x17.k2.v1.EndpointsRequest\x1a\x17.k2.v1.ExpertsEndpointsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13k2/v1/experts.proto\x12\x05k2.v1\x1a\x12k2/v1/common.proto\"\x12\n\x10\x45ndpointsRequest\"+\n\x0e\x45xpertEndpoint\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0b\n\x03tcp\x18\x02 \x01(\t\"v\n\x10\x45xpertsEndpoints\x12$\n\x05ranks\x18\x01 \x03(\x0b\x32\x15.k2.v1.ExpertEndpoint\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x18\n\x10\x65xperts_per_rank\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\"\x81\x01\n\x0e\x45xpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x1d\n\x06hidden\x18\x02 \x01(\x0b\x32\r.k2.v1.Tensor\x12!\n\nexpert_ids\x18\x03 \x01(\x0b\x32\r.k2.v1.Tensor\x12\x1e\n\x07weights\x18\x04 \x01(\x0b\x32\r.k2.v1.Tensor\"*\n\x0c\x45xpertsReply\x12\x1a\n\x03out\x18\x01 \x01(\x0b\x32\r.k2.v1.Tensor\"\xa3\x01\n\x0c\x45xpertsStats\x12\r\n\x05ranks\x18\x01 \x01(\x05\x12\x18\n\x10\x65xperts_per_rank\x18\x02 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x03\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x0e\n\x06rounds\x18\x05 \x01(\x03\x12\x1a\n\x12\x64\x61taplane_requests\x18\x06 \x01(\x03\x12!\n\x19\x64\x61taplane_shared_requests\x18\x07 \x01(\x03\x32\xb2\x01\n\x07\x45xperts\x12\x35\n\x07\x43ompute\x12\x15.k2.v1.ExpertsRequest\x1a\x13.k2.v1.ExpertsReply\x12\x31\n\x05Stats\x12\x13.k2.v1.StatsRequest\x1a\x13.k2.v1.ExpertsStats\x12=\n\tEndpoints\x12\x17.k2.v1.EndpointsRequest\x1a\x17.k2.v1.ExpertsEndpointsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,7 +43,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTSREPLY']._serialized_start=367
   _globals['_EXPERTSREPLY']._serialized_end=409
   _globals['_EXPERTSSTATS']._serialized_start=412
-  _globals['_EXPERTSSTATS']._serialized_end=540
-  _globals['_EXPERTS']._serialized_start=543
-  _globals['_EXPERTS']._serialized_end=721
+  _globals['_EXPERTSSTATS']._serialized_end=575
+  _globals['_EXPERTS']._serialized_start=578
+  _globals['_EXPERTS']._serialized_end=756
 # @@protoc_insertion_point(module_scope)

@@ -50,17 +50,19 @@ class ExpertsReply(_message.Message):
     def __init__(self, out: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ExpertsStats(_message.Message):
-    __slots__ = ("ranks", "experts_per_rank", "calls", "rows", "rounds", "dataplane_requests")
+    __slots__ = ("ranks", "experts_per_rank", "calls", "rows", "rounds", "dataplane_requests", "dataplane_shared_requests")
     RANKS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_PER_RANK_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DATAPLANE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DATAPLANE_SHARED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ranks: int
     experts_per_rank: int
     calls: int
     rows: int
     rounds: int
     dataplane_requests: int
-    def __init__(self, ranks: _Optional[int] = ..., experts_per_rank: _Optional[int] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ..., rounds: _Optional[int] = ..., dataplane_requests: _Optional[int] = ...) -> None: ...
+    dataplane_shared_requests: int
+    def __init__(self, ranks: _Optional[int] = ..., experts_per_rank: _Optional[int] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ..., rounds: _Optional[int] = ..., dataplane_requests: _Optional[int] = ..., dataplane_shared_requests: _Optional[int] = ...) -> None: ...
