@@ -209,7 +209,11 @@ class DataPlaneClient:
             if not lane.free:
                 return None
             lane.drop(lane.free.pop(0))  # too small: make room for a bigger one
-        seg = segment.Segment(max(segment.SMALLEST, 1 << (need - 1).bit_length()))
+        try:
+            seg = segment.Segment(max(segment.SMALLEST, 1 << (need - 1).bit_length()))
+        except OSError as exc:  # /dev/shm is full: this step's rows go as bytes
+            log.warning("expert rank %d: no shared memory for %d bytes (%s)", lane.rank, need, exc)
+            return None
         lane.segments.append(seg)
         refusal = self._offer(lane, seg, dtype)
         if refusal is not None:

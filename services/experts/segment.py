@@ -10,7 +10,9 @@ rows.
 A segment is named `k2ex-` and 32 hex digits and begins with a 16-byte nonce that the caller
 also sends with every request: a rank maps only names of that form, and only when the nonce
 matches. Segments are allocated once per caller and reused; each is a file with mode 0600 under
-/dev/shm that its caller holds a shared `flock` on for as long as it lives. The caller deletes it
+/dev/shm, its pages reserved when it is made (a /dev/shm too small for it is an OSError there,
+and that step's rows go as bytes), that its caller holds a shared `flock` on for as long as it
+lives. The caller deletes it
 on close; one whose caller died without closing (SIGKILL) is deleted by the next `sweep` (every
 caller and rank runs one when it starts): its lock is gone, so an exclusive one succeeds.
 """
@@ -90,7 +92,8 @@ class Segment:
         fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # held for life: `sweep` leaves a live segment alone
-            os.ftruncate(fd, self.size)
+            # reserved now: a write past a full /dev/shm (docker's is 64 MiB) would be a SIGBUS
+            os.posix_fallocate(fd, 0, self.size)
             self.buf = mmap.mmap(fd, self.size)
             os.rename(making, self.path)
         except BaseException:

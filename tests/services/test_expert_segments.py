@@ -172,3 +172,22 @@ def test_a_killed_callers_segment_is_swept_and_a_live_one_is_not() -> None:
         child.kill()
         child.wait(30)
         live.close()
+
+
+def test_a_full_dev_shm_sends_that_steps_rows_as_bytes(planes, model, monkeypatch) -> None:
+    layer, moe = next(iter(model.moe_layers().items()))
+
+    def full(size: int) -> segment.Segment:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(segment, "Segment", full)
+    client = client_for(planes)
+    try:
+        x = torch.randn(6, D)
+        ids, w = moe.router(x)
+        want = moe.experts(x, ids, w)
+        pending = client.submit(layer, x, ids, w)
+        assert all(s.seg is None for s in pending.sent)
+        assert ((pending.result() - want).norm() / want.norm()).item() < 1e-5
+    finally:
+        client.close()
