@@ -11,6 +11,7 @@ list, and the docker compose files. Peers always come from here, never from a re
     decode:    [{name: decode-0, host: local, port: 50071, kv_cache_gib: 2, max_running: 64}]
     experts: remote                 # or local (default): where prefill/decode run routed experts
     expert_transport: dataplane     # or dataplane-tcp, grpc: how their rows reach the pool
+    expert_busy_poll_us: 0          # data plane: spin this long for the next frames (below)
     expert_pool: [{name: experts-0, host: local, port: 50081, ranks: 2, master_port: 29500}]
     gateway:   [{name: gateway-0, host: local, port: 8000, config: gateway.yaml}]
     security: {ca: ca.pem, cert: internal.pem, key: internal.key, secret_file: secret}  # optional
@@ -143,6 +144,10 @@ class Deployment:
     # through shared memory; or "grpc", one Compute call per layer through rank 0 (its
     # collectives; the slow twin)
     expert_transport: str = "dataplane"
+    # data plane: ranks spin this long for a caller's next request, and callers for a rank's
+    # reply, before sleeping (0: never). Saves the wake-up of a sleeping process where each
+    # has a core of its own; costs those cores' cycles.
+    expert_busy_poll_us: int = 0
     security: Security | None = None  # mTLS and/or a shared secret on internal gRPC
 
     @property
@@ -213,7 +218,15 @@ class Deployment:
     def from_dict(cls, raw: Any, base: Path = Path(".")) -> Deployment:
         if not isinstance(raw, dict):
             raise DeploymentError("a deployment must be a mapping")
-        known = {"checkpoint", "hosts", "model", "experts", "expert_transport", "security"}
+        known = {
+            "checkpoint",
+            "hosts",
+            "model",
+            "experts",
+            "expert_transport",
+            "expert_busy_poll_us",
+            "security",
+        }
         known |= set(map(_section, KINDS))
         unknown = set(raw) - known
         if unknown:
@@ -241,6 +254,7 @@ class Deployment:
             kv_dtype=str(model.get("kv_dtype", "auto")),
             experts=str(raw.get("experts", "local")),
             expert_transport=str(raw.get("expert_transport", "dataplane")),
+            expert_busy_poll_us=_busy_poll(raw.get("expert_busy_poll_us", 0)),
             security=Security.from_dict(raw["security"], base) if "security" in raw else None,
         )
         _check(dep)
@@ -318,6 +332,12 @@ def _instance(kind: str, index: int, entry: Any, hosts: dict[str, str], base: Pa
         nodes=nodes,
         **values,
     )
+
+
+def _busy_poll(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000:
+        raise DeploymentError(f"expert_busy_poll_us: expected 0 to 100000, got {value!r}")
+    return value
 
 
 def _micro_batches(where: str, value: Any) -> int | None:

@@ -94,7 +94,11 @@ async def load_for(dep: Deployment, me: Instance) -> tuple[K2Model, ExpertsClien
     if remote is None:
         return model, None
     return model, attach_remote_experts(
-        model, remote.target, security=dep.security, transport=dep.expert_transport
+        model,
+        remote.target,
+        security=dep.security,
+        transport=dep.expert_transport,
+        busy_poll_s=dep.expert_busy_poll_us / 1e6,
     )
 
 

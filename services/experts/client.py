@@ -58,10 +58,12 @@ class ExpertsClient:
         security: Security | None = None,
         transport: str = "dataplane",
         shared_memory: bool = True,
+        busy_poll_s: float = 0.0,
     ) -> None:
-        """shared_memory: reach ranks on this host through shared memory (the data plane)."""
+        """shared_memory: reach ranks on this host through shared memory (the data plane).
+        busy_poll_s: spin this long for a rank's reply before sleeping."""
         self.target, self.timeout_s, self.transport = target, timeout_s, transport
-        self.shared_memory = shared_memory
+        self.shared_memory, self.busy_poll_s = shared_memory, busy_poll_s
         self._channel = open_sync_channel(target, _CHANNEL_OPTIONS, security)
         self._metadata = security.call_metadata() if security else ()
         self._stub = experts_pb2_grpc.ExpertsStub(self._channel)
@@ -104,6 +106,7 @@ class ExpertsClient:
             reply.hidden_size,
             COLLECTIVE_TIMEOUT_S,
             self.shared_memory,
+            self.busy_poll_s,
         )
 
     def _compute_grpc(
@@ -166,13 +169,14 @@ def attach_remote_experts(
     timeout_s: float = CALL_TIMEOUT_S,
     security: Security | None = None,
     transport: str = "dataplane",
+    busy_poll_s: float = 0.0,
 ) -> ExpertsClient:
     """Route every MoE layer of `model` to the pool at `target` over `transport` (a deployment's
     expert_transport); close the returned client when the process shuts down. (Load the model
     with routed_experts=False: it holds none.)"""
     shared = transport != "dataplane-tcp"
     transport = "grpc" if transport == "grpc" else "dataplane"
-    client = ExpertsClient(target, timeout_s, security, transport, shared_memory=shared)
+    client = ExpertsClient(target, timeout_s, security, transport, shared, busy_poll_s)
     remote = SubmittedRemoteExperts if transport == "dataplane" else RemoteExperts
     for layer, moe in model.moe_layers().items():
         moe.remote = remote(client, layer)

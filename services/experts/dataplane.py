@@ -46,10 +46,11 @@ class Endpoint:
 
 
 class DataPlane:
-    def __init__(self, shard: ExpertShard, token: bytes, host: str):
+    def __init__(self, shard: ExpertShard, token: bytes, host: str, busy_poll_s: float = 0.0):
         """host: the rank's deployment address (a name, e.g. a compose service, binds every
-        interface and is advertised as given)."""
-        self.shard, self.token = shard, token
+        interface and is advertised as given). busy_poll_s: after each answer, spin this long
+        for the caller's next request before sleeping (the deployment's expert_busy_poll_us)."""
+        self.shard, self.token, self.busy_poll_s = shard, token, busy_poll_s
         self.layers = frozenset(shard.experts)
         bind = _bind_address(host)
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -108,7 +109,7 @@ class DataPlane:
         idle.register(conn, select.POLLIN)
         try:
             while not self._stop.is_set():
-                if not idle.poll(1000 * POLL_S):
+                if not framing.poll_spinning(idle, POLL_S, self.busy_poll_s):
                     continue
                 frames = framing.recv_frames(conn, MAX_FRAME_BYTES, FRAME_TIMEOUT_S)
                 with self._compute:

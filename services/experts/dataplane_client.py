@@ -83,8 +83,11 @@ class DataPlaneClient:
         hidden: int,
         timeout_s: float,
         shared_memory: bool = True,
+        busy_poll_s: float = 0.0,
     ) -> None:
+        """busy_poll_s: spin this long for replies before sleeping (expert_busy_poll_us)."""
         self.token, self.per_rank, self.hidden, self.timeout_s = token, per_rank, hidden, timeout_s
+        self.busy_poll_s = busy_poll_s
         shared = shared_memory and segment.available()
         if shared:
             segment.sweep()
@@ -284,7 +287,7 @@ class DataPlaneClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Unavailable(f"expert data plane: ranks {sorted(waiting)} did not answer")
-            for fd, _ in poller.poll(1000 * left):
+            for fd, _ in framing.poll_spinning(poller, left, self.busy_poll_s):
                 lane = lanes[fd]
                 got, rows, result = self._receive(lane)
                 if got == step and lane.rank in waiting:

@@ -90,6 +90,7 @@ class ExpertPool:
         collective_timeout_s: float,
         ops: str = "auto",
         dataplane_host: str = "127.0.0.1",
+        busy_poll_s: float = 0.0,
     ) -> ExpertPool:
         """Rendezvous (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and the generation from the
         environment, in the supervisor's store: rendezvous.py; DeepSpeed adopts the process
@@ -119,7 +120,9 @@ class ExpertPool:
         log.info(
             "rank %d/%d: experts [%d, %d) loaded (%s)", rank, ranks, *_span(shard), shard.describe
         )
-        dataplane, endpoints = _start_dataplane(store, shard, rank, ranks, dataplane_host)
+        dataplane, endpoints = _start_dataplane(
+            store, shard, rank, ranks, dataplane_host, busy_poll_s
+        )
         dist.barrier(group=group)
         _set_pg_timeout(timedelta(seconds=collective_timeout_s), group)
         return cls(shard, group, device, dataplane, endpoints)
@@ -211,7 +214,7 @@ class ExpertPool:
 
 
 def _start_dataplane(
-    store: dist.Store, shard: ExpertShard, rank: int, ranks: int, host: str
+    store: dist.Store, shard: ExpertShard, rank: int, ranks: int, host: str, busy_poll_s: float
 ) -> tuple[DataPlane, list[Endpoint]]:
     """This rank's data plane under the job's token (rank 0 draws it; the store is the job's
     generation's, so a restarted job has a new one), its endpoint published in the store;
@@ -219,7 +222,7 @@ def _start_dataplane(
     if rank == 0:
         store.set(_TOKEN_KEY, secrets.token_bytes(wire.TOKEN_BYTES).hex())
     token = bytes.fromhex(store.get(_TOKEN_KEY).decode())
-    dataplane = DataPlane(shard, token, host).start()
+    dataplane = DataPlane(shard, token, host, busy_poll_s).start()
     store.set(f"{_ENDPOINT_KEY}{rank}", json.dumps(asdict(dataplane.endpoint)))
     endpoints = []
     if rank == 0:

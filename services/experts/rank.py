@@ -69,6 +69,7 @@ def join(dep: Deployment, me: Instance, local_rank: int) -> ExpertPool:
             COLLECTIVE_TIMEOUT_S,
             me.ops,
             me.address,
+            dep.expert_busy_poll_us / 1e6,
         )
     except (DeviceUnavailable, OpsUnavailable) as e:
         raise StartupError(f"{me.name}: {e}") from None

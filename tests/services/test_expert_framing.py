@@ -6,6 +6,7 @@ caller that breaks the framing while serving the others."""
 from __future__ import annotations
 
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -112,3 +113,15 @@ def test_a_rank_drops_a_caller_that_breaks_the_framing_and_serves_the_rest(monke
         assert "not an MoE layer" in refusal(plane.endpoint, [header, b"", b"", b""])
     finally:
         plane.stop()
+
+
+def test_busy_polling_sees_what_sleeping_sees(pair) -> None:
+    a, b = pair
+    poller = select.poll()
+    poller.register(b, select.POLLIN)
+    start = time.monotonic()
+    assert framing.poll_spinning(poller, 0.2, 0.05) == []  # nothing: spins, then sleeps the rest
+    assert 0.15 <= time.monotonic() - start < 5
+    a.sendall(b"x")
+    assert framing.poll_spinning(poller, 5, 1.0) == [(b.fileno(), select.POLLIN)]
+    assert framing.poll_spinning(poller, 5, 0.0) == [(b.fileno(), select.POLLIN)]

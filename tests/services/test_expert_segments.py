@@ -41,24 +41,27 @@ def planes() -> Iterator[list[DataPlane]]:
     shards = [
         ExpertShard.load(EMBEDDED_CHECKPOINT, r, 2, torch.float32, False, cpu) for r in (0, 1)
     ]
-    planes = [DataPlane(s, TOKEN, "127.0.0.1").start() for s in shards]
+    # rank 1 busy-polls for its next request (expert_busy_poll_us), rank 0 sleeps
+    planes = [DataPlane(s, TOKEN, "127.0.0.1", 0.001 * s.rank).start() for s in shards]
     yield planes
     for p in planes:
         p.stop()
 
 
-def client_for(planes: list[DataPlane]) -> DataPlaneClient:
+def client_for(planes: list[DataPlane], busy_poll_s: float = 0.0) -> DataPlaneClient:
     per_rank = planes[0].shard.spec.per_rank
-    return DataPlaneClient([p.endpoint for p in planes], TOKEN, per_rank, D, 10.0)
+    endpoints = [p.endpoint for p in planes]
+    return DataPlaneClient(endpoints, TOKEN, per_rank, D, 10.0, busy_poll_s=busy_poll_s)
 
 
 def ours() -> set[str]:
     return {p.name for p in segment.SHM_DIR.glob(f"{segment.PREFIX}*")}
 
 
-def test_steps_in_flight_each_have_their_segment(planes, model) -> None:
+@pytest.mark.parametrize("busy_poll_s", [0.0, 0.001], ids=["sleeping", "busy-polling"])
+def test_steps_in_flight_each_have_their_segment(planes, model, busy_poll_s) -> None:
     layer, moe = next(iter(model.moe_layers().items()))
-    client = client_for(planes)
+    client = client_for(planes, busy_poll_s)
     gen = torch.Generator().manual_seed(3)
     try:
         xs = [torch.randn(rows, D, generator=gen) for rows in (5, 40, 1)]

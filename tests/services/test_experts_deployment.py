@@ -163,3 +163,12 @@ def test_decode_splits_steps_only_where_the_pool_has_its_own_cores() -> None:
             split({"micro_batches": bad})
     with pytest.raises(DeploymentError, match="not a setting of prefill"):
         Deployment.from_dict(minimal(prefill=[{"port": 2, "micro_batches": 4}]))
+
+
+def test_busy_polling_is_off_by_default_and_bounded() -> None:
+    assert Deployment.from_dict(minimal()).expert_busy_poll_us == 0
+    dep = Deployment.from_dict(minimal(experts="remote", expert_busy_poll_us=500, **pool()))
+    assert dep.expert_busy_poll_us == 500
+    for bad in (-1, 100_001, 1.5, "fast", True):
+        with pytest.raises(DeploymentError, match="expert_busy_poll_us"):
+            Deployment.from_dict(minimal(expert_busy_poll_us=bad))
